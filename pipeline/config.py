@@ -1,0 +1,423 @@
+"""Typed experiment configuration.
+
+One dataclass per stage, loaded from YAML and dotted command-line overrides
+(``training.lr=1e-4``). Unknown keys, wrong types and bad values fail at load with
+one line naming the key path (``ConfigError``), before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key path."""
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    name: Literal["ddpmpp", "ncsnpp"] = "ddpmpp"
+    nf: int = 128  # base channel count
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 4
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.1
+    # "positional" (DDPM++, label 999 t) or "fourier" (NCSN++, label log sigma)
+    embedding_type: Literal["positional", "fourier"] = "positional"
+    fourier_scale: float = 16.0
+    resblock_type: Literal["biggan", "ddpm"] = "biggan"
+    resamp_with_conv: bool = True
+    skip_rescale: bool = True
+    fir: bool = False
+    fir_kernel: list[int] = field(default_factory=lambda: [1, 3, 3, 1])
+    progressive: Literal["none", "output_skip", "residual"] = "none"
+    progressive_input: Literal["none", "input_skip", "residual"] = "none"
+    progressive_combine: Literal["sum", "cat"] = "sum"
+    init_scale: float = 0.0
+    conv_size: int = 3
+    scale_by_sigma: bool = False  # VE models divide their output by sigma(t)
+    # attention heads: the math SDPA kernel is forced inside the regularizer
+    num_heads: int = 1
+
+    def validate(self, path: str) -> None:
+        _positive(self.nf, f"{path}.nf")
+        _positive(self.num_res_blocks, f"{path}.num_res_blocks")
+        if not self.ch_mult:
+            raise ConfigError(f"{path}.ch_mult: must not be empty")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{path}.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class SDEConfig:
+    type: Literal["vp", "subvp", "ve"] = "vp"
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    num_scales: int = 1000  # N: discretisation used by the PC samplers
+    eps: Optional[float] = None  # smallest time for sampling (default 1e-3 VP/sub-VP, 1e-5 VE)
+
+    def validate(self, path: str) -> None:
+        _positive(self.beta_min, f"{path}.beta_min")
+        if self.beta_max <= self.beta_min:
+            raise ConfigError(f"{path}.beta_max: must exceed beta_min ({self.beta_min}), got {self.beta_max}")
+        _positive(self.sigma_min, f"{path}.sigma_min")
+        if self.sigma_max <= self.sigma_min:
+            raise ConfigError(f"{path}.sigma_max: must exceed sigma_min ({self.sigma_min}), got {self.sigma_max}")
+        _positive(self.num_scales, f"{path}.num_scales")
+
+    @property
+    def sampling_eps(self) -> float:
+        if self.eps is not None:
+            return self.eps
+        return 1e-5 if self.type == "ve" else 1e-3
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"
+    # shard pattern / URL list (brace notation, file://, pipe:); empty: built by the demo
+    shards: str = ""
+    test_shards: str = ""
+    image_size: int = 28
+    num_channels: int = 1
+    centered: bool = False  # [-1, 1] if True else [0, 1]
+    random_flip: bool = False
+    uniform_dequantization: bool = False
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+
+    def validate(self, path: str) -> None:
+        _positive(self.image_size, f"{path}.image_size")
+        if self.num_channels not in (1, 3, 4):
+            raise ConfigError(f"{path}.num_channels: must be 1, 3 or 4, got {self.num_channels}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{path}.num_workers: must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 64  # global batch per optimizer step
+    n_steps: int = 1000
+    lr: float = 2e-4
+    warmup: int = 0
+    grad_clip: float = 1.0  # <= 0 disables clipping
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    ema_decay: float = 0.999
+    seed: int = 0
+    likelihood_weighting: bool = False
+    reduce_mean: bool = True
+    eps: float = 1e-5  # smallest t drawn by the DSM loss
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = False
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_last: int = 3
+    sample_every: int = 0  # 0: sample grid only at the end
+    max_nonfinite: int = 10  # consecutive non-finite steps before stopping
+    init_from: str = ""  # checkpoint dir to fine-tune from (FP-Diffusion fine-tunes a DSM model)
+
+    def validate(self, path: str) -> None:
+        _positive(self.batch_size, f"{path}.batch_size")
+        _positive(self.n_steps, f"{path}.n_steps")
+        _positive(self.lr, f"{path}.lr")
+        _positive(self.grad_accum, f"{path}.grad_accum")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"{path}.batch_size: {self.batch_size} not divisible by grad_accum {self.grad_accum}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{path}.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.warmup < 0:
+            raise ConfigError(f"{path}.warmup: must be >= 0, got {self.warmup}")
+        _positive(self.eps, f"{path}.eps")
+        _positive(self.log_every, f"{path}.log_every")
+        _positive(self.ckpt_every, f"{path}.ckpt_every")
+        _positive(self.keep_last, f"{path}.keep_last")
+
+
+@dataclass
+class FPEConfig:
+    enabled: bool = True
+    alpha: float = 0.15  # weight of the FPE term (paper default)
+    m: float = 2.0  # power of the residual norm
+    weighting: Literal["constant", "convention", "likelihood"] = "likelihood"
+    # regularized samples per step: an int count, or a float fraction of the batch
+    subsample: Union[int, float] = 0.125
+    every: int = 1  # regularize every k-th step
+    points: Literal["perturbed", "clean", "uniform"] = "perturbed"
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    dt_method: Literal["jvp", "fd3", "central"] = "jvp"
+    fd_step: float = 1e-3
+    div_method: Literal["hutchinson", "exact"] = "hutchinson"
+    probe: Literal["rademacher", "gaussian"] = "rademacher"
+    norm_estimator: Literal["unbiased", "single"] = "unbiased"
+    fused: bool = True
+    # the reference code's "scalar" term; not zero at the true score, off by default
+    reference_scalar_beta: float = 0.0
+
+    def validate(self, path: str) -> None:
+        if self.alpha < 0:
+            raise ConfigError(f"{path}.alpha: must be >= 0, got {self.alpha}")
+        _positive(self.m, f"{path}.m")
+        _positive(self.every, f"{path}.every")
+        if isinstance(self.subsample, bool) or self.subsample <= 0:
+            raise ConfigError(f"{path}.subsample: must be a positive count or fraction, got {self.subsample}")
+        if isinstance(self.subsample, float) and self.subsample > 1.0:
+            raise ConfigError(f"{path}.subsample: a fraction must be <= 1, got {self.subsample}")
+        if not 0.0 < self.t_min < self.t_max <= 1.0:
+            raise ConfigError(f"{path}.t_min/t_max: need 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        _positive(self.fd_step, f"{path}.fd_step")
+
+
+@dataclass
+class SamplingConfig:
+    method: Literal["pc", "ode"] = "pc"
+    predictor: Literal["euler_maruyama", "reverse_diffusion", "ancestral", "none"] = "reverse_diffusion"
+    corrector: Literal["langevin", "ald", "none"] = "langevin"
+    snr: float = 0.16
+    n_steps_each: int = 1
+    num_steps: int = 0  # 0: sde.num_scales
+    noise_removal: bool = True
+    num_samples: int = 64
+    batch_size: int = 64
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+    def validate(self, path: str) -> None:
+        _positive(self.snr, f"{path}.snr")
+        _positive(self.num_samples, f"{path}.num_samples")
+        _positive(self.batch_size, f"{path}.batch_size")
+        _positive(self.rtol, f"{path}.rtol")
+        _positive(self.atol, f"{path}.atol")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0: no evaluation during training
+    fid_num_samples: int = 1000
+    batch_size: int = 100
+    feature_extractor: str = ""  # local TorchScript file; empty: clean-fid Inception
+    ref_stats: str = ""  # .npz of reference statistics, or a clean-fid dataset name
+    bpd_num_batches: int = 1
+    bpd_passes: int = 1
+    hutchinson: Literal["rademacher", "gaussian"] = "rademacher"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+    def validate(self, path: str) -> None:
+        if self.every < 0:
+            raise ConfigError(f"{path}.every: must be >= 0, got {self.every}")
+        _positive(self.fid_num_samples, f"{path}.fid_num_samples")
+        _positive(self.batch_size, f"{path}.batch_size")
+        _positive(self.bpd_passes, f"{path}.bpd_passes")
+
+
+@dataclass
+class LoggingConfig:
+    backend: Literal["wandb", "none"] = "none"
+    project: str = "fpdiff"
+    entity: str = ""
+    run_name: str = ""
+    mode: Literal["offline", "online"] = "offline"
+
+    def validate(self, path: str) -> None:
+        pass
+
+
+@dataclass
+class HubConfig:
+    repo_id: str = ""  # empty: no push
+    push_every: int = 0  # steps; 0: push only at the end
+    private: bool = True
+    max_retries: int = 5
+
+    def validate(self, path: str) -> None:
+        if self.push_every < 0:
+            raise ConfigError(f"{path}.push_every: must be >= 0, got {self.push_every}")
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    run_dir: str = ""  # default: runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sde: SDEConfig = field(default_factory=SDEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    fpe: FPEConfig = field(default_factory=FPEConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(f.name)
+        # cross-section checks
+        down = 2 ** (len(self.model.ch_mult) - 1)
+        if self.data.image_size % down:
+            raise ConfigError(
+                f"data.image_size: {self.data.image_size} is not divisible by the UNet's "
+                f"down-sampling factor {down} (model.ch_mult has {len(self.model.ch_mult)} levels)")
+        if self.model.embedding_type == "fourier" and self.sde.type != "ve":
+            raise ConfigError("model.embedding_type: 'fourier' (log-sigma labels) needs sde.type 've'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+def _positive(value, path: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{path}: must be > 0, got {value}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        # try exact types first so ``Union[int, float]`` keeps ints as ints
+        for a in args:
+            if a is not type(None) and type(value) is a:
+                return value
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    raise ConfigError(f"{path}: unsupported annotation {tp}")
+
+
+def _build(cls, data: Any, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"{key_path}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], key_path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """``["training.lr=1e-4", "fpe.enabled=false"]`` -> typed (key, value) pairs (YAML scalars)."""
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{item}: override must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        # YAML reads 1e-4 as a string (needs a dot); accept it as a number
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else value
+            except ValueError:
+                pass
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree, "")
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
