@@ -83,12 +83,12 @@ class SDEConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"
+    dataset: str = "cifar10"
     # shard pattern / URL list (brace notation, file://, pipe:); empty: built by the demo
     shards: str = ""
     test_shards: str = ""
-    image_size: int = 28
-    num_channels: int = 1
+    image_size: int = 32
+    num_channels: int = 3
     centered: bool = False  # [-1, 1] if True else [0, 1]
     random_flip: bool = False
     uniform_dequantization: bool = False
