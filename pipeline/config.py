@@ -216,8 +216,14 @@ class EvalConfig:
     hutchinson: Literal["rademacher", "gaussian"] = "rademacher"
     rtol: float = 1e-5
     atol: float = 1e-5
+    seed: int = 0  # sample / probe seeds (per global batch index: independent of world size)
+    dequantize: bool = True  # uniform dequantisation of the bpd test data (as score_sde)
+    likelihood_eps: float = 1e-5  # the likelihood ODE runs from eps to T
+    kid: bool = True  # also KID when the reference statistics hold features
+    sampler: Literal["config", "pc", "ode"] = "config"  # "config": sampling.method
 
     def validate(self, path: str) -> None:
+        _positive(self.likelihood_eps, f"{path}.likelihood_eps")
         if self.every < 0:
             raise ConfigError(f"{path}.every: must be >= 0, got {self.every}")
         _positive(self.fid_num_samples, f"{path}.fid_num_samples")
@@ -243,10 +249,18 @@ class HubConfig:
     push_every: int = 0  # steps; 0: push only at the end
     private: bool = True
     max_retries: int = 5
+    retry_backoff: float = 2.0  # seconds before the first retry; doubles each time (max 60 s)
+    endpoint: str = ""  # empty: huggingface_hub's default (HF_ENDPOINT or https://huggingface.co)
 
     def validate(self, path: str) -> None:
         if self.push_every < 0:
             raise ConfigError(f"{path}.push_every: must be >= 0, got {self.push_every}")
+        if self.max_retries < 0:
+            raise ConfigError(f"{path}.max_retries: must be >= 0, got {self.max_retries}")
+        if self.retry_backoff < 0:
+            raise ConfigError(f"{path}.retry_backoff: must be >= 0, got {self.retry_backoff}")
+        if self.repo_id and self.repo_id.count("/") > 1:
+            raise ConfigError(f"{path}.repo_id: must look like 'user/name', got {self.repo_id!r}")
 
 
 @dataclass

@@ -1,0 +1,70 @@
+"""Typed configs: loading, overrides and one-line errors that name the key."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import CONFIG_DIR, Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CONFIG_DIR / "demo.yaml", ["training.lr=1e-4", "fpe.enabled=false", "fpe.subsample=0.25",
+                                                  "model.ch_mult=[1,2]", "sampling.method=ode"])
+    assert cfg.training.lr == 1e-4 and cfg.fpe.enabled is False
+    assert cfg.fpe.subsample == 0.25 and cfg.model.ch_mult == [1, 2] and cfg.sampling.method == "ode"
+    assert load_config(CONFIG_DIR / "demo.yaml", ["fpe.subsample=8"]).fpe.subsample == 8
+
+
+@pytest.mark.parametrize("override, names", [
+    ("training.learning_rate=1", "training.learning_rate: unknown key"),
+    ("trainig.lr=1", "trainig: unknown key"),
+    ("training.lr=fast", "training.lr: expected a number"),
+    ("training.n_steps=1.5", "training.n_steps: expected an integer"),
+    ("training.lr=-1e-4", "training.lr: must be > 0"),
+    ("fpe.weighting=cubic", "fpe.weighting: must be one of"),
+    ("data.image_size=30", "data.image_size: 30 is not divisible"),
+    ("fpe.subsample=1.5", "fpe.subsample: a fraction must be <= 1"),
+    ("model.ch_mult=[1,x]", "model.ch_mult[1]: expected an integer"),
+])
+def test_bad_values_name_the_key(override, names):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG_DIR / "demo.yaml", [override])
+    msg = str(e.value)
+    assert msg.startswith(names) and "\n" not in msg
+
+
+def test_bad_yaml_file_names_the_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("training:\n  batch_size: 8\n  warmup: -3\n")
+    with pytest.raises(ConfigError, match=r"^training.warmup: must be >= 0"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_bad_config_fails_in_one_line_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--config", str(CONFIG_DIR / "mnist_tiny.yaml"),
+                        "--run-dir", str(run_dir), "training.lr=-1"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == ["fpdiff: config error: training.lr: must be > 0, got -1.0"]
+    assert not run_dir.exists() and not (tmp_path / "runs").exists()
+
+
+def test_help_lists_every_subcommand_and_option():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True).stdout
+    for cmd in ("demo", "train", "data shards", "eval", "sample", "push"):
+        assert cmd in out
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--help"], capture_output=True, text=True).stdout
+    for opt in ("--config", "--run-dir", "--resume", "--no-progress", "overrides"):
+        assert opt in out
