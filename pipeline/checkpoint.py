@@ -1,8 +1,9 @@
 """Atomic training checkpoints.
 
 Layout: ``RUN_DIR/checkpoints/step_XXXXXXXX/`` holding ``model.safetensors``,
-``ema.safetensors``, ``optimizer.pt`` (optimizer, scheduler, grad scaler, RNG states)
-and ``state.json`` (step, loader state, counters). A checkpoint is written into a
+``ema.safetensors``, ``optimizer.pt`` (optimizer, scheduler, grad scaler, RNG states),
+``state.json`` (step, loader state, counters) and, under DeepSpeed, its partitioned
+optimizer states in ``deepspeed/``. A checkpoint is written into a
 ``.tmp-*`` directory and renamed into place, so a crash mid-save leaves the previous
 checkpoint as the newest complete one; ``.tmp-*`` leftovers are ignored and cleaned.
 """
@@ -58,24 +59,35 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict, ema_state: dict,
-                    optimizer_state: dict, extra_state: dict, json_state: dict, keep_last: int) -> Path:
-    """Write atomically; prune to the newest ``keep_last`` complete checkpoints."""
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    """Where a checkpoint is assembled (by every rank, for DeepSpeed) before its rename."""
+    return checkpoint_dir(run_dir) / f".tmp-{PREFIX}{step:08d}"
+
+
+def clear_staging(staging: Path) -> None:
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, staging: Path | None = None, *, model_state: dict,
+                    ema_state: dict, optimizer_state: dict | None, extra_state: dict, json_state: dict,
+                    keep_last: int) -> Path:
+    """Write into ``staging`` and rename atomically; prune to the newest ``keep_last``."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staging or staging_dir(run_dir, step)
+    if staging is None:
+        clear_staging(tmp)
     save_file(_tensors(model_state), str(tmp / "model.safetensors"))
     save_file(_tensors(ema_state), str(tmp / "ema.safetensors"))
     torch.save({"optimizer": optimizer_state, **extra_state}, tmp / "optimizer.pt")
     # state.json last: its presence marks a complete checkpoint
     (tmp / "state.json").write_text(json.dumps({"step": step, **json_state}, indent=1))
-    for f in tmp.iterdir():  # flush before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):  # flush before the rename makes it visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         old = root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)

@@ -68,16 +68,6 @@ def lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def build_accelerator(cfg: Config):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    # find_unused: the regularizer calls the raw module, DSM the wrapper
-    kwargs = DistributedDataParallelKwargs(find_unused_parameters=False)
-    return Accelerator(mixed_precision=cfg.training.mixed_precision, kwargs_handlers=[kwargs],
-                       gradient_accumulation_steps=1)
-
-
 def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int) -> Path:
     from .sampling import sample
 
@@ -89,9 +79,11 @@ def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int) -> P
     return save_grid(x, path, centered=cfg.data.centered)
 
 
-def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True) -> int:
+def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
+          deepspeed_config: str | None = None) -> int:
     from tqdm.auto import tqdm
 
+    from .backends import build_backend
     from .data import build_train_loader
     from .fpe import FPERegularizer
     from .losses import DSMLoss
@@ -99,9 +91,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     from .tracking import Tracker
 
     run_dir = Path(run_dir)
-    accelerator = build_accelerator(cfg)
-    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    device = accelerator.device
+    backend = build_backend(cfg, deepspeed_config)
+    rank, world, is_main, device = backend.rank, backend.world, backend.is_main, backend.device
     tc = cfg.training
     if tc.batch_size % (world * tc.grad_accum):
         raise ConfigError(f"training.batch_size: {tc.batch_size} not divisible by processes x grad_accum "
@@ -110,7 +101,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
+    backend.barrier()
 
     # ---- model, EMA, optimizer, schedule
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
@@ -120,21 +111,20 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         from .hub import load_weights_into
         load_weights_into(model, tc.init_from)
     ema = EMA(model, tc.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
                                  eps=tc.adam_eps, weight_decay=tc.weight_decay)
     # stepped by hand once per optimizer step (through prepare it steps once per process)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup))
     dsm_loss = DSMLoss(sde, eps=tc.eps, likelihood_weighting=tc.likelihood_weighting, reduce_mean=tc.reduce_mean)
     regularizer = FPERegularizer(cfg.fpe, sde) if cfg.fpe.enabled else None
 
-    # ---- resume
+    # ---- resume (weights before wrapping; optimizer state after, DeepSpeed's is partitioned)
     start_step, counters, loader_state = 0, Counters(), None
     resume_from = ckpt.latest_checkpoint(run_dir) if resume == "auto" else (Path(resume) if resume else None)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["state"]["step"]
         loader_state = state["state"].get("loader")
@@ -145,35 +135,40 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             print(f"[fpdiff] resumed from {resume_from} at step {start_step}", flush=True)
     ema.model.to(device)
 
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
+    model, raw_model = backend.prepare(model, optimizer)
+    if resume_from is not None:
+        backend.load_state(resume_from, state)
     dsm_score_fn = get_score_fn(model, sde)  # through the wrapper: DDP syncs these gradients
 
     loader = build_train_loader(cfg, batch_size=tc.batch_size // world, rank=rank, world_size=world,
                                 seed=tc.seed, state=loader_state)
     batches = iter(loader)
-    tracker = Tracker(cfg.logging, run_dir, cfg.to_dict(), is_main)
+    tracker = Tracker(cfg.logging, run_dir, cfg.to_dict(), is_main, resumed=resume_from is not None)
     pusher = None
     if is_main and cfg.hub.repo_id:
         from .hub import HubPusher
-        pusher = HubPusher(cfg.hub.repo_id, max_retries=cfg.hub.max_retries, private=cfg.hub.private)
+        pusher = HubPusher.from_config(cfg.hub)  # uploads on a background thread, retries, never fatal
     stop = StopRequest(run_dir)
 
     def save(step: int) -> None:
-        accelerator.wait_for_everyone()
+        staging = ckpt.staging_dir(run_dir, step)
+        if is_main:
+            ckpt.clear_staging(staging)
+        backend.barrier()
+        backend.save_sharded(staging)  # DeepSpeed: every rank writes its optimizer partition
         if is_main:
             ckpt.save_checkpoint(
-                run_dir, step, model_state=raw_model.state_dict(), ema_state=ema.state_dict(),
-                optimizer_state=optimizer.state_dict(),
+                run_dir, step, staging, model_state=raw_model.state_dict(), ema_state=ema.state_dict(),
+                optimizer_state=backend.optimizer_state(),
                 extra_state={"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-                             "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None},
+                             "scaler": backend.scaler_state()},
                 json_state={"loader": loader.state_dict(), "counters": counters.__dict__},
                 keep_last=tc.keep_last)
-        accelerator.wait_for_everyone()
+        backend.barrier()
 
     bar = tqdm(total=tc.n_steps, initial=start_step, disable=not (is_main and progress), desc="train",
                dynamic_ncols=True)
-    t_start, images_seen, step = time.time(), 0, start_step
+    t_start, images_seen, step, last_metrics = time.time(), 0, start_step, {}
     exit_code = EXIT_OK
     while step < tc.n_steps:
         # ---- one optimizer step over grad_accum micro-batches
@@ -186,8 +181,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             torch.manual_seed(seed)  # dropout masks
             gen = torch.Generator(device=device).manual_seed(seed)
             x0 = images[micro * micro_bs:(micro + 1) * micro_bs]
-            with accelerator.no_sync(model) if micro < tc.grad_accum - 1 else _null():
-                with accelerator.autocast():
+            with backend.micro_step_context(micro):
+                with backend.autocast():
                     dsm = dsm_loss(dsm_score_fn, x0, generator=gen)
                 loss = dsm.loss.float()
                 fpe_out = regularizer(raw_model, x0, dsm.xt.detach(), dsm.t.detach(), step=step,
@@ -196,13 +191,13 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
                     loss = loss + fpe_out.loss
                     stats["fpe"] += fpe_out.loss.item() / tc.grad_accum
                     stats["residual"] += fpe_out.residual_norm.mean().item() / tc.grad_accum
-                accelerator.backward(loss / tc.grad_accum)
+                backend.backward(loss)
+            backend.finish_micro_step()
             stats["dsm"] += dsm.loss.item() / tc.grad_accum
 
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        grad_norm = float(grad_norm)
-        if math.isfinite(grad_norm):  # grads are all-reduced: every rank takes the same branch
-            optimizer.step()
+        # clip + step; skipped when the all-reduced grad norm is non-finite (same on every rank)
+        grad_norm, applied = backend.optimizer_step()
+        if applied:
             ema.update(raw_model)
             counters.consecutive_nonfinite = 0
         else:
@@ -211,7 +206,6 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             if is_main:
                 print(f"[fpdiff] step {step}: non-finite loss/gradient, update skipped "
                       f"({counters.consecutive_nonfinite} in a row)", flush=True)
-        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
         images_seen += tc.batch_size
@@ -232,13 +226,14 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
                        "lr": scheduler.get_last_lr()[0], "images_per_s": images_seen / (time.time() - t_start),
                        "skipped_steps": counters.skipped_steps, "corrupt_samples": counters.corrupt_samples}
             counters.loss_curve.append([step, stats["dsm"] + stats["fpe"]])
+            last_metrics = metrics
             tracker.log(metrics, step=step)
             bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
-        stop_now = _all_ranks_any(accelerator, stop.requested())
+        stop_now = backend.any(stop.requested())
         if step % tc.ckpt_every == 0 or step == tc.n_steps or stop_now:
             save(step)
-            if pusher and (step == tc.n_steps or (cfg.hub.push_every and step % cfg.hub.push_every == 0)):
-                pusher.push(export(run_dir, cfg, ema, step, counters), commit_message=f"step {step}")
+            if pusher and cfg.hub.push_every and step % cfg.hub.push_every == 0 and step < tc.n_steps:
+                pusher.push(export(run_dir, cfg, ema, step, counters, last_metrics), f"step {step}")
         if stop_now and step < tc.n_steps:
             if is_main:
                 print(f"[fpdiff] stop requested: checkpoint at step {step} written, exiting {EXIT_REQUEUE}", flush=True)
@@ -246,48 +241,41 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             break
     bar.close()
 
+    summary = None
     if exit_code == EXIT_OK and is_main:
         elapsed = time.time() - t_start
         grid = sample_grid(ema.model, cfg, sde, device, run_dir / "samples.png", seed=tc.seed)
         tracker.log_image("samples", str(grid), step=step)
-        export_dir = export(run_dir, cfg, ema, step, counters)
+        export_dir = export(run_dir, cfg, ema, step, counters, last_metrics, images={"samples.png": grid})
+        if pusher:
+            pusher.push(export_dir, f"final: step {step}")
         summary = {"steps": step, "images_per_s": images_seen / max(elapsed, 1e-9), "seconds": elapsed,
                    "final_loss": counters.loss_curve[-1][1] if counters.loss_curve else None,
                    "loss_curve": counters.loss_curve, "skipped_steps": counters.skipped_steps,
                    "corrupt_samples": counters.corrupt_samples, "samples": str(grid), "export": str(export_dir)}
+    if pusher:  # bounded: a Hub outage must not hold the exit (preemption has a grace period)
+        pusher.close(timeout=600 if exit_code == EXIT_OK else 30)
+    if summary is not None:
+        summary["hub"] = pusher.status() if pusher else None
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         with open(run_dir / "summary.txt", "a") as fh:
-            fh.write(f"train: {step} steps in {elapsed:.0f}s ({summary['images_per_s']:.1f} img/s), "
-                     f"final loss {summary['final_loss']}, samples {grid}\n")
-        tracker.summary({k: v for k, v in summary.items() if k != "loss_curve"})
-    if pusher:
-        pusher.wait()
+            fh.write(f"train: {step} steps in {summary['seconds']:.0f}s ({summary['images_per_s']:.1f} img/s), "
+                     f"final loss {summary['final_loss']}, samples {summary['samples']}\n")
+        tracker.summary({k: v for k, v in summary.items() if k not in ("loss_curve", "hub")})
     tracker.finish()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    backend.barrier()
+    backend.end()
     return exit_code
 
 
-def export(run_dir: Path, cfg: Config, ema: EMA, step: int, counters: Counters) -> Path:
+def export(run_dir: Path, cfg: Config, ema: EMA, step: int, counters: Counters, metrics: dict,
+           images: dict | None = None) -> Path:
+    """EMA weights + config + metrics + model card in RUN/export (what `fpdiff push` uploads)."""
     from .hub import write_export
 
-    metrics = {"step": step, "final_loss": counters.loss_curve[-1][1] if counters.loss_curve else None}
-    return write_export(run_dir / "export", ema.state_dict(), cfg.to_dict(), metrics)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _all_ranks_any(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+    card = {"step": step, "skipped_steps": counters.skipped_steps, **metrics}
+    return write_export(run_dir / "export", ema.state_dict(), cfg.to_dict(), card, repo_id=cfg.hub.repo_id or None,
+                        images=images)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -297,6 +285,8 @@ def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<name>)")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint dir")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
+    p.add_argument("--deepspeed", default=None, metavar="JSON",
+                   help="DeepSpeed ZeRO config (launch/ds_zero1.json, launch/ds_zero2.json); run under torchrun")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=1e-4 fpe.enabled=false")
     return p
 
@@ -306,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
-        return train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+        return train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
+                     deepspeed_config=args.deepspeed)
     except ConfigError as e:
         print(f"fpdiff: config error: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -1,0 +1,576 @@
+"""Hugging Face Hub: export folder, background push, and loading a model back.
+
+Export layout (``write_export``; the trainer writes it to ``RUN_DIR/export/``)::
+
+    RUN_DIR/export/
+        ema.safetensors   EMA weights of the score network (what sampling/evaluation use)
+        config.yaml       the full experiment config (``pipeline.config`` schema)
+        metrics.json      metrics so far, including ``step``
+        README.md         generated model card: what the model is, SDE, data, metrics, how to load
+
+The folder is replaced atomically (written to a temporary sibling, then renamed), so a reader
+or an upload in progress never sees a half-written export.
+
+``HubPusher`` uploads such a folder in a background thread (training never waits on the
+network): ``push()`` snapshots the folder (hard links) and returns at once, failed uploads are
+retried with exponential backoff and reported (log + counters), never raised. ``wait()`` at the
+end of training. ``fpdiff push RUN_DIR --repo-id user/name`` does the same by hand
+(``push_main``). ``load_pretrained("user/name" or a folder)`` returns ``(model, cfg)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+EXPORT_SUBDIR = "export"
+WEIGHTS_NAME = "ema.safetensors"
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.json"
+CARD_NAME = "README.md"
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, CARD_NAME)
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+# ============================================================================ export
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _sde_line(sde: Mapping) -> str:
+    kind = sde.get("type", "?")
+    if kind == "ve":
+        return (f"VE SDE (variance exploding), sigma_min={sde.get('sigma_min')}, "
+                f"sigma_max={sde.get('sigma_max')}, N={sde.get('num_scales')}")
+    name = {"vp": "VP SDE (variance preserving)", "subvp": "sub-VP SDE"}.get(kind, f"{kind} SDE")
+    return f"{name}, beta_min={sde.get('beta_min')}, beta_max={sde.get('beta_max')}, N={sde.get('num_scales')}"
+
+
+def model_card(config_dict: Mapping, metrics: Mapping, repo_id: str | None = None,
+               images: list[str] | tuple = ()) -> str:
+    """The README.md of an export: YAML metadata, description, metrics so far, how to load."""
+    model = config_dict.get("model", {}) or {}
+    data = config_dict.get("data", {}) or {}
+    fpe = config_dict.get("fpe", {}) or {}
+    training = config_dict.get("training", {}) or {}
+    step = metrics.get("step")
+    name = config_dict.get("name", "run")
+    load_id = repo_id or "user/repo"
+    fpe_line = (f"trained with the score Fokker-Planck regularizer (FP-Diffusion), alpha={fpe.get('alpha')}, "
+                f"m={fpe.get('m')}, weighting={fpe.get('weighting')}"
+                if fpe.get("enabled") else "trained with denoising score matching only (FPE regularizer off)")
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()
+                     if not isinstance(v, (dict, list)))
+    net = (f"{model.get('name', '?')} UNet, nf={model.get('nf')}, ch_mult={model.get('ch_mult')}, "
+           f"num_res_blocks={model.get('num_res_blocks')}, attention at {model.get('attn_resolutions')}")
+    return f"""---
+library_name: fpdiff
+tags:
+- diffusion
+- score-based-generative-modeling
+- fokker-planck
+- unconditional-image-generation
+---
+
+# {name}: score-based diffusion model (fpdiff)
+
+Score network of a score-based diffusion model, {fpe_line}.
+The weights are the exponential moving average (decay {training.get('ema_decay')}) of the training
+weights, which is what sampling and evaluation use.
+
+- **Network**: {net}
+- **SDE**: {_sde_line(config_dict.get('sde', {}) or {})}
+- **Data**: {data.get('dataset', '?')}, {data.get('image_size')}x{data.get('image_size')}, \
+{data.get('num_channels')} channels, {'centered to [-1, 1]' if data.get('centered') else 'scaled to [0, 1]'}
+- **Training step**: {step if step is not None else 'unknown'} of {training.get('n_steps', '?')}
+  (global batch {training.get('batch_size')}, lr {training.get('lr')})
+
+## Metrics so far
+
+| metric | value |
+|---|---|
+{rows or '| (none yet) | |'}
+
+{"".join(f"![{Path(n).stem}]({n})" + chr(10) + chr(10) for n in images)}## Files
+
+- `{WEIGHTS_NAME}`: EMA weights (safetensors)
+- `{CONFIG_NAME}`: the full training configuration
+- `{METRICS_NAME}`: the metrics above, as JSON
+
+## How to load
+
+```python
+from pipeline.hub import load_pretrained
+
+model, cfg = load_pretrained("{load_id}")  # or a local export folder
+```
+
+`model(x, labels)` takes labels sigma(t) for the VE SDE and 999*t for VP / sub-VP;
+`pipeline.score.get_score_fn(model, pipeline.sde.build_sde(cfg.sde))` gives the score function
+and `fpdiff sample` draws images from it.
+"""
+
+
+def _cpu_tensors(state_dict: Mapping) -> dict:
+    import torch
+
+    out = {}
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        # clone: safetensors refuses tensors that share storage
+        out[str(k)] = v.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def write_export(export_dir: str | Path, ema_state_dict: Mapping, config_dict: Mapping,
+                 metrics: Mapping | None = None, repo_id: str | None = None,
+                 images: Mapping[str, str | Path] | None = None) -> Path:
+    """Write the export folder (layout in the module docstring) atomically; returns its path.
+
+    ``metrics`` should hold ``step``; ``repo_id`` only changes the load example in the card
+    (default: ``config_dict["hub"]["repo_id"]``); ``images`` ({"samples.png": path}) are copied
+    into the folder and shown in the card (missing files are skipped).
+    """
+    from safetensors.torch import save_file
+
+    export_dir = Path(export_dir)
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    metrics = _plain(dict(metrics or {}))
+    config_dict = _plain(dict(config_dict))
+    if repo_id is None:
+        repo_id = ((config_dict.get("hub") or {}).get("repo_id") or None)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
+    try:
+        meta = {"format": "pt", "producer": "fpdiff"}
+        if metrics.get("step") is not None:
+            meta["step"] = str(metrics["step"])
+        save_file(_cpu_tensors(ema_state_dict), str(tmp / WEIGHTS_NAME), metadata=meta)
+        (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        (tmp / METRICS_NAME).write_text(json.dumps(metrics, indent=1))
+        shown = []
+        for name, src in (images or {}).items():
+            if Path(src).is_file():
+                shutil.copyfile(src, tmp / name)
+                shown.append(name)
+        (tmp / CARD_NAME).write_text(model_card(config_dict, metrics, repo_id, shown))
+        os.chmod(tmp, 0o755)
+        old = None
+        if export_dir.exists():
+            old = export_dir.parent / f".{export_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(export_dir, old)
+        os.replace(tmp, export_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return export_dir
+
+
+def find_export(run_dir: str | Path) -> Path | None:
+    """``RUN_DIR/export`` or ``RUN_DIR`` itself when it holds ``ema.safetensors`` + ``config.yaml``."""
+    run_dir = Path(run_dir)
+    for cand in (run_dir / EXPORT_SUBDIR, run_dir):
+        if (cand / WEIGHTS_NAME).is_file() and (cand / CONFIG_NAME).is_file():
+            return cand
+    return None
+
+
+# ============================================================================ loading
+def _resolve_folder(path_or_repo_id: str | Path, *, revision: str | None = None, token: str | None = None,
+                    endpoint: str | None = None, cache_dir: str | None = None) -> Path:
+    p = Path(path_or_repo_id).expanduser()
+    if p.is_dir():
+        return find_export(p) or p
+    if p.exists() or str(path_or_repo_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path_or_repo_id}: not an export folder (need {WEIGHTS_NAME} and {CONFIG_NAME})")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(str(path_or_repo_id), revision=revision, token=token, endpoint=endpoint,
+                                  cache_dir=cache_dir, allow_patterns=list(EXPORT_FILES))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise FileNotFoundError(f"{path_or_repo_id}: not a local folder, and loading it as a Hub repo id failed "
+                                f"({type(e).__name__}: {first})") from e
+    return Path(local)
+
+
+def _clean_keys(state: Mapping) -> dict:
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for pre in _STRIP_PREFIXES:
+                if k.startswith(pre):
+                    k, changed = k[len(pre):], True
+        out[k] = v
+    return out
+
+
+def load_state_into(model, state: Mapping, *, source: str = "weights") -> None:
+    """``model.load_state_dict`` (strict) after stripping ``module.`` / ``_orig_mod.`` prefixes,
+    with a one-line error naming the first missing / unexpected keys."""
+    state = _clean_keys(state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the model built from its config "
+                         f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
+                         f"e.g. {unexpected[:3]})")
+    model.load_state_dict(state, strict=True)
+
+
+def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revision: str | None = None,
+                    token: str | None = None, endpoint: str | None = None, cache_dir: str | None = None):
+    """Load ``(model, cfg)`` from an export folder, a run dir holding ``export/``, or a Hub repo id.
+
+    The model is built with ``pipeline.models.build_model(cfg)``, loaded with the EMA weights and
+    put in eval mode on ``device``.
+    """
+    from safetensors.torch import load_file
+
+    from .config import config_from_dict
+    from .models import build_model
+
+    folder = _resolve_folder(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
+                             cache_dir=cache_dir)
+    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for f in (cfg_path, w_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{path_or_repo_id}: missing {f.name}")
+    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()) or {})
+    model = build_model(cfg)
+    load_state_into(model, load_file(str(w_path), device="cpu"), source=str(path_or_repo_id))
+    return model.to(device).eval(), cfg
+
+
+def load_weights_into(model, source: str | Path, *, token: str | None = None,
+                      endpoint: str | None = None) -> Path:
+    """Initialise ``model`` from EMA weights (``training.init_from``): a ``.safetensors`` file, an
+    export folder, a checkpoint folder (``checkpoints/step_*``), a run dir (its ``export/`` or
+    newest checkpoint), or a Hub repo id. Returns the weights file used."""
+    from safetensors.torch import load_file
+
+    p = Path(source).expanduser()
+    if p.is_file():
+        w = p
+    elif p.is_dir():
+        w = None
+        exp = find_export(p)
+        if exp is not None:
+            w = exp / WEIGHTS_NAME
+        elif (p / WEIGHTS_NAME).is_file():
+            w = p / WEIGHTS_NAME
+        else:
+            from .checkpoint import latest_checkpoint
+
+            ck = latest_checkpoint(p)
+            if ck is not None and (ck / WEIGHTS_NAME).is_file():
+                w = ck / WEIGHTS_NAME
+        if w is None:
+            raise FileNotFoundError(f"training.init_from: no {WEIGHTS_NAME} in {p} (nor its export/ or checkpoints/)")
+    else:
+        w = _resolve_folder(str(source), token=token, endpoint=endpoint) / WEIGHTS_NAME
+    load_state_into(model, load_file(str(w), device="cpu"), source=str(source))
+    return w
+
+
+# ============================================================================ push
+def _is_retryable(exc: BaseException) -> bool:
+    """Client errors (bad token, no permission, bad request) are not worth retrying."""
+    resp = getattr(exc, "response", None)
+    code = getattr(resp, "status_code", None)
+    if isinstance(code, int) and 400 <= code < 500 and code not in (408, 409, 425, 429):
+        return False
+    if isinstance(exc, (ValueError, FileNotFoundError, PermissionError)) and code is None:
+        return False
+    return True
+
+
+def _short(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}"[:300]
+
+
+class _Job:
+    def __init__(self, staging: Path, message: str, owned: bool):
+        self.staging, self.message, self.owned = staging, message, owned
+
+
+class HubPusher:
+    """Upload export folders to ``repo_id`` in a background thread, with retries.
+
+    ``push(folder, msg)`` returns at once; a newer push replaces a queued one that has not
+    started (only the latest export matters). An upload that fails is retried after
+    ``backoff * 2**k`` seconds (capped at ``max_backoff``) up to ``max_retries`` times, then
+    counted in ``pushes_failed`` and logged; nothing is ever raised to the caller.
+    """
+
+    def __init__(self, repo_id: str, *, max_retries: int = 5, private: bool = True,
+                 token: str | None = None, endpoint: str | None = None, backoff: float = 2.0,
+                 max_backoff: float = 60.0, repo_type: str = "model"):
+        from huggingface_hub import HfApi
+
+        if not repo_id:
+            raise ValueError("hub.repo_id: empty")
+        self.repo_id = repo_id
+        self.max_retries = int(max_retries)
+        self.private = private
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.repo_type = repo_type
+        self.api = HfApi(endpoint=endpoint or None, token=token)
+        self.pushes_ok = 0
+        self.pushes_failed = 0
+        self.pushes_superseded = 0
+        self.attempts = 0
+        self.last_error: str | None = None
+        self.last_commit_url: str | None = None
+        self.last_ok_message: str | None = None
+        self._repo_ready = False
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._pending: _Job | None = None
+        self._busy = False
+        self._closed = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, hub_cfg, token: str | None = None) -> "HubPusher":
+        return cls(hub_cfg.repo_id, max_retries=hub_cfg.max_retries, private=hub_cfg.private,
+                   token=token, endpoint=getattr(hub_cfg, "endpoint", "") or None,
+                   backoff=getattr(hub_cfg, "retry_backoff", 2.0))
+
+    # ------------------------------------------------------------------ caller side
+    def push(self, folder: str | Path, commit_message: str = "Upload fpdiff export") -> bool:
+        """Queue ``folder`` for upload; never blocks on the network. False if it was not queued."""
+        folder = Path(folder)
+        try:
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{folder}: not a folder")
+            staging, owned = self._snapshot(folder), True
+        except Exception as e:  # noqa: BLE001 - never fatal
+            with self._lock:
+                self.pushes_failed += 1
+                self.last_error = _short(e)
+            logger.error("hub push to %s not queued: %s", self.repo_id, _short(e))
+            return False
+        with self._cond:
+            if self._closed:
+                shutil.rmtree(staging, ignore_errors=True)
+                logger.error("hub push to %s not queued: pusher is closed", self.repo_id)
+                return False
+            if self._pending is not None:
+                self._discard(self._pending)
+                self.pushes_superseded += 1
+            self._pending = _Job(staging, commit_message, owned)
+            self._cond.notify_all()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._worker, name=f"hub-push-{self.repo_id}", daemon=True)
+                self._thread.start()
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every queued push is done (uploaded or given up). True if nothing is left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending is not None or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    logger.warning("hub push to %s still running after %.0fs; not waiting longer",
+                                   self.repo_id, timeout)
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """``wait(timeout)``, then stop the worker (a retry sleeping is cut short)."""
+        done = self.wait(timeout)
+        with self._cond:
+            self._closed = True
+            self._stop.set()
+            self._cond.notify_all()
+        return done
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"repo_id": self.repo_id, "pushes_ok": self.pushes_ok, "pushes_failed": self.pushes_failed,
+                    "pushes_superseded": self.pushes_superseded, "attempts": self.attempts,
+                    "pending": self._pending is not None, "in_progress": self._busy,
+                    "last_error": self.last_error, "last_commit_url": self.last_commit_url}
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _snapshot(folder: Path) -> Path:
+        """Hard-link (copy where linking fails) the folder's files into a private staging dir,
+        so the trainer may rewrite the export while the upload runs."""
+        try:  # next to the folder: same file system, so hard links work
+            staging = Path(tempfile.mkdtemp(prefix=".push-", dir=folder.parent))
+        except OSError:
+            staging = Path(tempfile.mkdtemp(prefix="fpdiff-push-"))
+        try:
+            for src in folder.rglob("*"):
+                if src.name.startswith(".") or not src.is_file():
+                    continue
+                dst = staging / src.relative_to(folder)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging
+
+    @staticmethod
+    def _discard(job: _Job) -> None:
+        if job.owned:
+            shutil.rmtree(job.staging, ignore_errors=True)
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._stop.is_set():
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                job, self._pending, self._busy = self._pending, None, True
+            try:
+                self._run_job(job)
+            except BaseException as e:  # noqa: BLE001 - the worker must survive anything
+                with self._lock:
+                    self.pushes_failed += 1
+                    self.last_error = _short(e)
+                logger.error("hub push to %s crashed: %s", self.repo_id, _short(e))
+            finally:
+                self._discard(job)
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _upload_once(self, job: _Job):
+        if not self._repo_ready:
+            self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type=self.repo_type)
+            self._repo_ready = True
+        return self.api.upload_folder(repo_id=self.repo_id, folder_path=str(job.staging),
+                                      commit_message=job.message, repo_type=self.repo_type)
+
+    def _run_job(self, job: _Job) -> None:
+        for attempt in range(self.max_retries + 1):
+            with self._lock:
+                self.attempts += 1
+            try:
+                info = self._upload_once(job)
+            except Exception as e:  # noqa: BLE001
+                err = _short(e)
+                with self._lock:
+                    self.last_error = err
+                retry = _is_retryable(e) and attempt < self.max_retries and not self._stop.is_set()
+                if not retry:
+                    with self._lock:
+                        self.pushes_failed += 1
+                    logger.error("hub push to %s failed after %d attempt(s), giving up on %r: %s",
+                                 self.repo_id, attempt + 1, job.message, err)
+                    return
+                delay = min(self.max_backoff, self.backoff * (2 ** attempt))
+                logger.warning("hub push to %s failed (attempt %d/%d): %s; retrying in %.1fs",
+                               self.repo_id, attempt + 1, self.max_retries + 1, err, delay)
+                if self._stop.wait(delay):
+                    with self._lock:
+                        self.pushes_failed += 1
+                    return
+                continue
+            with self._lock:
+                self.pushes_ok += 1
+                self.last_commit_url = getattr(info, "commit_url", None) or str(info)
+                self.last_ok_message = job.message
+            logger.info("hub push to %s done (%s): %s", self.repo_id, job.message, self.last_commit_url)
+            return
+
+
+# ============================================================================ CLI
+PUSH_USAGE = "fpdiff push RUN_DIR --repo-id USER/NAME [--private|--public] [--endpoint URL] [--token T]"
+
+
+def push_main(argv: list[str] | None = None) -> int:
+    """``fpdiff push RUN_DIR --repo-id X``: upload RUN_DIR/export (or RUN_DIR if it is an export)."""
+    ap = argparse.ArgumentParser(prog="fpdiff push", description="Upload a run's export (EMA weights, "
+                                 "config, model card) to the Hugging Face Hub.")
+    ap.add_argument("run_dir", metavar="RUN_DIR", help="run directory (holding export/) or an export folder")
+    ap.add_argument("--repo-id", required=True, help="target repository, user/name")
+    vis = ap.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=True,
+                     help="create the repo private if it does not exist (default)")
+    vis.add_argument("--public", dest="private", action="store_false", help="create the repo public")
+    ap.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    ap.add_argument("--token", default=None, help="access token (default: HF_TOKEN or the saved login)")
+    ap.add_argument("--commit-message", default=None)
+    ap.add_argument("--max-retries", type=int, default=3)
+    ap.add_argument("--retry-backoff", type=float, default=2.0)
+    args = ap.parse_args(argv)
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"fpdiff push: run directory not found: {run_dir}", file=sys.stderr)
+        return 1
+    export = find_export(run_dir)
+    if export is None:
+        print(f"fpdiff push: no export in {run_dir} (expected {run_dir / EXPORT_SUBDIR}/{WEIGHTS_NAME} and "
+              f"{CONFIG_NAME}; the trainer writes it at the end of training and every hub.push_every steps)",
+              file=sys.stderr)
+        return 1
+    message = args.commit_message
+    if message is None:
+        try:
+            step = json.loads((export / METRICS_NAME).read_text()).get("step")
+        except (OSError, ValueError):
+            step = None
+        message = f"fpdiff export, step {step}" if step is not None else "fpdiff export"
+    pusher = HubPusher(args.repo_id, max_retries=args.max_retries, private=args.private, token=args.token,
+                       endpoint=args.endpoint, backoff=args.retry_backoff)
+    pusher.push(export, message)
+    pusher.close()
+    st = pusher.status()
+    if st["pushes_ok"] < 1:
+        print(f"fpdiff push: upload to {args.repo_id} failed: {st['last_error']}", file=sys.stderr)
+        return 1
+    print(f"pushed {export} to {args.repo_id}: {st['last_commit_url']}")
+    return 0

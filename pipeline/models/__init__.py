@@ -1,0 +1,81 @@
+"""Score networks: ``build_model(cfg)`` returns an NCSN++ / DDPM++ UNet.
+
+Forward signature ``model(x, labels)``: labels = σ(t) for the VE SDE (Fourier embedding
+of log σ; output divided by σ when ``model.scale_by_sigma``), 999·t for VP / sub-VP
+(positional embedding; the network predicts noise). ``pipeline.score`` turns outputs into
+scores.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from ..config import Config, ConfigError
+from .ncsnpp import NCSNpp
+
+__all__ = ["NCSNpp", "build_model", "count_parameters", "load_score_sde_state_dict", "score_sde_ema_state_dict"]
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """Build the UNet described by ``cfg.model`` for ``cfg.data`` images and ``cfg.sde``.
+
+    ``model.name`` ("ddpmpp" / "ncsnpp") is a label only: both are configurations of one
+    network. Parameters are created on the current default device (``with
+    torch.device("meta"): build_model(cfg)`` builds without allocating).
+    """
+    m = cfg.model
+    if m.embedding_type == "fourier" and cfg.sde.type != "ve":
+        raise ConfigError("model.embedding_type: 'fourier' (log-sigma labels) needs sde.type 've'")
+    if m.scale_by_sigma and cfg.sde.type != "ve":
+        raise ConfigError("model.scale_by_sigma: only valid with sde.type 've' (labels are sigma)")
+    if m.conv_size != 3:
+        raise ConfigError(f"model.conv_size: only 3 is supported, got {m.conv_size}")
+    if m.num_heads < 1:
+        raise ConfigError(f"model.num_heads: must be >= 1, got {m.num_heads}")
+    widths = {m.nf * c for c in m.ch_mult}
+    bad = sorted(w for w in widths if w % m.num_heads or w < 4)
+    if bad:
+        raise ConfigError(f"model.num_heads/nf: channel widths {bad} must be >= 4 and divisible by num_heads {m.num_heads}")
+    if m.embedding_type == "positional" and m.nf < 4:
+        raise ConfigError(f"model.nf: must be >= 4, got {m.nf}")
+    return NCSNpp(
+        image_size=cfg.data.image_size, num_channels=cfg.data.num_channels, centered=cfg.data.centered,
+        nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+        embedding_type=m.embedding_type, fourier_scale=m.fourier_scale, resblock_type=m.resblock_type,
+        resamp_with_conv=m.resamp_with_conv, skip_rescale=m.skip_rescale, fir=m.fir,
+        fir_kernel=tuple(m.fir_kernel), progressive=m.progressive, progressive_input=m.progressive_input,
+        progressive_combine=m.progressive_combine, init_scale=m.init_scale,
+        scale_by_sigma=m.scale_by_sigma, num_heads=m.num_heads,
+    )
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_score_sde_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True):
+    """Load a score_sde_pytorch state dict (``checkpoint['model']`` or ``['ema']``-applied
+    weights): strips the ``module.`` prefix its DataParallel wrapper adds. The model
+    must be built with the matching config (and ``data.centered`` as in that config)."""
+    cleaned = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return model.load_state_dict(cleaned, strict=strict)
+
+
+def score_sde_ema_state_dict(model: nn.Module, shadow_params) -> dict[str, torch.Tensor]:
+    """Map score_sde's EMA (``checkpoint['ema']['shadow_params']``: a list over the
+    trainable parameters in ``model.parameters()`` order) to a state dict for ``model``
+    (frozen parameters such as the Fourier ``W`` keep the model's current value)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shadow = list(shadow_params)
+    if len(shadow) != len(names):
+        raise ValueError(f"EMA has {len(shadow)} tensors, the model {len(names)} trainable parameters")
+    state = dict(model.state_dict())
+    for n, t in zip(names, shadow):
+        if tuple(t.shape) != tuple(state[n].shape):
+            raise ValueError(f"EMA tensor for {n}: shape {tuple(t.shape)} != {tuple(state[n].shape)}")
+        state[n] = t
+    return state

@@ -1,0 +1,241 @@
+"""NCSN++ / DDPM++: one continuous-time score UNet, two configurations.
+
+DDPM++ (VP / sub-VP): positional embedding of the label 999·t, the net predicts noise.
+NCSN++ (VE): Gaussian Fourier embedding of log σ (the label is σ(t)); with
+``scale_by_sigma`` the output is divided by σ. Both use BigGAN-style residual blocks,
+GroupNorm + SiLU, self-attention at chosen resolutions, optional FIR resampling and
+progressive input/output pyramids (Song et al. 2021, Appendix H).
+
+All submodules sit in one ``all_modules`` ModuleList in the order score_sde_pytorch's
+``NCSNpp`` creates them, so its released CIFAR-10 checkpoints load by key (see
+``pipeline.models.load_score_sde_state_dict``). ``forward`` walks that list in the
+same order it was built.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from . import layers
+
+_SQRT2 = math.sqrt(2.0)
+
+
+class NCSNpp(nn.Module):
+    def __init__(self, *, image_size: int, num_channels: int, nf: int = 128,
+                 ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 4,
+                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
+                 embedding_type: str = "positional", fourier_scale: float = 16.0,
+                 resblock_type: str = "biggan", resamp_with_conv: bool = True,
+                 skip_rescale: bool = True, fir: bool = False, fir_kernel: Sequence[int] = (1, 3, 3, 1),
+                 progressive: str = "none", progressive_input: str = "none",
+                 progressive_combine: str = "sum", init_scale: float = 0.0,
+                 scale_by_sigma: bool = False, num_heads: int = 1, centered: bool = True):
+        super().__init__()
+        if embedding_type not in ("fourier", "positional"):
+            raise ValueError(f"embedding_type {embedding_type!r} unknown")
+        if resblock_type not in ("biggan", "ddpm"):
+            raise ValueError(f"resblock_type {resblock_type!r} unknown")
+        if progressive not in ("none", "output_skip", "residual"):
+            raise ValueError(f"progressive {progressive!r} unknown")
+        if progressive_input not in ("none", "input_skip", "residual"):
+            raise ValueError(f"progressive_input {progressive_input!r} unknown")
+        self.act = act = nn.SiLU()
+        self.nf = nf
+        self.num_resolutions = n_res = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.all_resolutions = [image_size // (2 ** i) for i in range(n_res)]
+        self.attn_resolutions = tuple(attn_resolutions)
+        self.embedding_type = embedding_type
+        self.resblock_type = resblock_type
+        self.progressive = progressive
+        self.progressive_input = progressive_input
+        self.skip_rescale = skip_rescale
+        self.scale_by_sigma = scale_by_sigma
+        self.centered = centered
+        self.num_channels = channels = num_channels
+        self.image_size = image_size
+        combine = partial(layers.Combine, method=progressive_combine)
+        attn = partial(layers.AttnBlock, init_scale=init_scale, skip_rescale=skip_rescale, num_heads=num_heads)
+        upsample = partial(layers.Upsample, with_conv=resamp_with_conv, fir=fir, fir_kernel=fir_kernel)
+        downsample = partial(layers.Downsample, with_conv=resamp_with_conv, fir=fir, fir_kernel=fir_kernel)
+        pyramid_up = partial(layers.Upsample, fir=fir, fir_kernel=fir_kernel, with_conv=progressive == "residual")
+        pyramid_down = partial(layers.Downsample, fir=fir, fir_kernel=fir_kernel,
+                               with_conv=progressive_input == "residual")
+        if resblock_type == "ddpm":
+            resblock = partial(layers.ResnetBlockDDPM, act=act, dropout=dropout, init_scale=init_scale,
+                               skip_rescale=skip_rescale, temb_dim=4 * nf)
+        else:
+            resblock = partial(layers.ResnetBlockBigGAN, act=act, dropout=dropout, fir=fir, fir_kernel=fir_kernel,
+                               init_scale=init_scale, skip_rescale=skip_rescale, temb_dim=4 * nf)
+
+        modules: list[nn.Module] = []
+        # time / noise-level embedding, then a 2-layer MLP to 4·nf
+        if embedding_type == "fourier":
+            modules.append(layers.GaussianFourierProjection(embedding_size=nf, scale=fourier_scale))
+            embed_dim = 2 * nf
+        else:
+            embed_dim = nf
+        modules.append(layers.dense(embed_dim, 4 * nf))
+        modules.append(layers.dense(4 * nf, 4 * nf))
+
+        # ---- down path
+        modules.append(layers.conv3x3(channels, nf))
+        hs_c = [nf]
+        in_ch = nf
+        pyramid_ch = channels
+        for i_level in range(n_res):
+            for _ in range(num_res_blocks):
+                out_ch = nf * ch_mult[i_level]
+                modules.append(resblock(in_ch=in_ch, out_ch=out_ch))
+                in_ch = out_ch
+                if self.all_resolutions[i_level] in self.attn_resolutions:
+                    modules.append(attn(channels=in_ch))
+                hs_c.append(in_ch)
+            if i_level != n_res - 1:
+                if resblock_type == "ddpm":
+                    modules.append(downsample(in_ch=in_ch))
+                else:
+                    modules.append(resblock(down=True, in_ch=in_ch))
+                if progressive_input == "input_skip":
+                    modules.append(pyramid_down(in_ch=pyramid_ch))
+                    modules.append(combine(dim1=pyramid_ch, dim2=in_ch))
+                    if progressive_combine == "cat":
+                        in_ch *= 2
+                elif progressive_input == "residual":
+                    modules.append(pyramid_down(in_ch=pyramid_ch, out_ch=in_ch))
+                    pyramid_ch = in_ch
+                hs_c.append(in_ch)
+
+        # ---- middle
+        in_ch = hs_c[-1]
+        modules.append(resblock(in_ch=in_ch))
+        modules.append(attn(channels=in_ch))
+        modules.append(resblock(in_ch=in_ch))
+
+        # ---- up path
+        pyramid_ch = 0
+        for i_level in reversed(range(n_res)):
+            for _ in range(num_res_blocks + 1):
+                out_ch = nf * ch_mult[i_level]
+                modules.append(resblock(in_ch=in_ch + hs_c.pop(), out_ch=out_ch))
+                in_ch = out_ch
+            if self.all_resolutions[i_level] in self.attn_resolutions:
+                modules.append(attn(channels=in_ch))
+            if progressive != "none":
+                if i_level == n_res - 1:
+                    modules.append(layers.group_norm(in_ch))
+                    if progressive == "output_skip":
+                        modules.append(layers.conv3x3(in_ch, channels, init_scale=init_scale))
+                        pyramid_ch = channels
+                    else:
+                        modules.append(layers.conv3x3(in_ch, in_ch, bias=True))
+                        pyramid_ch = in_ch
+                elif progressive == "output_skip":
+                    modules.append(pyramid_up(in_ch=pyramid_ch))
+                    modules.append(layers.group_norm(in_ch))
+                    modules.append(layers.conv3x3(in_ch, channels, bias=True, init_scale=init_scale))
+                    pyramid_ch = channels
+                else:
+                    modules.append(pyramid_up(in_ch=pyramid_ch, out_ch=in_ch))
+                    pyramid_ch = in_ch
+            if i_level != 0:
+                if resblock_type == "ddpm":
+                    modules.append(upsample(in_ch=in_ch))
+                else:
+                    modules.append(resblock(in_ch=in_ch, up=True))
+        assert not hs_c
+
+        if progressive != "output_skip":
+            modules.append(layers.group_norm(in_ch))
+            modules.append(layers.conv3x3(in_ch, channels, init_scale=init_scale))
+        self.all_modules = nn.ModuleList(modules)
+
+    # ------------------------------------------------------------------ forward
+    def _merge(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a + b) / _SQRT2 if self.skip_rescale else a + b
+
+    def _norm_act_conv(self, mods, h: torch.Tensor) -> torch.Tensor:
+        norm = next(mods)
+        conv = next(mods)
+        return conv(self.act(norm(h)))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W); labels: (B,) σ(t) (Fourier) or 999·t (positional)."""
+        mods = iter(self.all_modules)
+        act = self.act
+        if self.embedding_type == "fourier":
+            temb = next(mods)(torch.log(labels))
+        else:
+            temb = layers.timestep_embedding(labels, self.nf)
+        temb = next(mods)(temb)
+        temb = next(mods)(act(temb))
+
+        if not self.centered:  # data in [0, 1]: the network sees 2x - 1 (score_sde convention)
+            x = 2 * x - 1.0
+
+        # ---- down path
+        input_pyramid = x if self.progressive_input != "none" else None
+        hs = [next(mods)(x)]
+        for i_level in range(self.num_resolutions):
+            has_attn = self.all_resolutions[i_level] in self.attn_resolutions
+            for _ in range(self.num_res_blocks):
+                h = next(mods)(hs[-1], temb)
+                if has_attn:
+                    h = next(mods)(h)
+                hs.append(h)
+            if i_level != self.num_resolutions - 1:
+                if self.resblock_type == "ddpm":
+                    h = next(mods)(hs[-1])
+                else:
+                    h = next(mods)(hs[-1], temb)
+                if self.progressive_input == "input_skip":
+                    input_pyramid = next(mods)(input_pyramid)
+                    h = next(mods)(input_pyramid, h)
+                elif self.progressive_input == "residual":
+                    input_pyramid = self._merge(next(mods)(input_pyramid), h)
+                    h = input_pyramid
+                hs.append(h)
+
+        # ---- middle
+        h = hs[-1]
+        h = next(mods)(h, temb)
+        h = next(mods)(h)
+        h = next(mods)(h, temb)
+
+        # ---- up path
+        pyramid = None
+        for i_level in reversed(range(self.num_resolutions)):
+            for _ in range(self.num_res_blocks + 1):
+                h = next(mods)(torch.cat([h, hs.pop()], dim=1), temb)
+            if self.all_resolutions[i_level] in self.attn_resolutions:
+                h = next(mods)(h)
+            if self.progressive != "none":
+                if i_level == self.num_resolutions - 1:
+                    pyramid = self._norm_act_conv(mods, h)
+                elif self.progressive == "output_skip":
+                    pyramid = next(mods)(pyramid)
+                    pyramid = pyramid + self._norm_act_conv(mods, h)
+                else:
+                    pyramid = self._merge(next(mods)(pyramid), h)
+                    h = pyramid
+            if i_level != 0:
+                if self.resblock_type == "ddpm":
+                    h = next(mods)(h)
+                else:
+                    h = next(mods)(h, temb)
+        assert not hs
+
+        if self.progressive == "output_skip":
+            h = pyramid
+        else:
+            h = self._norm_act_conv(mods, h)
+        assert next(mods, None) is None, "forward did not use every module"
+
+        if self.scale_by_sigma:
+            h = h / labels.reshape((-1,) + (1,) * (h.dim() - 1))
+        return h

@@ -1,0 +1,367 @@
+"""Hub push end to end through huggingface_hub's real client against a local fake Hub.
+
+The server below implements just the endpoints the client uses for ``create_repo`` +
+``upload_folder`` (preupload answered with upload mode "regular", so file contents travel
+base64-encoded inside the NDJSON commit) and for ``snapshot_download`` (revision info, tree,
+resolve). It records every commit; faults (HTTP 500) are injected per endpoint. Only the HTTP
+boundary is fake.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+import torch
+
+from pipeline import hub
+from pipeline.config import config_from_dict
+
+TOKEN = "hf_test_token"
+
+
+class FakeHub:
+    def __init__(self):
+        self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "files": {path: bytes}, "sha": str}
+        self.commits: list[dict] = []  # {"repo_id", "summary", "files": {path: bytes}}
+        self.requests: list[tuple[str, str]] = []
+        self.fail: dict[str, int] = {}  # endpoint kind -> number of 500s still to return
+        self.failed: dict[str, int] = {}
+        self.fail_times: list[float] = []  # time.monotonic() of each injected failure
+        self.commit_times: list[float] = []
+        self.auth_headers: set[str] = set()
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _inject(self, kind: str) -> bool:
+        with self.lock:
+            if self.fail.get(kind, 0) > 0:
+                self.fail[kind] -= 1
+                self.failed[kind] = self.failed.get(kind, 0) + 1
+                self.fail_times.append(time.monotonic())
+                return True
+        return False
+
+    def _handler(self):
+        hubsrv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().strip(), 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            def _send(self, code: int, payload=None, headers=None, body: bytes | None = None, head=False):
+                if body is None:
+                    body = json.dumps(payload if payload is not None else {}).encode()
+                    headers = {"Content-Type": "application/json", **(headers or {})}
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def _route(self, method: str):
+                path = unquote(urlparse(self.path).path)
+                body = self._body() if method in ("POST", "PUT") else b""
+                with hubsrv.lock:
+                    hubsrv.requests.append((method, path))
+                    if self.headers.get("Authorization"):
+                        hubsrv.auth_headers.add(self.headers["Authorization"])
+                m = None
+                if method == "POST" and path == "/api/repos/create":
+                    if hubsrv._inject("create"):
+                        return self._send(500, {"error": "injected failure"})
+                    req = json.loads(body)
+                    repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+                    with hubsrv.lock:
+                        if repo_id in hubsrv.repos:
+                            return self._send(409, {"error": "You already created this model repo",
+                                                    "url": f"{hubsrv.url}/{repo_id}"})
+                        hubsrv.repos[repo_id] = {"private": req.get("visibility") == "private",
+                                                 "files": {}, "sha": "0" * 40}
+                    return self._send(200, {"url": f"{hubsrv.url}/{repo_id}", "name": repo_id})
+                if method == "POST" and path == "/api/validate-yaml":
+                    return self._send(200, {})
+                if method == "POST" and (m := re.fullmatch(r"/api/models/(.+?)/preupload/([^/]+)", path)):
+                    if hubsrv._inject("preupload"):
+                        return self._send(500, {"error": "injected failure"})
+                    if m.group(1) not in hubsrv.repos:
+                        return self._send(404, {"error": "Repository not found"},
+                                          headers={"X-Error-Code": "RepoNotFound"})
+                    files = json.loads(body)["files"]
+                    return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                       "shouldIgnore": False, "oid": None} for f in files]})
+                if method == "POST" and (m := re.fullmatch(r"/api/models/(.+?)/commit/([^/]+)", path)):
+                    if hubsrv._inject("commit"):
+                        return self._send(500, {"error": "injected failure"})
+                    repo_id = m.group(1)
+                    if repo_id not in hubsrv.repos:
+                        return self._send(404, {"error": "Repository not found"},
+                                          headers={"X-Error-Code": "RepoNotFound"})
+                    lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
+                    header = next(x["value"] for x in lines if x["key"] == "header")
+                    files = {}
+                    for x in lines:
+                        if x["key"] == "file":
+                            assert x["value"]["encoding"] == "base64"
+                            files[x["value"]["path"]] = base64.b64decode(x["value"]["content"])
+                        elif x["key"] != "header":
+                            return self._send(400, {"error": f"unsupported operation {x['key']}"})
+                    sha = hashlib.sha1(body).hexdigest()
+                    with hubsrv.lock:
+                        hubsrv.repos[repo_id]["files"].update(files)
+                        hubsrv.repos[repo_id]["sha"] = sha
+                        hubsrv.commits.append({"repo_id": repo_id, "summary": header["summary"], "files": files})
+                        hubsrv.commit_times.append(time.monotonic())
+                    return self._send(200, {"commitUrl": f"{hubsrv.url}/{repo_id}/commit/{sha}",
+                                            "commitOid": sha, "success": True})
+                # ---- read side (snapshot_download)
+                if method == "GET" and (m := re.fullmatch(r"/api/models/(.+?)/revision/([^/]+)", path)):
+                    repo = hubsrv.repos.get(m.group(1))
+                    if repo is None:
+                        return self._send(404, {"error": "Repository not found"},
+                                          headers={"X-Error-Code": "RepoNotFound"})
+                    return self._send(200, {"id": m.group(1), "modelId": m.group(1), "sha": repo["sha"],
+                                            "private": repo["private"],
+                                            "siblings": [{"rfilename": p} for p in sorted(repo["files"])]})
+                if method == "GET" and (m := re.fullmatch(r"/api/models/(.+?)/tree/([^/]+)(/.*)?", path)):
+                    repo = hubsrv.repos.get(m.group(1))
+                    if repo is None:
+                        return self._send(404, {"error": "Repository not found"},
+                                          headers={"X-Error-Code": "RepoNotFound"})
+                    entries = [{"type": "file", "path": p, "size": len(b),
+                                "oid": hashlib.sha1(b"blob %d\0" % len(b) + b).hexdigest()}
+                               for p, b in sorted(repo["files"].items())]
+                    return self._send(200, entries)
+                if method in ("GET", "HEAD") and (m := re.fullmatch(r"/(.+?/.+?)/resolve/([^/]+)/(.+)", path)):
+                    repo = hubsrv.repos.get(m.group(1))
+                    if repo is None or m.group(3) not in repo["files"]:
+                        return self._send(404, {"error": "Entry not found"},
+                                          headers={"X-Error-Code": "EntryNotFound"}, head=method == "HEAD")
+                    data = repo["files"][m.group(3)]
+                    etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                    return self._send(200, body=data, head=method == "HEAD", headers={
+                        "ETag": f'"{etag}"', "X-Repo-Commit": repo["sha"], "Content-Type": "application/octet-stream"})
+                return self._send(404, {"error": f"fake hub: no route for {method} {path}"})
+
+            def do_GET(self):
+                self._route("GET")
+
+            def do_HEAD(self):
+                self._route("HEAD")
+
+            def do_POST(self):
+                self._route("POST")
+
+            def do_PUT(self):
+                self._route("PUT")
+
+        return Handler
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    srv = FakeHub()
+    yield srv
+    srv.close()
+
+
+def tiny_config() -> dict:
+    cfg = config_from_dict({
+        "name": "hubtest",
+        "model": {"nf": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+        "sde": {"type": "vp"},
+        "data": {"dataset": "mnist", "image_size": 8, "num_channels": 1},
+        "hub": {"repo_id": "alice/fpdiff-tiny"},
+    })
+    return cfg.to_dict()
+
+
+def tiny_export(tmp_path: Path, step: int = 100):
+    from pipeline.models import build_model
+
+    cfg_dict = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(config_from_dict(cfg_dict))
+    export = hub.write_export(tmp_path / "run" / "export", model.state_dict(), cfg_dict,
+                              {"step": step, "loss/total": 0.123, "fid": float("nan")})
+    return export, model, cfg_dict
+
+
+def test_write_export_layout(tmp_path):
+    export, model, cfg_dict = tiny_export(tmp_path)
+    assert sorted(p.name for p in export.iterdir()) == sorted(hub.EXPORT_FILES)
+    card = (export / "README.md").read_text()
+    assert card.startswith("---\n") and "VP SDE" in card and "mnist" in card
+    assert "Training step**: 100" in card and "| loss/total | 0.123 |" in card
+    assert 'load_pretrained("alice/fpdiff-tiny")' in card
+    assert json.loads((export / "metrics.json").read_text()) == {"step": 100, "loss/total": 0.123, "fid": "nan"}
+    # rewriting replaces the folder atomically and leaves no temporary siblings; images join the card
+    from PIL import Image
+
+    Image.new("L", (8, 8), 128).save(tmp_path / "grid.png")
+    hub.write_export(export, model.state_dict(), cfg_dict, {"step": 200},
+                     images={"samples.png": tmp_path / "grid.png", "gone.png": tmp_path / "missing.png"})
+    assert json.loads((export / "metrics.json").read_text())["step"] == 200
+    assert (export / "samples.png").is_file() and not (export / "gone.png").exists()
+    assert "![samples](samples.png)" in (export / "README.md").read_text()
+    assert [p.name for p in export.parent.iterdir()] == ["export"]
+    # loading back from the folder (and from the run dir holding export/) gives the same weights
+    for src in (export, export.parent):
+        loaded, cfg = hub.load_pretrained(src)
+        assert cfg.data.image_size == 8 and not loaded.training
+        for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert k == k2 and torch.equal(a, b)
+    # training.init_from: an export / run dir / weights file, DDP and compile prefixes stripped
+    from pipeline.models import build_model
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    fresh = build_model(config_from_dict(cfg_dict))
+    assert hub.load_weights_into(fresh, export.parent) == export / "ema.safetensors"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    prefixed = {f"module._orig_mod.{k}": v.clone() for k, v in model.state_dict().items()}
+    save_file(prefixed, str(tmp_path / "prefixed.safetensors"))
+    hub.load_weights_into(fresh, tmp_path / "prefixed.safetensors")
+    with pytest.raises(ValueError, match="missing"):
+        hub.load_weights_into(torch.nn.Linear(2, 2), export)
+
+
+def test_push_end_to_end_and_load_back(fake_hub, tmp_path):
+    export, model, cfg_dict = tiny_export(tmp_path)
+    pusher = hub.HubPusher("alice/fpdiff-tiny", endpoint=fake_hub.url, token=TOKEN, private=True, backoff=0.05)
+    assert pusher.push(export, "step 100")
+    assert pusher.wait(timeout=60)
+    st = pusher.status()
+    assert st["pushes_ok"] == 1 and st["pushes_failed"] == 0, st
+    assert fake_hub.repos["alice/fpdiff-tiny"]["private"] is True
+    assert f"Bearer {TOKEN}" in fake_hub.auth_headers
+    (commit,) = fake_hub.commits
+    assert commit["summary"] == "step 100"
+    assert sorted(commit["files"]) == sorted(hub.EXPORT_FILES)
+    for name in hub.EXPORT_FILES:
+        assert commit["files"][name] == (export / name).read_bytes()
+    card = commit["files"]["README.md"].decode()
+    assert "# hubtest" in card and "from pipeline.hub import load_pretrained" in card and "0.123" in card
+
+    # load the model back by repo id through snapshot_download against the same server
+    loaded, cfg = hub.load_pretrained("alice/fpdiff-tiny", endpoint=fake_hub.url, token=TOKEN,
+                                      cache_dir=str(tmp_path / "cache"))
+    assert cfg.to_dict() == config_from_dict(cfg_dict).to_dict()
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+    # a second push of an updated export: the repo already exists (409 -> exist_ok) and is updated
+    hub.write_export(export, model.state_dict(), cfg_dict, {"step": 200})
+    pusher2 = hub.HubPusher("alice/fpdiff-tiny", endpoint=fake_hub.url, token=TOKEN, backoff=0.05)
+    pusher2.push(export, "step 200")
+    assert pusher2.wait(60) and pusher2.status()["pushes_ok"] == 1
+    assert json.loads(fake_hub.commits[-1]["files"]["metrics.json"])["step"] == 200
+
+
+@pytest.mark.parametrize("endpoint_kind", ["create", "commit"])
+def test_push_retries_500s_while_caller_keeps_working(fake_hub, tmp_path, endpoint_kind):
+    """Two HTTP 500s, then success: the upload completes and push() never blocked the caller.
+
+    A 500 from repo creation is retried by HubPusher (backoff); a 500 from the commit endpoint
+    is first retried inside huggingface_hub itself (http_backoff), then by HubPusher if needed.
+    """
+    export, _, _ = tiny_export(tmp_path)
+    fake_hub.fail[endpoint_kind] = 2
+    pusher = hub.HubPusher("alice/fpdiff-tiny", endpoint=fake_hub.url, token=TOKEN, backoff=0.3)
+    t0 = time.monotonic()
+    assert pusher.push(export, "step 100")
+    t_returned = time.monotonic()
+    # the "training loop": keeps stepping while the upload retries in the background
+    step_times = []
+    while pusher.status()["in_progress"] or pusher.status()["pending"]:
+        torch.randn(32, 32) @ torch.randn(32, 32)
+        step_times.append(time.monotonic())
+        time.sleep(0.01)
+        assert time.monotonic() - t0 < 90, "upload did not finish"
+    assert pusher.wait(10)
+    st = pusher.status()
+    assert st["pushes_ok"] == 1 and st["pushes_failed"] == 0, st
+    assert fake_hub.failed[endpoint_kind] == 2
+    if endpoint_kind == "create":
+        assert st["attempts"] == 3 and "500" in st["last_error"]
+    # non-blocking: push() returned before the upload got past its failures, and the caller
+    # kept stepping between the first injected 500 and the successful commit
+    first_fail, commit_t = fake_hub.fail_times[0], fake_hub.commit_times[-1]
+    assert t_returned < fake_hub.fail_times[-1] < commit_t
+    during = [t for t in step_times if first_fail < t < commit_t]
+    assert len(during) >= 5, (len(during), commit_t - first_fail)
+    (commit,) = fake_hub.commits
+    assert sorted(commit["files"]) == sorted(hub.EXPORT_FILES)
+
+
+def test_push_failure_is_reported_not_raised(fake_hub, tmp_path, caplog):
+    export, _, _ = tiny_export(tmp_path)
+    fake_hub.fail["create"] = 100
+    pusher = hub.HubPusher("alice/fpdiff-tiny", endpoint=fake_hub.url, token=TOKEN,
+                           max_retries=2, backoff=0.01)
+    with caplog.at_level("WARNING", logger="pipeline.hub"):
+        pusher.push(export, "step 1")
+        assert pusher.wait(30)
+    st = pusher.status()
+    assert st["pushes_ok"] == 0 and st["pushes_failed"] == 1 and st["attempts"] == 3, st
+    assert "500" in st["last_error"]
+    assert any("giving up" in r.message for r in caplog.records)
+    assert not fake_hub.commits
+    # a missing folder is reported too, without raising
+    assert pusher.push(tmp_path / "nope", "x") is False
+    assert pusher.status()["pushes_failed"] == 2
+
+
+def test_push_main_cli(fake_hub, tmp_path, capsys):
+    export, _, _ = tiny_export(tmp_path)
+    run_dir = export.parent
+    rc = hub.push_main([str(run_dir), "--repo-id", "bob/cli-push", "--public", "--endpoint", fake_hub.url,
+                        "--token", TOKEN])
+    assert rc == 0, capsys.readouterr().err
+    assert fake_hub.repos["bob/cli-push"]["private"] is False
+    assert fake_hub.commits[-1]["summary"] == "fpdiff export, step 100"
+    assert sorted(fake_hub.commits[-1]["files"]) == sorted(hub.EXPORT_FILES)
+
+    rc = hub.push_main([str(tmp_path / "missing"), "--repo-id", "bob/x", "--endpoint", fake_hub.url])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.count("\n") == 0 and "run directory not found" in err
+    (tmp_path / "empty_run").mkdir()
+    rc = hub.push_main([str(tmp_path / "empty_run"), "--repo-id", "bob/x", "--endpoint", fake_hub.url])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.count("\n") == 0 and "no export in" in err
