@@ -29,7 +29,10 @@ class AccelerateBackend:
     def __init__(self, cfg: Config):
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision)
+        # cpu=True on a CPU-only machine: without it, `accelerate launch --multi_gpu` processes each
+        # believe they are alone (DistributedType.NO) although torch.distributed has 2 ranks
+        self.accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision,
+                                       cpu=not torch.cuda.is_available())
         a = self.accelerator
         self.rank, self.world, self.is_main, self.device = a.process_index, a.num_processes, a.is_main_process, a.device
         self.grad_accum = cfg.training.grad_accum

@@ -84,7 +84,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     from tqdm.auto import tqdm
 
     from .backends import build_backend
-    from .data import build_train_loader
+    from .data import build_train_loader, gather_state
     from .fpe import FPERegularizer
     from .losses import DSMLoss
     from .models import build_model
@@ -140,9 +140,21 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         backend.load_state(resume_from, state)
     dsm_score_fn = get_score_fn(model, sde)  # through the wrapper: DDP syncs these gradients
 
-    loader = build_train_loader(cfg, batch_size=tc.batch_size // world, rank=rank, world_size=world,
-                                seed=tc.seed, state=loader_state)
-    batches = iter(loader)
+    # one reader per micro-shard m = rank * grad_accum + micro: the data a micro-batch sees, like its
+    # randomness, depends only on m, so any ranks x accumulation split of a global batch is the same step
+    loaders = [build_train_loader(cfg, batch_size=micro_bs, rank=rank * tc.grad_accum + micro,
+                                  world_size=world * tc.grad_accum, seed=tc.seed, state=loader_state)
+               for micro in range(tc.grad_accum)]
+    streams = [iter(loader) for loader in loaders]
+
+    def loader_state_all_ranks() -> dict:
+        # collective: every rank's exact reader positions, merged
+        states = [gather_state(loader) for loader in loaders]
+        merged = states[0]
+        for st in states[1:]:
+            merged["ranks"].update(st["ranks"])
+        merged["corrupt_total"] = sum(int(v.get("corrupt", 0)) for v in merged["ranks"].values())
+        return merged
     tracker = Tracker(cfg.logging, run_dir, cfg.to_dict(), is_main, resumed=resume_from is not None)
     pusher = None
     if is_main and cfg.hub.repo_id:
@@ -151,6 +163,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     stop = StopRequest(run_dir)
 
     def save(step: int) -> None:
+        loader_state_now = loader_state_all_ranks()
         staging = ckpt.staging_dir(run_dir, step)
         if is_main:
             ckpt.clear_staging(staging)
@@ -162,7 +175,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
                 optimizer_state=backend.optimizer_state(),
                 extra_state={"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
                              "scaler": backend.scaler_state()},
-                json_state={"loader": loader.state_dict(), "counters": counters.__dict__},
+                json_state={"loader": loader_state_now, "counters": counters.__dict__},
                 keep_last=tc.keep_last)
         backend.barrier()
 
@@ -172,15 +185,12 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     exit_code = EXIT_OK
     while step < tc.n_steps:
         # ---- one optimizer step over grad_accum micro-batches
-        images, _labels, _keys = next(batches)
-        images = images.to(device, non_blocking=True)
         stats = {"dsm": 0.0, "fpe": 0.0, "residual": 0.0}
         for micro in range(tc.grad_accum):
-            shard = rank * tc.grad_accum + micro
-            seed = stream_seed(tc.seed, step, shard)
+            x0 = next(streams[micro])[0].to(device, non_blocking=True)
+            seed = stream_seed(tc.seed, step, rank * tc.grad_accum + micro)
             torch.manual_seed(seed)  # dropout masks
             gen = torch.Generator(device=device).manual_seed(seed)
-            x0 = images[micro * micro_bs:(micro + 1) * micro_bs]
             with backend.micro_step_context(micro):
                 with backend.autocast():
                     dsm = dsm_loss(dsm_score_fn, x0, generator=gen)
@@ -220,7 +230,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
 
         # ---- log, checkpoint, push, stop
         if step % tc.log_every == 0 or step == tc.n_steps:
-            counters.corrupt_samples = getattr(loader, "corrupt_count", 0)
+            counters.corrupt_samples = sum(loader.corrupt_count for loader in loaders)  # this rank's
             metrics = {"loss/dsm": stats["dsm"], "loss/fpe": stats["fpe"], "loss/total": stats["dsm"] + stats["fpe"],
                        "fpe/residual": stats["residual"], "grad_norm": grad_norm,
                        "lr": scheduler.get_last_lr()[0], "images_per_s": images_seen / (time.time() - t_start),

@@ -1,0 +1,292 @@
+"""Cost of the FPE regularizer per training step (issue 3, check 6).
+
+Variants, all measured side by side in one process (round-robin repetitions, median time):
+  (a) dsm            DSM loss on the batch + backward
+  (b) reference      (a) + the residual computed the way sony/fp-diffusion does it on k samples:
+                     s, then s recomputed inside a one-Gaussian-probe Hutchinson VJP
+                     (create_graph), the x-gradient of (div + ‖s‖² + ⟨x,s⟩) and the reference's
+                     3-point finite difference in t (t + 5e-4, t, t − 1e-3): 5 forwards (+ the
+                     DSM forward = 6)
+  (c) fpdiff         (a) + this project's residual: jvp in t, reverse-over-reverse in x;
+                     "1probe" (single estimator) and "2probe" (the unbiased default), each plain
+                     autograd and fused (pipeline/fused.py)
+each on the full batch (k = B) and on a subsample k. Reported: time, FLOPs (FlopCounterMode:
+matmul / conv / attention FLOPs only), peak RSS increase, and per regularized sample the cost
+(variant − dsm)/k relative to (b). ``--components`` adds a per-stage breakdown.
+
+    python benchmarks/fpe_cost.py --model tiny --batch 16 --subsample 2 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+warnings.filterwarnings("ignore")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pipeline.config import FPEConfig, load_config  # noqa: E402
+from pipeline.fpe import (FPERegularizer, _flat_dot, _phi_terms, draw_probes, fpe_precision,  # noqa: E402
+                          score_and_dt, squared_norm_estimate, time_weight)
+from pipeline.score import get_score_fn  # noqa: E402
+from pipeline.sde import build_sde  # noqa: E402
+
+
+# --------------------------------------------------------------------------- models
+def build(name: str):
+    if name == "standin":
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from mixture import TinyUNet
+        cfg = load_config(os.path.join(ROOT, "configs", "mnist_tiny.yaml"))
+        return TinyUNet(channels=1, nf=16, dropout=0.0), cfg
+    from pipeline.models import build_model
+    path = {"tiny": "mnist_tiny.yaml", "cifar": "cifar10_ddpmpp.yaml"}[name]
+    cfg = load_config(os.path.join(ROOT, "configs", path))
+    return build_model(cfg), cfg
+
+
+# --------------------------------------------------------------------------- the losses
+def dsm_loss(model, sde, x0, g):
+    t = torch.rand(x0.shape[0], generator=g) * (1 - 1e-5) + 1e-5
+    z = torch.randn(x0.shape, generator=g)
+    mean, std = sde.marginal_prob(x0, t)
+    xt = mean + std.view(-1, 1, 1, 1) * z
+    s = get_score_fn(model, sde)(xt, t)
+    return (s * std.view(-1, 1, 1, 1) + z).pow(2).flatten(1).mean(1).mean(), xt, t
+
+
+def reference_residual_loss(model, sde, x, t, g, timer=None):
+    """The official code's vector residual (VP), with its estimators, on k samples."""
+    tick = timer or (lambda name: None)
+    sf = get_score_fn(model, sde)
+    x = x.detach().requires_grad_(True)
+    t = t.detach()
+    D = x[0].numel()
+    s = sf(x, t)                                               # forward 1
+    eps = torch.randn(x.shape, generator=g)
+    score_e = (sf(x, t) * eps).sum()                           # forward 2: s recomputed
+    tick("forwards")
+    (gse,) = torch.autograd.grad(score_e, x, create_graph=True)
+    div = _flat_dot(gse, eps)
+    tick("vjp")
+    g2 = sde.diffusion(t) ** 2
+    phi = div + s.flatten(1).pow(2).sum(1) + _flat_dot(x, s)
+    (grad_phi,) = torch.autograd.grad(phi.sum(), x, create_graph=True)
+    rhs = 0.5 * g2.view(-1, 1, 1, 1) * grad_phi
+    tick("double_backward")
+    hs, hd = 1e-3, 5e-4                                        # forwards 3-5
+    dsdt = (hs ** 2 * sf(x, t + hd) + (hd ** 2 - hs ** 2) * sf(x, t) - hd ** 2 * sf(x, t - hs)) / (hs * hd * (hd + hs))
+    tick("fd_forwards")
+    res = (dsdt - rhs).flatten(1).norm(dim=1) ** 2
+    return (g2 * res).mean() / D ** 2
+
+
+def ours_residual_loss(model, sde, x, t, g, n_probes, fused, timer=None):
+    """This project's residual, stage by stage (= pipeline.fpe.residual_estimates)."""
+    from pipeline.fused import fused_ops, plain_ops
+    tick = timer or (lambda name: None)
+    sf = get_score_fn(model, sde)
+    D = x[0].numel()
+    with (fused_ops() if fused else plain_ops()):
+        x = x.detach().requires_grad_(True)
+        t = t.detach()
+        s, dsdt = score_and_dt(sf, x, t)
+        tick("forward_jvp")
+        base, g2_half = _phi_terms(sde, x, t, s)
+        v = draw_probes(x.shape, n_probes, generator=g)
+        if fused and n_probes > 1 and BATCHED:
+            (u,) = torch.autograd.grad(s, x, v, create_graph=True, is_grads_batched=True)
+            tick("vjp")
+            psi = (g2_half * (u * v).flatten(2).sum(2) + base).sum(1)
+            eye = torch.eye(n_probes)
+            (gp,) = torch.autograd.grad(psi, x, eye, create_graph=True, is_grads_batched=True)
+            rs = dsdt.unsqueeze(0) - gp
+            tick("double_backward")
+        else:
+            rs = []
+            us = []
+            for k in range(n_probes):
+                (u,) = torch.autograd.grad(s, x, v[k], create_graph=True)
+                us.append(u)
+            tick("vjp")
+            for k in range(n_probes):
+                psi = g2_half * _flat_dot(us[k], v[k]) + base
+                (gp,) = torch.autograd.grad(psi.sum(), x, create_graph=True)
+                rs.append(dsdt - gp)
+            rs = torch.stack(rs)
+            tick("double_backward")
+        sq = squared_norm_estimate(rs, "unbiased" if n_probes > 1 else "single") / D ** 2
+        return (time_weight(sde, t, "likelihood") * sq).mean()
+
+
+BATCHED = False  # the vmapped-probe variant of fused_residual_estimates (not the default)
+
+
+# --------------------------------------------------------------------------- measurement
+class PeakRSS:
+    def __init__(self):
+        import psutil
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = False
+
+    def __enter__(self):
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self.th = threading.Thread(target=self._poll, daemon=True)
+        self.th.start()
+        return self
+
+    def _poll(self):
+        while not self._stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *a):
+        self._stop = True
+        self.th.join()
+
+    @property
+    def mb(self):
+        return (self.peak - self.base) / 2 ** 20
+
+
+def make_step(variant, model, sde, x0, k, seed):
+    def step(timer=None):
+        g = torch.Generator().manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        tick = timer or (lambda name: None)
+        loss, xt, t = dsm_loss(model, sde, x0, g)
+        tick("dsm_forward")
+        if variant != "dsm":
+            idx = torch.randperm(x0.shape[0], generator=g)[:k]
+            xs, ts = xt[idx], t[idx].clamp_min(2e-3)
+            with fpe_precision(x0.device):
+                if variant == "reference":
+                    reg = reference_residual_loss(model, sde, xs, ts, g, timer)
+                else:
+                    _, probes, mode = variant.split("_")
+                    reg = ours_residual_loss(model, sde, xs, ts, g, int(probes[0]), mode == "fused", timer)
+            loss = loss + 0.15 * reg
+        loss.backward()
+        tick("backward")
+    return step
+
+
+class StageTimer:
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.acc = {}
+
+    def __call__(self, name):
+        now = time.perf_counter()
+        self.acc[name] = self.acc.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+class FlopCount(TorchDispatchMode):
+    """Dispatch-mode FLOP counter with torch's formulas (mm / conv / attention; elementwise
+    work counts 0). torch's FlopCounterMode also tracks modules with hooks that break
+    autograd.grad, hence this bare version."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+        self.reg = flop_registry
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        f = self.reg.get(func._overloadpacket)
+        if f is not None:
+            self.total += f(*args, **kwargs, out_val=out)
+        return out
+
+
+def flops_of(step):
+    with FlopCount() as fc:
+        step()
+    return fc.total
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny", choices=["tiny", "cifar", "standin"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--subsample", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default="dsm,reference,ours_1probe_plain,ours_1probe_fused,"
+                                          "ours_2probe_plain,ours_2probe_fused")
+    ap.add_argument("--full", action="store_true", help="also the full batch k = B")
+    ap.add_argument("--components", action="store_true")
+    ap.add_argument("--no-flops", action="store_true")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model, cfg = build(a.model)
+    model.train()
+    sde = build_sde(cfg.sde)
+    C, H = cfg.data.num_channels, cfg.data.image_size
+    x0 = torch.rand(a.batch, C, H, H, generator=torch.Generator().manual_seed(0))
+    ks = [a.subsample] + ([a.batch] if a.full and a.batch != a.subsample else [])
+    names = a.variants.split(",")
+    cases = [("dsm", 0)] + [(v, k) for k in ks for v in names if v != "dsm"]
+    steps = {c: make_step(c[0], model, sde, x0, c[1], 0) for c in cases}
+    for c in cases:  # warm-up
+        steps[c]()
+    times = {c: [] for c in cases}
+    for _ in range(a.repeats):
+        for c in cases:
+            t0 = time.perf_counter()
+            steps[c]()
+            times[c].append(time.perf_counter() - t0)
+    res = {}
+    for c in cases:
+        with PeakRSS() as m:
+            steps[c]()
+        res[c] = {"time_s": statistics.median(times[c]), "times": times[c], "peak_rss_mb": m.mb}
+        if not a.no_flops:
+            res[c]["gflop"] = flops_of(steps[c]) / 1e9
+        if a.components and c[0] != "dsm":
+            st = StageTimer()
+            steps[c](st)
+            res[c]["components_s"] = st.acc
+    dsm = res[("dsm", 0)]
+    print(f"model={a.model} params={sum(p.numel() for p in model.parameters())/1e6:.2f}M batch={a.batch} "
+          f"image={C}x{H}x{H} threads={a.threads} repeats={a.repeats}")
+    hdr = f"{'variant':22s} {'k':>3s} {'time s':>8s} {'x DSM':>6s} {'GFLOP':>8s} {'peak MB':>8s} " \
+          f"{'time/sample vs ref':>18s} {'FLOP/sample vs ref':>18s}"
+    print(hdr)
+    for c in cases:
+        r = res[c]
+        line = f"{c[0]:22s} {c[1]:3d} {r['time_s']:8.3f} {r['time_s']/dsm['time_s']:6.2f} " \
+               f"{r.get('gflop', float('nan')):8.2f} {r['peak_rss_mb']:8.0f}"
+        if c[0] != "dsm" and ("reference", c[1]) in res:
+            ref = res[("reference", c[1])]
+            tr = (r["time_s"] - dsm["time_s"]) / max(ref["time_s"] - dsm["time_s"], 1e-9)
+            fr = (r.get("gflop", 0) - dsm.get("gflop", 0)) / max(ref.get("gflop", 0) - dsm.get("gflop", 0), 1e-9)
+            line += f" {tr:18.2f} {fr:18.2f}"
+            r["time_ratio_vs_ref"], r["flop_ratio_vs_ref"] = tr, fr
+        print(line)
+        if "components_s" in r:
+            print("    " + ", ".join(f"{k}={v:.3f}s" for k, v in r["components_s"].items()))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({f"{c[0]}@{c[1]}": r for c, r in res.items()}, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,503 @@
+"""Feature extraction and distributed statistics for FID / KID (clean-fid conventions).
+
+Images reach the feature extractor as uint8 (model output quantised by ROUNDING, see
+``pipeline.images.to_uint8``), are resized the way clean-fid's ``mode="clean"`` does
+(PIL bicubic on float32 channels to 299x299, clipped to [0, 255]) and passed as float
+(B, 3, 299, 299) in [0, 255] to either clean-fid's TorchScript Inception
+(``inception-2015-12-05.pt``) or a user's TorchScript file with the same interface
+(``--feature-extractor``). One-channel images are repeated to three channels (as
+clean-fid's ``convert("RGB")``).
+
+Statistics are distributed EDM-style: every rank accumulates n, Σf and Σfᵀf in float64
+and one all-reduce sums them, so the mean and covariance do not depend on the number of
+ranks (up to float64 summation order). Features are gathered (exactly N rows, no padding
+duplicates) only when KID is asked for.
+
+No network and no Inception file: ``check_feature_extractor`` raises ``MissingFileError``
+with one line naming the file and where to put it, before anything is written.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import urllib.request
+import warnings
+from glob import glob
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                 + INCEPTION_FILE)
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
+RESIZE_TO = (299, 299)
+
+
+class MissingFileError(RuntimeError):
+    """A file the evaluation needs is missing and cannot be downloaded; one-line message."""
+
+
+# --------------------------------------------------------------------------- distributed helpers
+def dist_rank_world(state=None) -> tuple[int, int]:
+    """(rank, world size): torch.distributed's when initialised (the collectives use it;
+    Accelerate's state can say 1 process on a CPU-only machine although the process group
+    spans all ranks), else the Accelerate state's / Accelerator's, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if state is not None:
+        return int(state.process_index), int(state.num_processes)
+    return 0, 1
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _coll_device() -> torch.device:
+    """Device collectives run on: CUDA for NCCL, CPU otherwise (gloo)."""
+    if _distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (returns a new tensor on the input's device)."""
+    if not _distributed():
+        return t.clone()
+    dev = t.device
+    buf = t.detach().to(_coll_device()).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(dev)
+
+
+def all_reduce_max_int(v: int) -> int:
+    if not _distributed():
+        return int(v)
+    buf = torch.tensor([int(v)], dtype=torch.int64, device=_coll_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return int(buf.item())
+
+
+def broadcast_float(v: float, src: int = 0) -> float:
+    if not _distributed():
+        return float(v)
+    buf = torch.tensor([float(v)], dtype=torch.float64, device=_coll_device())
+    dist.broadcast(buf, src)
+    return float(buf.item())
+
+
+def barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate each rank's rows (rank order) on every rank; exactly Σ n_r rows.
+
+    Ranks may hold different numbers of rows (zero included): rows are padded to the
+    largest count for the collective and the padding is cut off again, so nothing is
+    duplicated. ``t`` must have the same trailing shape and dtype on every rank.
+    """
+    if not _distributed():
+        return t.detach().clone()
+    dev = t.device
+    world = dist.get_world_size()
+    cdev = _coll_device()
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=cdev)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    counts = [int(c.item()) for c in counts]
+    m = max(counts)
+    pad = torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=cdev)
+    pad[: t.shape[0]] = t.detach().to(cdev)
+    bufs = [torch.zeros_like(pad) for _ in range(world)]
+    dist.all_gather(bufs, pad)
+    return torch.cat([b[:c] for b, c in zip(bufs, counts)]).to(dev)
+
+
+def gather_by_index(index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather (global index, row) pairs from all ranks and sort them by index."""
+    idx = gather_rows(index.to(torch.int64).reshape(-1))
+    val = gather_rows(rows)
+    order = torch.argsort(idx)
+    return idx[order], val[order]
+
+
+def seed_for(*keys: int) -> int:
+    """A 63-bit seed from integer keys (seed, pass, batch index, ...); independent of rank."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+# --------------------------------------------------------------------------- feature extractor
+def inception_path() -> Path:
+    """Where clean-fid's Inception is looked for: ``$FPDIFF_INCEPTION_DIR`` (default /tmp,
+    clean-fid's own fixed location) / inception-2015-12-05.pt."""
+    return Path(os.environ.get("FPDIFF_INCEPTION_DIR", "/tmp")) / INCEPTION_FILE
+
+
+def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
+    """Download to a temp file beside ``dest`` and rename (never leaves a partial file)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=str(dest.parent))
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            while True:
+                chunk = r.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def downloads_allowed() -> bool:
+    """False when FPDIFF_OFFLINE=1 (or HF_HUB_OFFLINE=1): missing files fail at once."""
+    return not any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("FPDIFF_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def check_feature_extractor(path: Optional[str] = None, download: bool = True) -> Path:
+    """Resolve the feature extractor file; download clean-fid's Inception when allowed.
+
+    Raises ``MissingFileError`` (one line) when the file is absent and cannot be fetched.
+    """
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise MissingFileError(f"feature extractor not found: {p} (expected a TorchScript file)")
+        return p
+    p = inception_path()
+    if p.is_file():
+        return p
+    if download and downloads_allowed():
+        try:
+            _download(INCEPTION_URL, p)
+            return p
+        except Exception as e:  # no network, proxy, HTTP error ...
+            reason = type(e).__name__
+    else:
+        reason = "downloads disabled (offline)"
+    raise MissingFileError(
+        f"clean-fid Inception weights missing: put {INCEPTION_URL} at {p} "
+        f"(or set FPDIFF_INCEPTION_DIR, or pass --feature-extractor FILE.pt); download failed: {reason}")
+
+
+def _resize_channel(ch: np.ndarray) -> np.ndarray:
+    # the operation of clean-fid's make_resizer("PIL", False, "bicubic", (299, 299)), one channel
+    from PIL import Image
+    img = Image.fromarray(ch.astype(np.float32), mode="F").resize(RESIZE_TO, resample=Image.BICUBIC)
+    return np.asarray(img).clip(0, 255).reshape(RESIZE_TO[1], RESIZE_TO[0], 1)
+
+
+def clean_resize(img_hwc_u8: np.ndarray) -> np.ndarray:
+    """clean-fid ``mode="clean"``: per-channel float32 PIL bicubic resize to 299x299, clipped;
+    (H, W, C) -> (299, 299, 3) float32. One channel is resized once and repeated (clean-fid
+    converts gray images to RGB first, which gives the same result)."""
+    if img_hwc_u8.ndim == 2:
+        img_hwc_u8 = img_hwc_u8[:, :, None]
+    if img_hwc_u8.shape[2] == 1:
+        return np.repeat(_resize_channel(img_hwc_u8[:, :, 0]), 3, axis=2).astype(np.float32)
+    return np.concatenate([_resize_channel(img_hwc_u8[:, :, i]) for i in range(3)], axis=2).astype(np.float32)
+
+
+def _to_rgb(images_u8: torch.Tensor) -> torch.Tensor:
+    c = images_u8.shape[1]
+    if c == 1:
+        return images_u8.expand(-1, 3, -1, -1)
+    if c == 4:
+        return images_u8[:, :3]
+    if c != 3:
+        raise ValueError(f"images must have 1, 3 or 4 channels, got {c}")
+    return images_u8
+
+
+class FeatureExtractor:
+    """uint8 images (B, C, H, W) -> float64 features (B, F) on the CPU.
+
+    path: a TorchScript file taking float (B, 3, H', W') in [0, 255] and returning (B, F);
+    empty/None: clean-fid's Inception (2048 features). resize: "clean" (299x299 as
+    clean-fid) or "none" (native size; only sensible for a custom extractor).
+    """
+
+    def __init__(self, path: Optional[str] = None, device="cpu", resize: str = "clean",
+                 download: bool = True):
+        if resize not in ("clean", "none"):
+            raise ValueError(f"resize must be 'clean' or 'none', got {resize!r}")
+        self.device = torch.device(device)
+        self.resize = resize
+        p = check_feature_extractor(path, download=download)
+        if path:
+            self.name = str(p)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                self.net = torch.jit.load(str(p), map_location=self.device).eval()
+        else:
+            from cleanfid.inception_torchscript import InceptionV3W
+            self.name = "clean-fid inception-2015-12-05"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                self.net = InceptionV3W(str(p.parent), download=False).to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        if images_u8.dtype != torch.uint8:
+            raise TypeError(f"feature extractor expects uint8 images, got {images_u8.dtype}")
+        if images_u8.shape[0] == 0:
+            return torch.zeros(0, 0, dtype=torch.float64)
+        if self.resize == "clean":
+            u8 = images_u8.cpu()
+            if u8.shape[1] == 4:
+                u8 = u8[:, :3]
+            arr = u8.permute(0, 2, 3, 1).numpy()
+            x = torch.from_numpy(np.stack([clean_resize(a) for a in arr])).permute(0, 3, 1, 2)
+        else:
+            x = _to_rgb(images_u8.cpu()).float()
+        feats = self.net(x.float().contiguous().to(self.device))
+        return feats.reshape(feats.shape[0], -1).to("cpu", torch.float64)
+
+
+# --------------------------------------------------------------------------- statistics
+class FeatureStats:
+    """Running n, Σf, Σfᵀf in float64; optionally keeps (index, feature) rows for KID."""
+
+    def __init__(self, keep_features: bool = False, max_keep: Optional[int] = None,
+                 keep_dtype: torch.dtype = torch.float32):
+        self.n = 0
+        self.sum: Optional[torch.Tensor] = None
+        self.sumsq: Optional[torch.Tensor] = None
+        self.keep = keep_features
+        self.max_keep = max_keep
+        self._idx: list[torch.Tensor] = []
+        self._feats: list[torch.Tensor] = []
+        self._kept = 0
+        self.keep_dtype = keep_dtype
+
+    @property
+    def dim(self) -> int:
+        return 0 if self.sum is None else int(self.sum.shape[0])
+
+    def update(self, feats: torch.Tensor, index: Optional[torch.Tensor] = None) -> None:
+        f = feats.detach().to("cpu", torch.float64)
+        if f.shape[0] == 0:
+            return
+        if self.sum is None:
+            self.sum = torch.zeros(f.shape[1], dtype=torch.float64)
+            self.sumsq = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.sumsq += f.T @ f
+        if self.keep and (self.max_keep is None or self._kept < self.max_keep):
+            take = f.shape[0] if self.max_keep is None else min(f.shape[0], self.max_keep - self._kept)
+            if index is None:
+                index = torch.full((f.shape[0],), -1, dtype=torch.int64)
+            self._idx.append(index[:take].to(torch.int64).cpu())
+            self._feats.append(f[:take].to(self.keep_dtype))
+            self._kept += take
+
+    def all_reduce(self) -> "FeatureStats":
+        """Sum over ranks in place (every rank must call). Ranks without samples take part."""
+        d = all_reduce_max_int(self.dim)
+        if d == 0:
+            return self
+        if self.sum is None:
+            self.sum = torch.zeros(d, dtype=torch.float64)
+            self.sumsq = torch.zeros(d, d, dtype=torch.float64)
+        self.n = int(all_reduce_sum(torch.tensor([self.n], dtype=torch.int64)).item())
+        self.sum = all_reduce_sum(self.sum)
+        self.sumsq = all_reduce_sum(self.sumsq)
+        return self
+
+    def gathered_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, features) from all ranks, sorted by global index (every rank must call)."""
+        d = all_reduce_max_int(self.dim)
+        idx = torch.cat(self._idx) if self._idx else torch.zeros(0, dtype=torch.int64)
+        feats = torch.cat(self._feats) if self._feats else torch.zeros(0, d, dtype=self.keep_dtype)
+        return gather_by_index(idx, feats)
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance (as ``np.cov(rowvar=False)``)."""
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, have {self.n}")
+        mu = self.sum / self.n
+        cov = (self.sumsq - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.numpy(), cov.numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    from cleanfid.fid import frechet_distance as fd
+    return float(fd(mu1, sigma1, mu2, sigma2))
+
+
+def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100,
+                    max_subset_size: int = 1000, seed: int = 0) -> float:
+    """KID with clean-fid's estimator (cubic polynomial kernel, subsets), seeded."""
+    rng = np.random.default_rng(seed)
+    feats1 = np.asarray(feats1, dtype=np.float64)
+    feats2 = np.asarray(feats2, dtype=np.float64)
+    n = feats1.shape[1]
+    m = min(feats1.shape[0], feats2.shape[0], max_subset_size)
+    if m < 2:
+        raise ValueError("KID needs at least 2 features on each side")
+    t = 0.0
+    for _ in range(num_subsets):
+        x = feats2[rng.choice(feats2.shape[0], m, replace=False)]
+        y = feats1[rng.choice(feats1.shape[0], m, replace=False)]
+        a = (x @ x.T / n + 1) ** 3 + (y @ y.T / n + 1) ** 3
+        b = (x @ y.T / n + 1) ** 3
+        t += (a.sum() - np.diag(a).sum()) / (m - 1) - b.sum() * 2 / m
+    return float(t / num_subsets / m)
+
+
+# --------------------------------------------------------------------------- reference statistics
+def save_stats(path: str | Path, stats: FeatureStats, *, feats: Optional[np.ndarray] = None,
+               meta: Optional[dict] = None) -> Path:
+    """Write mu, sigma, n (and feats for KID) to an .npz, atomically."""
+    mu, sigma = stats.mean_cov()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"mu": mu, "sigma": sigma, "n": np.array(stats.n)}
+    if feats is not None and len(feats):
+        arrays["feats"] = np.asarray(feats, dtype=np.float32)
+    for k, v in (meta or {}).items():
+        arrays[f"meta_{k}"] = np.array(str(v))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=str(path.parent))
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _cleanfid_stats_file(name: str, split: str, res: int) -> tuple[Path, str]:
+    import cleanfid
+    rel = f"{name}_clean_{split}_{res}.npz".lower()
+    return Path(os.path.dirname(cleanfid.__file__)) / "stats" / rel, CLEANFID_STATS_URL + rel
+
+
+def check_ref_stats(spec: str, res: int, download: bool = True) -> Path:
+    """Resolve a reference-statistics spec to a local .npz (one-line MissingFileError if not).
+
+    spec: a path to an .npz (from ``fpdiff eval ref-stats``), or a clean-fid dataset name
+    ``NAME`` / ``NAME:SPLIT`` (split default ``train``) fetched from clean-fid's server once.
+    """
+    if not spec:
+        raise MissingFileError("no reference statistics: pass --ref-stats FILE.npz or a clean-fid "
+                               "dataset name (or make them with `fpdiff eval ref-stats --shards ... --out FILE.npz`)")
+    p = Path(spec)
+    if spec.endswith(".npz") or p.exists() or os.sep in spec:
+        if not p.is_file():
+            raise MissingFileError(f"reference statistics not found: {p} (make them with "
+                                   f"`fpdiff eval ref-stats --shards ... --out {p}`)")
+        return p
+    name, _, split = spec.partition(":")
+    local, url = _cleanfid_stats_file(name, split or "train", res)
+    if local.is_file():
+        return local
+    if download and downloads_allowed():
+        try:
+            _download(url, local)
+            return local
+        except Exception as e:
+            reason = type(e).__name__
+    else:
+        reason = "downloads disabled (offline)"
+    raise MissingFileError(f"clean-fid reference statistics missing: put {url} at {local} "
+                           f"(or pass --ref-stats FILE.npz); download failed: {reason}")
+
+
+def load_ref_stats(path: str | Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        out = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)}
+        if "feats" in z.files:
+            out["feats"] = z["feats"]
+        if "n" in z.files:
+            out["n"] = int(z["n"])
+    return out
+
+
+# --------------------------------------------------------------------------- shards (uint8, in order)
+def expand_shards(pattern: str) -> list[str]:
+    """Brace / glob patterns, a directory of .tar files, or space-separated URLs -> URL list."""
+    from braceexpand import braceexpand
+    urls: list[str] = []
+    for part in pattern.split():
+        if os.path.isdir(part):
+            urls += sorted(glob(os.path.join(part, "*.tar")))
+            continue
+        for u in braceexpand(part):
+            if any(c in u for c in "*?[") and not u.startswith(("pipe:", "http:", "https:")):
+                urls += sorted(glob(u))
+            else:
+                urls.append(u)
+    return urls
+
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "ppm", "webp", "bmp")
+
+
+def _decode(sample: dict, channels: int) -> Optional[np.ndarray]:
+    from PIL import Image
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            img = Image.open(io.BytesIO(sample[ext]))
+            img = img.convert("L" if channels == 1 else "RGB")
+            arr = np.asarray(img, dtype=np.uint8)
+            if arr.ndim == 2:
+                arr = arr[:, :, None]
+            return arr
+    return None
+
+
+def iter_shard_images(urls: Iterable[str], channels: int = 3) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, uint8 HWC image) from tar shards in the given order; bad samples are skipped
+    with a warning."""
+    import webdataset as wds
+    urls = list(urls)
+    if not urls:
+        return
+    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.warn_and_continue))
+    for sample in pipe:
+        key = sample.get("__key__", "?")
+        try:
+            arr = _decode(sample, channels)
+        except Exception as e:  # undecodable image
+            warnings.warn(f"skipping undecodable sample {key} in {sample.get('__url__', '?')}: {e}")
+            continue
+        if arr is None:
+            continue
+        yield key, arr
+
+
+def batched(it: Iterable, n: int) -> Iterator[list]:
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = [
+    "MissingFileError", "FeatureExtractor", "FeatureStats", "check_feature_extractor",
+    "check_ref_stats", "load_ref_stats", "save_stats", "frechet_distance", "kernel_distance",
+    "gather_rows", "gather_by_index", "all_reduce_sum", "dist_rank_world", "seed_for",
+    "expand_shards", "iter_shard_images", "inception_path", "clean_resize",
+]

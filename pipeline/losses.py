@@ -1,0 +1,79 @@
+"""Continuous-time denoising score matching (Song et al., ICLR 2021, eq. 7).
+
+For t ~ U(eps, T), z ~ N(0, I) and x_t = a(t) x_0 + σ(t) z (``sde.marginal_prob``) the
+per-sample loss is, with the reduction over the data dimensions (mean or sum),
+
+* default weighting λ(t) = σ(t)²:   reduce(‖σ(t) s_θ(x_t, t) + z‖²)
+* likelihood weighting λ(t) = g(t)² (Song, Durkan, Murray & Ermon, NeurIPS 2021,
+  "Maximum likelihood training of score-based diffusion models"):
+  g(t)² · reduce(‖s_θ(x_t, t) + z / σ(t)‖²)
+
+and the loss is the mean over the batch. Both are score_sde_pytorch's continuous
+``get_sde_loss_fn`` (no importance sampling of t). The perturbed batch, times and noise
+are returned so that the training loop can reuse them for the FPE regularizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .sde import SDE, _bcast
+
+__all__ = ["DSMLoss", "DSMOutput"]
+
+
+@dataclass
+class DSMOutput:
+    loss: torch.Tensor  # scalar: mean of per_sample over the batch
+    per_sample: torch.Tensor  # (B,)
+    t: torch.Tensor  # (B,) times drawn from U(eps, T)
+    xt: torch.Tensor  # perturbed batch a(t) x0 + σ(t) z
+    z: torch.Tensor  # the standard normal noise
+    std: torch.Tensor  # (B,) σ(t)
+    score: torch.Tensor  # s_θ(xt, t) (part of the autograd graph)
+
+
+class DSMLoss:
+    """``DSMLoss(sde, eps, likelihood_weighting, reduce_mean)(score_fn, x0, generator)``."""
+
+    def __init__(self, sde: SDE, eps: float = 1e-5, likelihood_weighting: bool = False,
+                 reduce_mean: bool = True):
+        if not 0.0 < eps < sde.T:
+            raise ValueError(f"DSMLoss: eps must be in (0, T={sde.T}), got {eps}")
+        self.sde, self.eps = sde, eps
+        self.likelihood_weighting, self.reduce_mean = likelihood_weighting, reduce_mean
+
+    def sample_t(self, batch: int, device, dtype, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        u = torch.rand(batch, device=device, dtype=dtype, generator=generator)
+        return u * (self.sde.T - self.eps) + self.eps
+
+    def per_sample_loss(self, score: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+                        std: torch.Tensor) -> torch.Tensor:
+        """The (B,) loss for given score values, noise, times and σ(t)."""
+        B = score.shape[0]
+        if self.likelihood_weighting:
+            r = score + z / _bcast(std, z)
+        else:
+            r = score * _bcast(std, z) + z
+        sq = r.reshape(B, -1).pow(2)
+        per = sq.mean(1) if self.reduce_mean else sq.sum(1)
+        if self.likelihood_weighting:
+            per = per * self.sde.diffusion(t) ** 2
+        return per
+
+    def __call__(self, score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                 generator: Optional[torch.Generator] = None, t: Optional[torch.Tensor] = None,
+                 z: Optional[torch.Tensor] = None) -> DSMOutput:
+        """``t`` and ``z`` may be given (tests, common random numbers); else drawn from ``generator``."""
+        B = x0.shape[0]
+        if t is None:
+            t = self.sample_t(B, x0.device, x0.dtype, generator)
+        if z is None:
+            z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        mean, std = self.sde.marginal_prob(x0, t)
+        xt = mean + _bcast(std, x0) * z
+        score = score_fn(xt, t)
+        per = self.per_sample_loss(score, z, t, std)
+        return DSMOutput(loss=per.mean(), per_sample=per, t=t, xt=xt, z=z, std=std, score=score)

