@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,11 @@ from .score import get_score_fn
 from .sde import build_sde
 
 EXIT_OK, EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE = 0, 2, 3, 75
+
+
+def say(msg: str) -> None:
+    """Status lines for people and launch scripts (stderr, unbuffered)."""
+    print(f"[fpdiff] {msg}", file=sys.stderr, flush=True)
 
 
 def stream_seed(*parts: int) -> int:
@@ -91,6 +97,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     from .tracking import Tracker
 
     run_dir = Path(run_dir)
+    stop = StopRequest(run_dir)  # first: a preemption signal during start-up must not kill the job
     backend = build_backend(cfg, deepspeed_config)
     rank, world, is_main, device = backend.rank, backend.world, backend.is_main, backend.device
     tc = cfg.training
@@ -98,6 +105,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         raise ConfigError(f"training.batch_size: {tc.batch_size} not divisible by processes x grad_accum "
                           f"({world} x {tc.grad_accum})")
     micro_bs = tc.batch_size // (world * tc.grad_accum)
+    dist_state = SimpleNamespace(process_index=rank, num_processes=world, device=device)
+    if cfg.eval.every:
+        from .evaluate import check_eval_inputs, evaluate_in_training
+        check_eval_inputs(cfg, dist_state)  # a missing Inception / reference file fails now, not mid-run
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -132,7 +143,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         counters = Counters(**{k: v for k, v in c.items() if k in Counters.__dataclass_fields__})
         ckpt.set_rng_state(state["rng"])
         if is_main:
-            print(f"[fpdiff] resumed from {resume_from} at step {start_step}", flush=True)
+            say(f"resumed from {resume_from} at step {start_step}")
     ema.model.to(device)
 
     model, raw_model = backend.prepare(model, optimizer)
@@ -160,7 +171,6 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     if is_main and cfg.hub.repo_id:
         from .hub import HubPusher
         pusher = HubPusher.from_config(cfg.hub)  # uploads on a background thread, retries, never fatal
-    stop = StopRequest(run_dir)
 
     def save(step: int) -> None:
         loader_state_now = loader_state_all_ranks()
@@ -214,8 +224,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             counters.skipped_steps += 1
             counters.consecutive_nonfinite += 1
             if is_main:
-                print(f"[fpdiff] step {step}: non-finite loss/gradient, update skipped "
-                      f"({counters.consecutive_nonfinite} in a row)", flush=True)
+                say(f"step {step}: non-finite loss/gradient, update skipped "
+                      f"({counters.consecutive_nonfinite} in a row)")
         scheduler.step()
         step += 1
         images_seen += tc.batch_size
@@ -223,8 +233,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
 
         if counters.consecutive_nonfinite >= tc.max_nonfinite:
             if is_main:
-                print(f"[fpdiff] stopping: {counters.consecutive_nonfinite} consecutive non-finite steps "
-                      f"(training.max_nonfinite={tc.max_nonfinite}); last good checkpoint kept", flush=True)
+                say(f"stopping: {counters.consecutive_nonfinite} consecutive non-finite steps "
+                      f"(training.max_nonfinite={tc.max_nonfinite}); last good checkpoint kept")
             exit_code = EXIT_NONFINITE
             break
 
@@ -239,6 +249,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             last_metrics = metrics
             tracker.log(metrics, step=step)
             bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < tc.n_steps:
+            eval_metrics = evaluate_in_training(ema.model, cfg, sde, dist_state, step=step, run_dir=run_dir)
+            tracker.log(eval_metrics, step=step)
+            last_metrics.update(eval_metrics)
         stop_now = backend.any(stop.requested())
         if step % tc.ckpt_every == 0 or step == tc.n_steps or stop_now:
             save(step)
@@ -246,7 +260,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
                 pusher.push(export(run_dir, cfg, ema, step, counters, last_metrics), f"step {step}")
         if stop_now and step < tc.n_steps:
             if is_main:
-                print(f"[fpdiff] stop requested: checkpoint at step {step} written, exiting {EXIT_REQUEUE}", flush=True)
+                say(f"stop requested: checkpoint at step {step} written, exiting {EXIT_REQUEUE}")
             exit_code = EXIT_REQUEUE
             break
     bar.close()
@@ -302,6 +316,8 @@ def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .fid import MissingFileError
+
     args = build_parser("python -m pipeline.train").parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -310,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                      deepspeed_config=args.deepspeed)
     except ConfigError as e:
         print(f"fpdiff: config error: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except MissingFileError as e:
+        print(f"fpdiff: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
 

@@ -3,8 +3,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parents[1]
+# one thread per process: the suite runs 2-process jobs on 2 cores, and small ops are
+# slower with two threads on a busy machine
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "0")

@@ -60,7 +60,9 @@ def weights(run_dir, name="model"):
 
 
 def max_rel_diff(a, b):
-    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)
+    """Largest per-tensor ‖a−b‖/max(‖b‖, 1e-3): the floor keeps tensors that are still ~0 after
+    two steps (attention output biases of norm 1e-11) from turning float noise into a big ratio."""
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-3)).item() for k in a)
 
 
 @pytest.fixture(scope="module")

@@ -94,9 +94,8 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(reference_run, tmp_path):
     overrides = overrides + ["training.ckpt_every=100"]  # only the stop request writes a checkpoint
     proc = subprocess.Popen(train_cmd(run_dir, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / "config.yaml").exists():
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():  # first steps logged
         time.sleep(0.05)
-    time.sleep(3.0)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_REQUEUE, err[-3000:]
