@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import signal
 import sys
 import time
@@ -29,7 +27,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_config, save_config
 from .ema import EMA
-from .images import save_grid
+from .images import save_grid, to_uint8
 from .score import get_score_fn
 from .sde import build_sde
 
@@ -81,7 +79,8 @@ def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int) -> P
     n = cfg.sampling.num_samples
     shape = (n, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
     x, _ = sample(cfg.sampling, cfg.sde.sampling_eps, get_score_fn(ema_model, sde), sde, shape,
-                  device=device, generator=g)
+                  device=device, generator=g, progress=True)
+    np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(x, cfg.data.centered).cpu().numpy())
     return save_grid(x, path, centered=cfg.data.centered)
 
 

@@ -12,6 +12,11 @@ import math
 
 import torch
 
+from pipeline.sde import SubVPSDE, VESDE, VPSDE
+
+# the SDEs with Song et al.'s CIFAR-10 parameters, by name
+SDES = {"vp": lambda: VPSDE(0.1, 20.0), "subvp": lambda: SubVPSDE(0.1, 20.0), "ve": lambda: VESDE(0.01, 50.0)}
+
 
 class GaussianData:
     def __init__(self, mean, cov, dtype=torch.float64):

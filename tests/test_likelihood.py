@@ -4,21 +4,11 @@ import math
 import pytest
 import torch
 
-from gaussian import GaussianData
+from gaussian import SDES, GaussianData
 from pipeline.likelihood import bits_per_dim, bpd_offset, data_bpd_offset, log_likelihood
-from pipeline.sde import SubVPSDE, VESDE, VPSDE
 
-SDES = {"vp": lambda: VPSDE(0.1, 20.0), "subvp": lambda: SubVPSDE(0.1, 20.0), "ve": lambda: VESDE(0.01, 50.0)}
 D = 4
 EPS = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

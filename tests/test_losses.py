@@ -2,19 +2,9 @@
 import pytest
 import torch
 
-from gaussian import GaussianData
+from gaussian import SDES, GaussianData
 from pipeline.losses import DSMLoss
-from pipeline.sde import SubVPSDE, VESDE, VPSDE, _bcast
-
-SDES = {"vp": lambda: VPSDE(0.1, 20.0), "subvp": lambda: SubVPSDE(0.1, 20.0), "ve": lambda: VESDE(0.01, 50.0)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from pipeline.sde import VPSDE, _bcast
 
 
 @pytest.mark.parametrize("lw", [False, True], ids=["sigma2", "g2"])

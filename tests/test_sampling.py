@@ -4,23 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from gaussian import GaussianData, moments
+from gaussian import SDES, GaussianData, moments
 from pipeline.config import SamplingConfig
 from pipeline.ode import odeint_adaptive
 from pipeline.sampling import ode_sample, pc_sample, sample
-from pipeline.sde import SubVPSDE, VESDE, VPSDE
 
-SDES = {"vp": lambda: VPSDE(0.1, 20.0), "subvp": lambda: SubVPSDE(0.1, 20.0), "ve": lambda: VESDE(0.01, 50.0)}
 N_SAMPLES = 10_000
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small elementwise ops: one thread is several times faster on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -4,19 +4,11 @@ import math
 import pytest
 import torch
 
-from pipeline.sde import SubVPSDE, VESDE, VPSDE, _bcast
+from gaussian import SDES
 
-SDES = {"vp": lambda: VPSDE(0.1, 20.0), "subvp": lambda: SubVPSDE(0.1, 20.0), "ve": lambda: VESDE(0.01, 50.0)}
+from pipeline.sde import _bcast
+
 CHECK_TIMES = (0.1, 0.3, 0.6, 1.0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small elementwise ops: one thread is 5-10x faster than two on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", list(SDES))
