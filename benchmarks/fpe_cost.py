@@ -34,8 +34,8 @@ warnings.filterwarnings("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline.config import FPEConfig, load_config  # noqa: E402
-from pipeline.fpe import (FPERegularizer, _flat_dot, _phi_terms, draw_probes, fpe_precision,  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.fpe import (_flat_dot, _phi_terms, draw_probes, fpe_precision,  # noqa: E402
                           score_and_dt, squared_norm_estimate, time_weight)
 from pipeline.score import get_score_fn  # noqa: E402
 from pipeline.sde import build_sde  # noqa: E402
@@ -56,8 +56,8 @@ def build(name: str):
 
 # --------------------------------------------------------------------------- the losses
 def dsm_loss(model, sde, x0, g):
-    t = torch.rand(x0.shape[0], generator=g) * (1 - 1e-5) + 1e-5
-    z = torch.randn(x0.shape, generator=g)
+    t = (torch.rand(x0.shape[0], generator=g) * (1 - 1e-5) + 1e-5).to(x0.device)
+    z = torch.randn(x0.shape, generator=g).to(x0.device)
     mean, std = sde.marginal_prob(x0, t)
     xt = mean + std.view(-1, 1, 1, 1) * z
     s = get_score_fn(model, sde)(xt, t)
@@ -72,7 +72,7 @@ def reference_residual_loss(model, sde, x, t, g, timer=None):
     t = t.detach()
     D = x[0].numel()
     s = sf(x, t)                                               # forward 1
-    eps = torch.randn(x.shape, generator=g)
+    eps = torch.randn(x.shape, generator=g).to(x.device)
     score_e = (sf(x, t) * eps).sum()                           # forward 2: s recomputed
     tick("forwards")
     (gse,) = torch.autograd.grad(score_e, x, create_graph=True)
@@ -102,12 +102,12 @@ def ours_residual_loss(model, sde, x, t, g, n_probes, fused, timer=None):
         s, dsdt = score_and_dt(sf, x, t)
         tick("forward_jvp")
         base, g2_half = _phi_terms(sde, x, t, s)
-        v = draw_probes(x.shape, n_probes, generator=g)
+        v = draw_probes(x.shape, n_probes, generator=g, device=x.device)
         if fused and n_probes > 1 and BATCHED:
             (u,) = torch.autograd.grad(s, x, v, create_graph=True, is_grads_batched=True)
             tick("vjp")
             psi = (g2_half * (u * v).flatten(2).sum(2) + base).sum(1)
-            eye = torch.eye(n_probes)
+            eye = torch.eye(n_probes, device=x.device)
             (gp,) = torch.autograd.grad(psi, x, eye, create_graph=True, is_grads_batched=True)
             rs = dsdt.unsqueeze(0) - gp
             tick("double_backward")
@@ -168,7 +168,7 @@ def make_step(variant, model, sde, x0, k, seed):
         loss, xt, t = dsm_loss(model, sde, x0, g)
         tick("dsm_forward")
         if variant != "dsm":
-            idx = torch.randperm(x0.shape[0], generator=g)[:k]
+            idx = torch.randperm(x0.shape[0], generator=g)[:k].to(x0.device)
             xs, ts = xt[idx], t[idx].clamp_min(2e-3)
             with fpe_precision(x0.device):
                 if variant == "reference":
@@ -178,6 +178,8 @@ def make_step(variant, model, sde, x0, k, seed):
                     reg = ours_residual_loss(model, sde, xs, ts, g, int(probes[0]), mode == "fused", timer)
             loss = loss + 0.15 * reg
         loss.backward()
+        if x0.device.type == "cuda":
+            torch.cuda.synchronize()
         tick("backward")
     return step
 
@@ -232,14 +234,19 @@ def main(argv=None):
     ap.add_argument("--components", action="store_true")
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--json", default="")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fused-ops", default="softmax", help="pipeline.fused.FUSED_OPS, comma list "
+                    "of softmax,silu,group_norm")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    import pipeline.fused
+    pipeline.fused.FUSED_OPS = set(a.fused_ops.split(",")) if a.fused_ops else set()
     torch.manual_seed(0)
     model, cfg = build(a.model)
-    model.train()
+    model.to(a.device).train()
     sde = build_sde(cfg.sde)
     C, H = cfg.data.num_channels, cfg.data.image_size
-    x0 = torch.rand(a.batch, C, H, H, generator=torch.Generator().manual_seed(0))
+    x0 = torch.rand(a.batch, C, H, H, generator=torch.Generator().manual_seed(0)).to(a.device)
     ks = [a.subsample] + ([a.batch] if a.full and a.batch != a.subsample else [])
     names = a.variants.split(",")
     cases = [("dsm", 0)] + [(v, k) for k in ks for v in names if v != "dsm"]
@@ -254,9 +261,13 @@ def main(argv=None):
             times[c].append(time.perf_counter() - t0)
     res = {}
     for c in cases:
+        if x0.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as m:
             steps[c]()
         res[c] = {"time_s": statistics.median(times[c]), "times": times[c], "peak_rss_mb": m.mb}
+        if x0.device.type == "cuda":  # the GPU's peak instead of the host's RSS
+            res[c]["peak_rss_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
         if not a.no_flops:
             res[c]["gflop"] = flops_of(steps[c]) / 1e9
         if a.components and c[0] != "dsm":
@@ -265,7 +276,7 @@ def main(argv=None):
             res[c]["components_s"] = st.acc
     dsm = res[("dsm", 0)]
     print(f"model={a.model} params={sum(p.numel() for p in model.parameters())/1e6:.2f}M batch={a.batch} "
-          f"image={C}x{H}x{H} threads={a.threads} repeats={a.repeats}")
+          f"image={C}x{H}x{H} threads={a.threads} repeats={a.repeats} fused_ops={a.fused_ops}")
     hdr = f"{'variant':22s} {'k':>3s} {'time s':>8s} {'x DSM':>6s} {'GFLOP':>8s} {'peak MB':>8s} " \
           f"{'time/sample vs ref':>18s} {'FLOP/sample vs ref':>18s}"
     print(hdr)

@@ -40,7 +40,9 @@ class AccelerateBackend:
 
     def prepare(self, model, optimizer):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.raw_model = self.accelerator.unwrap_model(self.model)
+        # keep_fp32_wrapper=False strips the autocast that prepare() patched into the module's
+        # forward: the regularizer must run in fp32, and autocast() below covers the DSM call
+        self.raw_model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         return self.model, self.raw_model
 
     def autocast(self):
@@ -91,6 +93,9 @@ class AccelerateBackend:
 
     def end(self):
         self.accelerator.end_training()
+        if self.world == 1:  # Accelerate's state is a per-process singleton: let a next train() configure anew
+            from accelerate.state import AcceleratorState
+            AcceleratorState._reset_state(reset_partial_state=True)
 
 
 class DeepSpeedBackend:

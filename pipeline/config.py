@@ -87,6 +87,9 @@ class DataConfig:
     # shard pattern / URL list (brace notation, file://, pipe:); empty: built by the demo
     shards: str = ""
     test_shards: str = ""
+    # shard index JSON (path or URL, e.g. pipe:...) for shards with no index beside them;
+    # empty: found beside local shards, else counted by one scan at start-up
+    index: str = ""
     image_size: int = 32
     num_channels: int = 3
     centered: bool = False  # [-1, 1] if True else [0, 1]
@@ -122,7 +125,8 @@ class TrainingConfig:
     eps: float = 1e-5  # smallest t drawn by the DSM loss
     grad_accum: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    compile: bool = False
+    compile: bool = False  # torch.compile the DSM path (the regularizer cannot be compiled)
+    compile_backend: str = "inductor"
     log_every: int = 50
     ckpt_every: int = 500
     keep_last: int = 3
@@ -153,8 +157,9 @@ class FPEConfig:
     alpha: float = 0.15  # weight of the FPE term (paper default)
     m: float = 2.0  # power of the residual norm
     weighting: Literal["constant", "convention", "likelihood"] = "likelihood"
-    # regularized samples per step: an int count, or a float fraction of the batch
-    subsample: Union[int, float] = 0.125
+    # regularized samples per step: an int count, or a float fraction of the batch (at least 1);
+    # 1/64: one regularized sample per 64 keeps a step ~1.5x the DSM step (benchmarks/RESULTS.md)
+    subsample: Union[int, float] = 0.015625
     every: int = 1  # regularize every k-th step
     points: Literal["perturbed", "clean", "uniform"] = "perturbed"
     t_min: float = 1e-3
@@ -164,6 +169,7 @@ class FPEConfig:
     div_method: Literal["hutchinson", "exact"] = "hutchinson"
     probe: Literal["rademacher", "gaussian"] = "rademacher"
     norm_estimator: Literal["unbiased", "single"] = "unbiased"
+    n_probes: int = 2  # Hutchinson probes per residual (>= 2 for the unbiased estimator)
     fused: bool = True
     # the reference code's "scalar" term; not zero at the true score, off by default
     reference_scalar_beta: float = 0.0
@@ -180,6 +186,9 @@ class FPEConfig:
         if not 0.0 < self.t_min < self.t_max <= 1.0:
             raise ConfigError(f"{path}.t_min/t_max: need 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         _positive(self.fd_step, f"{path}.fd_step")
+        _positive(self.n_probes, f"{path}.n_probes")
+        if self.norm_estimator == "unbiased" and self.div_method == "hutchinson" and self.n_probes < 2:
+            raise ConfigError(f"{path}.n_probes: the unbiased norm estimator needs >= 2 probes, got {self.n_probes}")
 
 
 @dataclass
@@ -327,6 +336,9 @@ def _coerce(value: Any, tp, path: str) -> Any:
                 continue
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no` / `off` as false
+            spelled = [a for a in (("no", "off", "false") if not value else ("yes", "on", "true")) if a in args]
+            value = spelled[0] if spelled else value
         if value not in args:
             raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
         return value

@@ -148,7 +148,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     model, raw_model = backend.prepare(model, optimizer)
     if resume_from is not None:
         backend.load_state(resume_from, state)
-    dsm_score_fn = get_score_fn(model, sde)  # through the wrapper: DDP syncs these gradients
+    # DSM through the wrapper (DDP syncs these gradients); torch.compile only here: compiled
+    # modules have no double backward, so the regularizer keeps using the raw module
+    dsm_score_fn = get_score_fn(torch.compile(model, backend=tc.compile_backend) if tc.compile else model, sde)
 
     # one reader per micro-shard m = rank * grad_accum + micro: the data a micro-batch sees, like its
     # randomness, depends only on m, so any ranks x accumulation split of a global batch is the same step

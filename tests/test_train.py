@@ -136,3 +136,32 @@ def test_nonfinite_steps_are_skipped_then_stop(tiny_overrides, tmp_path, monkeyp
     assert state["state"]["counters"]["skipped_steps"] >= 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (run_dir / "summary.json").exists()
+
+
+def _logged(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss/fpe" in r]
+
+
+def test_bf16_dsm_keeps_the_fpe_term_in_fp32(tiny_overrides, tmp_path):
+    """Under bf16 autocast only the DSM term is low precision: the regularizer runs in fp32 with
+    autocast off, so its loss at step 1 (same weights, x_t, t and probes) equals the fp32 run's."""
+    common = tiny_overrides + ["training.n_steps=2", "training.log_every=1", "fpe.subsample=4"]
+    out = {}
+    for mp in ("no", "bf16"):
+        cfg = load_config(TINY, common + [f"training.mixed_precision={mp}"])
+        assert train(cfg, tmp_path / mp, progress=False) == 0
+        out[mp] = _logged(tmp_path / mp)
+    for row in out["bf16"]:
+        assert all(isinstance(row[k], float) for k in ("loss/dsm", "loss/fpe", "fpe/residual"))
+    assert out["bf16"][0]["loss/fpe"] == pytest.approx(out["no"][0]["loss/fpe"], rel=1e-5)
+    # the DSM gradient of step 1 was computed in bf16, so step 2 starts from other weights
+    assert out["bf16"][1]["loss/dsm"] != out["no"][1]["loss/dsm"]
+
+
+@pytest.mark.slow
+def test_compiled_dsm_path_trains_with_the_regularizer(tiny_overrides, tmp_path):
+    cfg = load_config(TINY, tiny_overrides + ["training.n_steps=2", "training.log_every=1",
+                                              "training.compile=true", "training.compile_backend=aot_eager"])
+    assert train(cfg, tmp_path / "run", progress=False) == 0
+    assert isinstance(_logged(tmp_path / "run")[0]["loss/fpe"], float)

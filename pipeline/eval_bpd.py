@@ -1,0 +1,122 @@
+"""Negative log-likelihood in bits/dim on test images via the probability-flow ODE,
+distributed over ranks (scheme in ``pipeline.evaluate``)."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+
+from .eval_common import LEVELS, _device, _rank_world, _test_batches, to_model_space
+from .fid import gather_by_index, seed_for
+
+
+def bpd_offset(centered: bool, levels: int = LEVELS) -> float:
+    """Bits added per dimension: log2(levels) − log2(scale from [0, 1] to model space).
+
+    Data in [0, 1] (``centered: false``): 8 bits; in [-1, 1] (``centered: true``, scale 2): 7.
+    Same as score_sde's ``7 - inverse_scaler(-1)`` (``pipeline.likelihood.data_bpd_offset``).
+    """
+    from .likelihood import data_bpd_offset
+    return data_bpd_offset(centered, levels)
+
+
+def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shards: Optional[str] = None,
+                 state=None, accelerator=None, batch_size: Optional[int] = None,
+                 passes: Optional[int] = None, num_batches: Optional[int] = None,
+                 max_samples: Optional[int] = None, seed: Optional[int] = None,
+                 hutchinson: Optional[str] = None, rtol: Optional[float] = None,
+                 atol: Optional[float] = None, eps: Optional[float] = None,
+                 dequantize: Optional[bool] = None, progress: bool = True, device=None,
+                 return_per_sample: bool = False) -> dict:
+    """Negative log-likelihood in bits/dim via the probability-flow ODE; every rank calls.
+
+    Data: ``images`` (uint8 (N,C,H,W)) or ``shards`` (default cfg.data.test_shards), read in
+    a fixed order and cut into global batches; batch k runs on rank k mod W. Pass p of batch
+    k draws its dequantisation noise and Hutchinson probes from a generator seeded by
+    (seed, p, k), so results do not depend on the number of ranks. ``num_batches`` limits the
+    number of global batches (the trainer's quick eval: cfg.eval.bpd_num_batches per rank),
+    ``max_samples`` the number of test images; otherwise every test image counts.
+    Returns {"metric": "bpd", "value" (mean), "stderr", "N", "passes", "pass_means", "nfe", ...}.
+    bpd = -log p(x) / (D ln 2) + offset, offset = log2(256) - log2(scale) (see ``bpd_offset``).
+    """
+    from .likelihood import bits_per_dim, log_likelihood
+    from .score import get_score_fn
+
+    state = state if state is not None else accelerator
+    rank, world = _rank_world(state)
+    dev = _device(state, device)
+    ec = cfg.eval
+    bs = int(batch_size or ec.batch_size)
+    passes = int(passes or ec.bpd_passes)
+    seed = ec.seed if seed is None else seed
+    hutchinson = hutchinson or ec.hutchinson
+    rtol = ec.rtol if rtol is None else rtol
+    atol = ec.atol if atol is None else atol
+    eps = ec.likelihood_eps if eps is None else eps
+    dequantize = ec.dequantize if dequantize is None else dequantize
+    if images is None and not shards:
+        shards = cfg.data.test_shards
+    offset = bpd_offset(cfg.data.centered)
+    score_fn = get_score_fn(model, sde)
+    t0 = time.time()
+    was_training = model.training
+    model.eval()
+    idx_rows, bpd_rows, nfe_rows = [], [], []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(desc=f"bpd batches (rank 0 of {world})", unit="batch", dynamic_ncols=True)
+    n_seen = 0
+    try:
+        for k, u8 in _test_batches(images, shards, cfg.data.num_channels, bs):
+            if num_batches is not None and k >= num_batches:
+                break
+            if max_samples is not None:
+                if n_seen >= max_samples:
+                    break
+                u8 = u8[: max_samples - n_seen]
+            n_seen += u8.shape[0]
+            if k % world != rank:
+                continue
+            u8 = u8.to(dev)
+            D = u8[0].numel()
+            per_pass, nfes = [], []
+            for p in range(passes):
+                g = torch.Generator(device=dev).manual_seed(seed_for(seed, p, k))
+                noise = torch.rand(u8.shape, generator=g, device=dev) if dequantize else None
+                x = to_model_space(u8, cfg.data.centered, noise)
+                logp, _, nfe = log_likelihood(score_fn, sde, x, hutchinson=hutchinson, rtol=rtol,
+                                              atol=atol, eps=eps, generator=g)
+                bpd = bits_per_dim(logp.detach().double().cpu(), D, offset)
+                per_pass.append(bpd)
+                nfes.append(float(nfe))
+            idx_rows.append(torch.arange(k * bs, k * bs + u8.shape[0], dtype=torch.int64))
+            bpd_rows.append(torch.stack(per_pass, 1))
+            nfe_rows.append(torch.tensor(nfes, dtype=torch.float64).expand(u8.shape[0], passes))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    idx = torch.cat(idx_rows) if idx_rows else torch.zeros(0, dtype=torch.int64)
+    vals = torch.cat([torch.cat(bpd_rows, 0), torch.cat(nfe_rows, 0)], 1) if bpd_rows \
+        else torch.zeros(0, 2 * passes, dtype=torch.float64)
+    idx, vals = gather_by_index(idx, vals)
+    bpd_all, nfe_all = vals[:, :passes], vals[:, passes:]
+    n = int(bpd_all.shape[0])
+    if n == 0:
+        raise RuntimeError("bpd: no test samples were read")
+    per_sample = bpd_all.mean(1)
+    stderr = float(per_sample.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    result = {"metric": "bpd", "value": float(per_sample.mean()), "stderr": stderr, "N": n,
+              "passes": passes, "pass_means": [float(v) for v in bpd_all.mean(0)],
+              "nfe": float(nfe_all.mean()), "offset_bits": offset, "dequantize": bool(dequantize),
+              "hutchinson": hutchinson, "rtol": rtol, "atol": atol, "eps": eps, "batch_size": bs,
+              "seed": seed, "world_size": world, "seconds": time.time() - t0}
+    if return_per_sample:
+        result["index"] = idx.numpy()
+        result["per_sample"] = bpd_all.numpy()
+    return result

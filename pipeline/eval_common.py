@@ -1,0 +1,91 @@
+"""Shared pieces of the evaluation stage (``pipeline.evaluate``): process state, rank / device,
+main-rank-first file checks, uint8 -> model space, and the test set cut into global batches."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .fid import (MissingFileError, batched, broadcast_float, ceil_div, dist_rank_world, expand_shards,
+                  iter_shard_images)
+
+LEVELS = 256
+
+
+# --------------------------------------------------------------------------- helpers
+def get_state():
+    """Accelerate's PartialState: initialises torch.distributed under ``accelerate launch``."""
+    from accelerate import PartialState
+    # cpu=True on a machine without CUDA: otherwise Accelerate reports DistributedType.NO
+    # (1 process) under `accelerate launch --multi_gpu` on CPU
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _rank_world(state) -> tuple[int, int]:
+    return dist_rank_world(state)
+
+
+def _is_main(state) -> bool:
+    return _rank_world(state)[0] == 0
+
+
+def _device(state, device=None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if state is not None and getattr(state, "device", None) is not None:
+        return torch.device(state.device)
+    return torch.device("cpu")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _main_first(state, fn: Callable[[bool], object]):
+    """Run ``fn(download=True)`` on the main rank, then ``fn(download=False)`` elsewhere.
+
+    A failure on the main rank is announced to every rank (no rank hangs in a barrier):
+    all raise ``MissingFileError``; only the main rank's message is meant to be printed.
+    """
+    rank, world = _rank_world(state)
+    if world == 1:
+        return fn(True)
+    err, out = None, None
+    if rank == 0:
+        try:
+            out = fn(True)
+        except MissingFileError as e:
+            err = e
+    failed = broadcast_float(1.0 if err is not None else 0.0)
+    if failed:
+        raise err if err is not None else MissingFileError("(see the main rank's error)")
+    if rank != 0:
+        out = fn(False)
+    return out
+
+
+def to_model_space(images_u8: torch.Tensor, centered: bool, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 -> model space. With ``noise`` ~ U[0,1): (u8 + noise)/256 (uniform
+    dequantisation as score_sde); without: u8/255. Then [-1, 1] if centered."""
+    x = images_u8.float()
+    x = (x + noise) / LEVELS if noise is not None else x / (LEVELS - 1)
+    return x * 2.0 - 1.0 if centered else x
+
+
+def _test_batches(images: Optional[torch.Tensor], shards: Optional[str], channels: int, bs: int):
+    """Global batches (k, uint8 (n,C,H,W)) of the test set in a fixed order."""
+    if images is not None:
+        for k in range(ceil_div(images.shape[0], bs)):
+            yield k, images[k * bs:(k + 1) * bs]
+        return
+    urls = expand_shards(shards or "")
+    if not urls:
+        raise FileNotFoundError(f"no test shards match {shards!r}")
+    for k, chunk in enumerate(batched(iter_shard_images(urls, channels), bs)):
+        yield k, torch.from_numpy(np.stack([a for _, a in chunk])).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,193 @@
+"""FID / KID of a model's samples, distributed over ranks (scheme in ``pipeline.evaluate``), and
+feature statistics of reference shards (``fpdiff eval ref-stats``)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .eval_common import _device, _rank_world
+from .fid import (FeatureExtractor, FeatureStats, all_reduce_sum, batched, broadcast_float, ceil_div,
+                  check_ref_stats, frechet_distance, iter_shard_images, kernel_distance, load_ref_stats,
+                  seed_for)
+
+
+def _sampling_cfg(cfg, sampler: Optional[str]):
+    method = sampler or (cfg.eval.sampler if cfg.eval.sampler != "config" else cfg.sampling.method)
+    return dataclasses.replace(cfg.sampling, method=method)
+
+
+def make_generate_fn(model, cfg, sde, sampler: Optional[str] = None, device="cpu"):
+    """generate(n, generator) -> (x model space (n,C,H,W), nfe) with the config's sampler."""
+    from .sampling import sample
+    from .score import get_score_fn
+
+    scfg = _sampling_cfg(cfg, sampler)
+    score_fn = get_score_fn(model, sde)
+    shape_tail = (cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
+
+    def generate(n: int, generator: torch.Generator):
+        return sample(scfg, cfg.sde.sampling_eps, score_fn, sde, (n,) + shape_tail,
+                      device=device, generator=generator, progress=False)
+
+    generate.method = scfg.method
+    return generate
+
+
+_EXTRACTORS: dict = {}
+
+
+def _as_extractor(fe, cfg, device) -> FeatureExtractor:
+    """A FeatureExtractor / callable as is; a path (or None: cfg / Inception) loaded once per
+    (path, device) and cached (the trainer evaluates many times)."""
+    if callable(fe) and not isinstance(fe, (str, Path)):
+        return fe
+    path = str(fe) if fe else (cfg.eval.feature_extractor or None)
+    key = (path, str(device))
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = FeatureExtractor(path, device=device, download=False)
+    return _EXTRACTORS[key]
+
+
+def _as_ref(ref, cfg) -> dict:
+    if isinstance(ref, dict):
+        return ref
+    spec = str(ref) if ref else cfg.eval.ref_stats
+    return load_ref_stats(check_ref_stats(spec, cfg.data.image_size, download=False))
+
+
+def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_extractor=None,
+                 ref_stats=None, state=None, accelerator=None, batch_size: Optional[int] = None,
+                 seed: Optional[int] = None, sampler: Optional[str] = None,
+                 save_dir: Optional[str | Path] = None, grid_path: Optional[str | Path] = None,
+                 kid: Optional[bool] = None, progress: bool = True, device=None,
+                 generate_fn: Optional[Callable] = None, return_features: bool = False) -> dict:
+    """Distributed FID (and KID) of ``model``'s samples; every rank must call it.
+
+    feature_extractor: a FeatureExtractor / callable(uint8 (B,C,H,W)) -> (B,F), a TorchScript
+    path, or None (cfg.eval.feature_extractor, else clean-fid Inception). ref_stats: dict with
+    mu, sigma (feats), an .npz path, a clean-fid name, or None (cfg.eval.ref_stats); with no
+    reference the dict has the sample statistics' n and NFE but no "value".
+    generate_fn(n, generator) -> (x, nfe) replaces the sampler (tests).
+    Returns {"metric": "fid", "value", "kid", "N", "sampler", "nfe", "seconds", ...} on every rank.
+    """
+    from .images import save_grid, to_uint8
+
+    state = state if state is not None else accelerator
+    rank, world = _rank_world(state)
+    dev = _device(state, device)
+    n_total = int(num_samples or cfg.eval.fid_num_samples)
+    bs = int(batch_size or cfg.eval.batch_size)
+    seed = cfg.eval.seed if seed is None else seed
+    kid = cfg.eval.kid if kid is None else kid
+    t0 = time.time()
+    fe = _as_extractor(feature_extractor, cfg, dev)
+    ref = None
+    if ref_stats is not None or cfg.eval.ref_stats:
+        ref = _as_ref(ref_stats, cfg)
+    want_feats = return_features or (kid and ref is not None and "feats" in ref)
+    was_training = model.training
+    model.eval()
+    if generate_fn is None:
+        generate_fn = make_generate_fn(model, cfg, sde, sampler, dev)
+    method = getattr(generate_fn, "method", sampler or "custom")
+    n_batches = ceil_div(n_total, bs)
+    mine = list(range(rank, n_batches, world))
+    # features kept for KID in float32; in float64 when returned (exact check against np.cov)
+    stats = FeatureStats(keep_features=want_feats, keep_dtype=torch.float64 if return_features else torch.float32)
+    nfe_sum = 0.0
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=len(mine), desc=f"FID sampling, rank 0 of {world} ({n_total} in all)",
+                   unit="batch", dynamic_ncols=True)
+    save_dir = Path(save_dir) if save_dir else None
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for k in mine:
+            n = min(bs, n_total - k * bs)
+            g = torch.Generator(device=dev).manual_seed(seed_for(seed, k))
+            with torch.no_grad():
+                x, nfe = generate_fn(n, g)
+            u8 = to_uint8(x.detach().float(), cfg.data.centered).cpu()
+            index = torch.arange(k * bs, k * bs + n, dtype=torch.int64)
+            stats.update(fe(u8), index)
+            nfe_sum += float(nfe)
+            if save_dir is not None:
+                _save_pngs(u8, index, save_dir)
+            if grid_path is not None and k == 0:
+                save_grid(x[:64].detach().cpu().float(), grid_path, centered=cfg.data.centered)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    stats.all_reduce()
+    nfe_mean = float(all_reduce_sum(torch.tensor([nfe_sum], dtype=torch.float64)).item()) / n_batches
+    result = {"metric": "fid", "N": stats.n, "sampler": method, "nfe": nfe_mean,
+              "batch_size": bs, "seed": seed, "world_size": world,
+              "feature_extractor": getattr(fe, "name", "custom")}
+    feats = None
+    if want_feats:
+        _, feats = stats.gathered_features()
+        feats = feats.numpy()
+    if stats.n != n_total:
+        raise RuntimeError(f"FID statistics hold {stats.n} samples, expected {n_total}")
+    mu, sigma = stats.mean_cov()
+    if ref is not None:
+        value, kid_value = float("nan"), float("nan")
+        if rank == 0:
+            value = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+            if kid and "feats" in ref and feats is not None:
+                kid_value = kernel_distance(feats, ref["feats"], seed=seed)
+        result["value"] = broadcast_float(value)
+        if kid and "feats" in ref:
+            result["kid"] = broadcast_float(kid_value)
+    result["seconds"] = time.time() - t0
+    if return_features:
+        result["features"] = feats
+        result["mu"], result["sigma"] = mu, sigma
+    return result
+
+
+def _save_pngs(u8: torch.Tensor, index: torch.Tensor, folder: Path) -> None:
+    from PIL import Image
+    arr = u8.permute(0, 2, 3, 1).numpy()
+    for a, i in zip(arr, index.tolist()):
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / f"{i:06d}.png")
+
+
+def compute_ref_stats(urls: list[str], feature_extractor, *, channels: int = 3, batch_size: int = 100,
+                      state=None, keep_features: int = 0, progress: bool = True):
+    """Feature statistics of shard images; shards are split across ranks (urls[rank::W]).
+
+    Returns (FeatureStats summed over ranks, kept features (≤ keep_features rows) or None).
+    """
+    rank, world = _rank_world(state)
+    stats = FeatureStats(keep_features=keep_features > 0, max_keep=ceil_div(keep_features, world) if keep_features else None)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(desc=f"reference features (rank 0 of {world})", unit="img", dynamic_ncols=True)
+    count = 0
+    for chunk in batched(iter_shard_images(urls[rank::world], channels), batch_size):
+        u8 = torch.from_numpy(np.stack([a for _, a in chunk])).permute(0, 3, 1, 2).contiguous()
+        idx = torch.arange(count, count + len(chunk)) * world + rank
+        stats.update(feature_extractor(u8), idx)
+        count += len(chunk)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    stats.all_reduce()
+    feats = None
+    if keep_features:
+        _, f = stats.gathered_features()
+        feats = f[:keep_features].numpy()
+    return stats, feats
