@@ -15,7 +15,6 @@ folder)`` returns ``(model, cfg)``; uploading is ``pipeline.hub``'s job.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from .tracking import plain_json
 
 EXPORT_SUBDIR = "export"
 WEIGHTS_NAME = "ema.safetensors"
@@ -35,23 +36,6 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
 # ============================================================================ export
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            value = value.item()
-        except (ValueError, RuntimeError):
-            return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -157,8 +141,8 @@ def write_export(export_dir: str | Path, ema_state_dict: Mapping, config_dict: M
 
     export_dir = Path(export_dir)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
-    metrics = _plain(dict(metrics or {}))
-    config_dict = _plain(dict(config_dict))
+    metrics = plain_json(dict(metrics or {}))
+    config_dict = plain_json(dict(config_dict))
     if repo_id is None:
         repo_id = ((config_dict.get("hub") or {}).get("repo_id") or None)
     tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))

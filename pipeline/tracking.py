@@ -37,7 +37,7 @@ METRICS_FILE = "metrics.jsonl"
 MAX_WANDB_ERRORS = 5
 
 
-def _plain(value: Any) -> Any:
+def plain_json(value: Any) -> Any:
     """A JSON-friendly version of a metric (tensors / numpy scalars to floats, NaN kept as string)."""
     if hasattr(value, "item") and callable(value.item):
         try:
@@ -49,9 +49,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_json(v) for v in value]
     return str(value)
 
 
@@ -181,7 +181,7 @@ class Tracker:
         """Log scalar metrics at ``step`` (dropped if ``step`` goes backwards)."""
         if not self.is_main or not self._accept(step):
             return
-        plain = {str(k): _plain(v) for k, v in metrics.items()}
+        plain = {str(k): plain_json(v) for k, v in metrics.items()}
         self._write_jsonl({"step": int(step), "time": round(time.time(), 3), **plain})
         if self.run is not None:
             try:
@@ -208,7 +208,7 @@ class Tracker:
         """Final / best values (wandb run summary; a ``{"summary": ...}`` line in the JSONL)."""
         if not self.is_main:
             return
-        plain = {str(k): _plain(v) for k, v in values.items()}
+        plain = {str(k): plain_json(v) for k, v in values.items()}
         self._write_jsonl({"summary": plain, "time": round(time.time(), 3)})
         if self.run is not None:
             try:
