@@ -5,7 +5,6 @@ backend and any split of the same global batch into processes x accumulation ste
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 from safetensors.torch import load_file
 
 from pipeline import checkpoint as ckpt
@@ -22,12 +22,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(CONFIG_DIR / "mnist_tiny.yaml")
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(kind: str, run_dir, overrides, resume=None, popen=False):

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +112,7 @@ def run_eval(worker: Path, args: list[str], procs: int, env: dict, timeout=240) 
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(29500 + os.getpid() % 1000), str(worker)] + args
+               "--main_process_port", str(free_port()), str(worker)] + args
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"rc={r.returncode}\nSTDOUT:\n{r.stdout[-3000:]}\nSTDERR:\n{r.stderr[-5000:]}"
     return r
@@ -305,7 +306,7 @@ def test_cli_offline_two_processes_one_line_no_hang(tmp_path):
     env = clean_env(FPDIFF_OFFLINE="1", FPDIFF_INCEPTION_DIR=str(tmp_path / "empty"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29700 + os.getpid() % 1000), str(worker), "fid", str(export),
+           "--main_process_port", str(free_port()), str(worker), "fid", str(export),
            "--ref-stats", str(ref), "--out", str(tmp_path / "out" / "fid.json")]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
