@@ -72,14 +72,14 @@ def lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int) -> Path:
+def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, progress: bool = True) -> Path:
     from .sampling import sample
 
     g = torch.Generator(device=device).manual_seed(seed)
     n = cfg.sampling.num_samples
     shape = (n, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
     x, _ = sample(cfg.sampling, cfg.sde.sampling_eps, get_score_fn(ema_model, sde), sde, shape,
-                  device=device, generator=g, progress=True)
+                  device=device, generator=g, progress=progress)
     np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(x, cfg.data.centered).cpu().numpy())
     return save_grid(x, path, centered=cfg.data.centered)
 
@@ -90,7 +90,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
 
     from .backends import build_backend
     from .data import build_train_loader, gather_state
-    from .fpe import FPERegularizer
+    from .fpe import FPERegularizer, residual_by_t_bucket
     from .losses import DSMLoss
     from .models import build_model
     from .tracking import Tracker
@@ -193,6 +193,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     bar = tqdm(total=tc.n_steps, initial=start_step, disable=not (is_main and progress), desc="train",
                dynamic_ncols=True)
     t_start, images_seen, step, last_metrics = time.time(), 0, start_step, {}
+    residual_t, residual_norm = [], []  # regularized (t, ‖r‖/D) since the last log line
     exit_code = EXIT_OK
     while step < tc.n_steps:
         # ---- one optimizer step over grad_accum micro-batches
@@ -212,6 +213,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
                     loss = loss + fpe_out.loss
                     stats["fpe"] += fpe_out.loss.item() / tc.grad_accum
                     stats["residual"] += fpe_out.residual_norm.mean().item() / tc.grad_accum
+                    residual_t.append(fpe_out.t.detach().cpu())
+                    residual_norm.append(fpe_out.residual_norm.detach().cpu())
                 backend.backward(loss)
             backend.finish_micro_step()
             stats["dsm"] += dsm.loss.item() / tc.grad_accum
@@ -246,6 +249,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
                        "fpe/residual": stats["residual"], "grad_norm": grad_norm,
                        "lr": scheduler.get_last_lr()[0], "images_per_s": images_seen / (time.time() - t_start),
                        "skipped_steps": counters.skipped_steps, "corrupt_samples": counters.corrupt_samples}
+            if residual_t:  # the residual is also a metric: its mean per t-bucket on this rank
+                metrics.update(residual_by_t_bucket(torch.cat(residual_t), torch.cat(residual_norm)))
+                residual_t, residual_norm = [], []
             counters.loss_curve.append([step, stats["dsm"] + stats["fpe"]])
             last_metrics = metrics
             tracker.log(metrics, step=step)
@@ -269,7 +275,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     summary = None
     if exit_code == EXIT_OK and is_main:
         elapsed = time.time() - t_start
-        grid = sample_grid(ema.model, cfg, sde, device, run_dir / "samples.png", seed=tc.seed)
+        grid = sample_grid(ema.model, cfg, sde, device, run_dir / "samples.png", seed=tc.seed,
+                           progress=progress)
         tracker.log_image("samples", str(grid), step=step)
         export_dir = export(run_dir, cfg, ema, step, counters, last_metrics, images={"samples.png": grid})
         if pusher:
