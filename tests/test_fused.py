@@ -22,13 +22,6 @@ from pipeline.sde import SubVPSDE, VESDE, VPSDE  # noqa: E402
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _x(*shape, seed=0):
