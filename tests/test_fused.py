@@ -22,8 +22,6 @@ from pipeline.sde import SubVPSDE, VESDE, VPSDE  # noqa: E402
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-
-
 def _x(*shape, seed=0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
             ).requires_grad_(True)
