@@ -1,5 +1,6 @@
 """`fpdiff demo` end to end: the README's main job, and a sanity check of what it learned."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ pytestmark = pytest.mark.slow
 def test_demo_writes_grid_and_summary_and_learns_mnist_statistics(mnist_shards, tmp_path):
     data_dir = Path(mnist_shards[0]).parent
     run_dir = tmp_path / "demo"
+    # both cores, as a user's `fpdiff demo` (the suite's other tests run one thread per process)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--run-dir", str(run_dir),
-                        "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=1500)
+                        "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=1500, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"samples {run_dir / 'samples.png'}" in r.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
