@@ -102,9 +102,18 @@ def test_ddp_trains_checkpoints_and_resumes_bitwise_after_sigkill(base, tmp_path
         if last is not None and int(last.name.split("_")[1]) >= 6:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step
+    # the launcher and both ranks, mid-step (torch's elastic agent starts the ranks in sessions
+    # of their own, so killing the launcher's process group would leave them running)
+    import psutil
+    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
-    time.sleep(1.0)
+    psutil.wait_procs([psutil.Process(p) for p in victims if psutil.pid_exists(p)], timeout=30)
+    assert not (tmp_path / "killed" / "summary.json").exists()  # it really died mid-run
     launch("ddp", tmp_path / "killed", ov, resume="auto")
     for name in ("model", "ema"):
         a, b = weights(tmp_path / "ref", name), weights(tmp_path / "killed", name)
