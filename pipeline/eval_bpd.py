@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .eval_common import LEVELS, _device, _rank_world, _test_batches, to_model_space
+from .eval_common import LEVELS, _device, _rank_world, rank_test_batches, to_model_space
 from .fid import gather_by_index, seed_for
 
 
@@ -68,18 +68,9 @@ def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shar
     if progress and rank == 0:
         from tqdm import tqdm
         bar = tqdm(desc=f"bpd batches (rank 0 of {world})", unit="batch", dynamic_ncols=True)
-    n_seen = 0
     try:
-        for k, u8 in _test_batches(images, shards, cfg.data.num_channels, bs):
-            if num_batches is not None and k >= num_batches:
-                break
-            if max_samples is not None:
-                if n_seen >= max_samples:
-                    break
-                u8 = u8[: max_samples - n_seen]
-            n_seen += u8.shape[0]
-            if k % world != rank:
-                continue
+        for k, u8 in rank_test_batches(images, shards, cfg.data.num_channels, bs, rank, world,
+                                       max_samples, num_batches):
             u8 = u8.to(dev)
             D = u8[0].numel()
             per_pass, nfes = [], []

@@ -89,3 +89,20 @@ def _test_batches(images: Optional[torch.Tensor], shards: Optional[str], channel
         raise FileNotFoundError(f"no test shards match {shards!r}")
     for k, chunk in enumerate(batched(iter_shard_images(urls, channels), bs)):
         yield k, torch.from_numpy(np.stack([a for _, a in chunk])).permute(0, 3, 1, 2).contiguous()
+
+
+def rank_test_batches(images, shards, channels: int, bs: int, rank: int, world: int,
+                      max_samples: Optional[int] = None, num_batches: Optional[int] = None):
+    """This rank's share (batch k on rank k mod world) of the first ``max_samples`` test images
+    in at most ``num_batches`` global batches; every image counts, partial batches included."""
+    n_seen = 0
+    for k, u8 in _test_batches(images, shards, channels, bs):
+        if num_batches is not None and k >= num_batches:
+            break
+        if max_samples is not None:
+            if n_seen >= max_samples:
+                break
+            u8 = u8[: max_samples - n_seen]
+        n_seen += u8.shape[0]
+        if k % world == rank:
+            yield k, u8

@@ -36,7 +36,7 @@ import torch
 # the pieces live in these modules; their names have always been importable from here
 from .eval_bpd import bpd_offset, evaluate_bpd  # noqa: F401
 from .eval_common import (LEVELS, _atomic_write_text, _device, _is_main, _main_first,  # noqa: F401
-                          _rank_world, _test_batches, get_state, to_model_space)
+                          _rank_world, get_state, rank_test_batches, to_model_space)
 from .eval_fid import compute_ref_stats, evaluate_fid, make_generate_fn  # noqa: F401
 from .eval_runs import load_for_eval, resolve_eval_source  # noqa: F401
 from .fid import (FeatureExtractor, FeatureStats, MissingFileError, all_reduce_sum, barrier,  # noqa: F401
@@ -315,17 +315,11 @@ def evaluate_fpe(model, cfg, sde, *, shards: Optional[str] = None, images: Optio
     t_grid = torch.linspace(cfg.fpe.t_min, cfg.fpe.t_max, num_times)
     sq_sum = torch.zeros(num_times, dtype=torch.float64)
     per_sum = torch.zeros(num_times, dtype=torch.float64)
-    n_local, n_seen = 0, 0
+    n_local = 0
     was_training = model.training
     model.eval()
     try:
-        for k, u8 in _test_batches(images, shards, cfg.data.num_channels, bs):
-            if n_seen >= max_samples:
-                break
-            u8 = u8[: max_samples - n_seen]
-            n_seen += u8.shape[0]
-            if k % world != rank:
-                continue
+        for k, u8 in rank_test_batches(images, shards, cfg.data.num_channels, bs, rank, world, max_samples):
             x0 = to_model_space(u8.to(dev), cfg.data.centered)
             g = torch.Generator(device=dev).manual_seed(seed_for(seed, k))
             r = fpe_residual_by_t(model, sde, x0, t_grid.to(dev), n_probes=2, probe=cfg.fpe.probe,
