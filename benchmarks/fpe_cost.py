@@ -7,9 +7,11 @@ Variants, all measured side by side in one process (round-robin repetitions, med
                      (create_graph), the x-gradient of (div + ‖s‖² + ⟨x,s⟩) and the reference's
                      3-point finite difference in t (t + 5e-4, t, t − 1e-3): 5 forwards (+ the
                      DSM forward = 6)
-  (c) fpdiff         (a) + this project's residual: jvp in t, reverse-over-reverse in x;
-                     "1probe" (single estimator) and "2probe" (the unbiased default), each plain
-                     autograd and fused (pipeline/fused.py)
+  (c) fpdiff         (a) + this project's residual (pipeline.fpe.residual_estimates): jvp in t,
+                     reverse-over-reverse in x; "1probe" (single estimator) and "2probe" (the
+                     unbiased pair), each plain autograd and fused (pipeline/fused.py); "_first":
+                     the parameter gradient through the first probe only (fpe.probe_gradient,
+                     the default)
 each on the full batch (k = B) and on a subsample k. Reported: time, FLOPs (FlopCounterMode:
 matmul / conv / attention FLOPs only), peak RSS increase, and per regularized sample the cost
 (variant − dsm)/k relative to (b). ``--components`` adds a per-stage breakdown.
@@ -35,22 +37,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.fpe import (_flat_dot, _phi_terms, draw_probes, fpe_precision,  # noqa: E402
-                          score_and_dt, squared_norm_estimate, time_weight)
+from pipeline.fpe import (_flat_dot, fpe_precision, probe_gradient_surrogate,  # noqa: E402
+                          residual_estimates, squared_norm_estimate, time_weight)
 from pipeline.score import get_score_fn  # noqa: E402
 from pipeline.sde import build_sde  # noqa: E402
 
 
 # --------------------------------------------------------------------------- models
-def build(name: str):
+def build(name: str, overrides=None):
     if name == "standin":
         sys.path.insert(0, os.path.join(ROOT, "tests"))
         from mixture import TinyUNet
-        cfg = load_config(os.path.join(ROOT, "configs", "mnist_tiny.yaml"))
+        cfg = load_config(os.path.join(ROOT, "configs", "mnist_tiny.yaml"), overrides)
         return TinyUNet(channels=1, nf=16, dropout=0.0), cfg
     from pipeline.models import build_model
     path = {"tiny": "mnist_tiny.yaml", "cifar": "cifar10_ddpmpp.yaml"}[name]
-    cfg = load_config(os.path.join(ROOT, "configs", path))
+    cfg = load_config(os.path.join(ROOT, "configs", path), overrides)
     return build_model(cfg), cfg
 
 
@@ -90,45 +92,16 @@ def reference_residual_loss(model, sde, x, t, g, timer=None):
     return (g2 * res).mean() / D ** 2
 
 
-def ours_residual_loss(model, sde, x, t, g, n_probes, fused, timer=None):
-    """This project's residual, stage by stage (= pipeline.fpe.residual_estimates)."""
-    from pipeline.fused import fused_ops, plain_ops
-    tick = timer or (lambda name: None)
-    sf = get_score_fn(model, sde)
+def ours_residual_loss(model, sde, x, t, g, n_probes, fused, graph_probes="all", timer=None):
+    """This project's residual (pipeline.fpe.residual_estimates) and its loss, as the trainer forms it."""
     D = x[0].numel()
-    with (fused_ops() if fused else plain_ops()):
-        x = x.detach().requires_grad_(True)
-        t = t.detach()
-        s, dsdt = score_and_dt(sf, x, t)
-        tick("forward_jvp")
-        base, g2_half = _phi_terms(sde, x, t, s)
-        v = draw_probes(x.shape, n_probes, generator=g, device=x.device)
-        if fused and n_probes > 1 and BATCHED:
-            (u,) = torch.autograd.grad(s, x, v, create_graph=True, is_grads_batched=True)
-            tick("vjp")
-            psi = (g2_half * (u * v).flatten(2).sum(2) + base).sum(1)
-            eye = torch.eye(n_probes, device=x.device)
-            (gp,) = torch.autograd.grad(psi, x, eye, create_graph=True, is_grads_batched=True)
-            rs = dsdt.unsqueeze(0) - gp
-            tick("double_backward")
-        else:
-            rs = []
-            us = []
-            for k in range(n_probes):
-                (u,) = torch.autograd.grad(s, x, v[k], create_graph=True)
-                us.append(u)
-            tick("vjp")
-            for k in range(n_probes):
-                psi = g2_half * _flat_dot(us[k], v[k]) + base
-                (gp,) = torch.autograd.grad(psi.sum(), x, create_graph=True)
-                rs.append(dsdt - gp)
-            rs = torch.stack(rs)
-            tick("double_backward")
-        sq = squared_norm_estimate(rs, "unbiased" if n_probes > 1 else "single") / D ** 2
-        return (time_weight(sde, t, "likelihood") * sq).mean()
-
-
-BATCHED = False  # the vmapped-probe variant of fused_residual_estimates (not the default)
+    rs = residual_estimates(get_score_fn(model, sde), sde, x, t, n_probes=n_probes, fused=fused,
+                            generator=g, graph_probes=graph_probes,
+                            stage=timer)
+    sq = squared_norm_estimate(rs, "unbiased" if n_probes > 1 else "single") / D ** 2
+    if graph_probes == "first":
+        sq = probe_gradient_surrogate(sq, n_probes)
+    return (time_weight(sde, t, "likelihood") * sq).mean()
 
 
 # --------------------------------------------------------------------------- measurement
@@ -174,8 +147,10 @@ def make_step(variant, model, sde, x0, k, seed):
                 if variant == "reference":
                     reg = reference_residual_loss(model, sde, xs, ts, g, timer)
                 else:
-                    _, probes, mode = variant.split("_")
-                    reg = ours_residual_loss(model, sde, xs, ts, g, int(probes[0]), mode == "fused", timer)
+                    # ours_<n>probe_<plain|fused>[_first]
+                    parts = variant.split("_")
+                    reg = ours_residual_loss(model, sde, xs, ts, g, int(parts[1][0]), parts[2] == "fused",
+                                             "first" if parts[3:] == ["first"] else "all", timer)
             loss = loss + 0.15 * reg
         loss.backward()
         if x0.device.type == "cuda":
@@ -229,10 +204,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", default="dsm,reference,ours_1probe_plain,ours_1probe_fused,"
-                                          "ours_2probe_plain,ours_2probe_fused")
+                                          "ours_2probe_plain,ours_2probe_fused,ours_2probe_plain_first,"
+                                          "ours_2probe_fused_first")
     ap.add_argument("--full", action="store_true", help="also the full batch k = B")
     ap.add_argument("--components", action="store_true")
     ap.add_argument("--no-flops", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override of the model's config, e.g. model.nf=64 (repeatable)")
     ap.add_argument("--json", default="")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fused-ops", default="softmax", help="pipeline.fused.FUSED_OPS, comma list "
@@ -242,7 +220,7 @@ def main(argv=None):
     import pipeline.fused
     pipeline.fused.FUSED_OPS = set(a.fused_ops.split(",")) if a.fused_ops else set()
     torch.manual_seed(0)
-    model, cfg = build(a.model)
+    model, cfg = build(a.model, a.set)
     model.to(a.device).train()
     sde = build_sde(cfg.sde)
     C, H = cfg.data.num_channels, cfg.data.image_size
@@ -275,7 +253,7 @@ def main(argv=None):
             steps[c](st)
             res[c]["components_s"] = st.acc
     dsm = res[("dsm", 0)]
-    print(f"model={a.model} params={sum(p.numel() for p in model.parameters())/1e6:.2f}M batch={a.batch} "
+    print(f"model={a.model} {' '.join(a.set)} params={sum(p.numel() for p in model.parameters())/1e6:.2f}M batch={a.batch} "
           f"image={C}x{H}x{H} threads={a.threads} repeats={a.repeats} fused_ops={a.fused_ops}")
     hdr = f"{'variant':22s} {'k':>3s} {'time s':>8s} {'x DSM':>6s} {'GFLOP':>8s} {'peak MB':>8s} " \
           f"{'time/sample vs ref':>18s} {'FLOP/sample vs ref':>18s}"

@@ -158,7 +158,7 @@ class FPEConfig:
     m: float = 2.0  # power of the residual norm
     weighting: Literal["constant", "convention", "likelihood"] = "likelihood"
     # regularized samples per step: an int count, or a float fraction of the batch (at least 1);
-    # 1/64: one regularized sample per 64 keeps a step ~1.5x the DSM step (benchmarks/RESULTS.md)
+    # 1/64: the default model's step (DDPM++, batch 64) is 1.16x its DSM step (benchmarks/RESULTS.md)
     subsample: Union[int, float] = 0.015625
     every: int = 1  # regularize every k-th step
     points: Literal["perturbed", "clean", "uniform"] = "perturbed"
@@ -170,6 +170,10 @@ class FPEConfig:
     probe: Literal["rademacher", "gaussian"] = "rademacher"
     norm_estimator: Literal["unbiased", "single"] = "unbiased"
     n_probes: int = 2  # Hutchinson probes per residual (>= 2 for the unbiased estimator)
+    # parameter gradient of the unbiased ‖r‖²: "first" backpropagates through the first probe's
+    # residual only, scaled to stay unbiased (the parameter backward is most of the cost);
+    # "all": through every probe (the estimator's exact gradient, lower variance)
+    probe_gradient: Literal["all", "first"] = "first"
     fused: bool = True
     # the reference code's "scalar" term; not zero at the true score, off by default
     reference_scalar_beta: float = 0.0

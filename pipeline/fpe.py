@@ -28,6 +28,8 @@ Estimators (all configurable, see ``FPEConfig``):
   ‖r‖²      "unbiased": ⟨r̂₁, r̂₂⟩ of residual estimates with independent probes sharing s, ∂t s
             and the forward graph (E = ‖r‖²; U-statistic over pairs for n ≥ 2 probes);
             "single": ‖r̂‖² of one probe (biased upward by the probe variance, as the reference).
+  ∇θ‖r‖²    ``probe_gradient`` "first" (default): through r̂₁ only, scaled by K (unbiased, one
+            probe's parameter backward); "all": the exact gradient of the U-statistic.
 Equations are labelled by name ((score FPE), (φ), (L_FP)) as in issue 3; the paper's own
 equation numbers were not checked here.
 Dropout: every pass of one residual sees one mask. With jvp there is one forward; the finite
@@ -133,29 +135,34 @@ def _phi_terms(sde: SDE, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor):
 def residual_estimates(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: torch.Tensor, *,
                        dt_method: str = "jvp", fd_step: float = 1e-3, div_method: str = "hutchinson",
                        probe: str = "rademacher", n_probes: int = 1, probes: Optional[torch.Tensor] = None,
-                       generator=None, create_graph: bool = True, fused: bool = False) -> torch.Tensor:
+                       generator=None, create_graph: bool = True, fused: bool = False,
+                       graph_probes: str = "all", stage: Optional[Callable[[str], None]] = None) -> torch.Tensor:
     """Independent residual estimates r̂_k = ∂t s − ∇x φ̂_{v_k}, stacked: (K, *x.shape).
 
     They share s, ∂t s and the forward graph; only the Hutchinson probe differs. With
     ``div_method="exact"`` K = 1 and the result is the exact residual.
+    ``graph_probes="first"``: only r̂_1 keeps a graph to the parameters; r̂_2.. are computed
+    without one (values only; see ``probe_gradient_surrogate``). ``stage(name)`` is called after
+    each stage (benchmark timing).
     """
-    if fused:
-        from .fused import fused_residual_estimates
-        return fused_residual_estimates(score_fn, sde, x, t, dt_method=dt_method, fd_step=fd_step,
-                                        div_method=div_method, probe=probe, n_probes=n_probes,
-                                        probes=probes, generator=generator, create_graph=create_graph)
-    from .fused import plain_ops
-    with plain_ops():  # SDPA as matmuls + softmax: the built-in one fails reverse-over-forward
-        return _residual_estimates_plain(score_fn, sde, x, t, dt_method=dt_method, fd_step=fd_step,
-                                         div_method=div_method, probe=probe, n_probes=n_probes,
-                                         probes=probes, generator=generator, create_graph=create_graph)
+    if graph_probes not in ("all", "first"):
+        raise ValueError(f"fpe.probe_gradient: unknown choice {graph_probes!r}")
+    kw = dict(dt_method=dt_method, fd_step=fd_step, div_method=div_method, probe=probe, n_probes=n_probes,
+              probes=probes, generator=generator, create_graph=create_graph, graph_probes=graph_probes,
+              stage=stage or (lambda name: None))
+    from .fused import fused_ops, plain_ops
+    # plain: SDPA as matmuls + a composite softmax (the built-in one fails reverse-over-forward);
+    # fused: the custom Functions of pipeline/fused.py
+    with (fused_ops() if fused else plain_ops()):
+        return _residual_estimates_loop(score_fn, sde, x, t, **kw)
 
 
-def _residual_estimates_plain(score_fn, sde, x, t, *, dt_method, fd_step, div_method, probe, n_probes,
-                              probes, generator, create_graph):
+def _residual_estimates_loop(score_fn, sde, x, t, *, dt_method, fd_step, div_method, probe, n_probes,
+                             probes, generator, create_graph, graph_probes, stage):
     x = x.detach().requires_grad_(True)
     t = t.detach()
     s, dsdt = score_and_dt(score_fn, x, t, dt_method=dt_method, fd_step=fd_step)   # LHS of score FPE
+    stage("forward_jvp")
     base, g2_half = _phi_terms(sde, x, t, s)
     if div_method == "exact":
         # ∇·s = Σ_i ∂s_i/∂x_i with D vector-Jacobian products (tests, small D)
@@ -178,12 +185,16 @@ def _residual_estimates_plain(score_fn, sde, x, t, *, dt_method, fd_step, div_me
     out = []
     for k, v in enumerate(probes):
         last = k == len(probes) - 1
+        keep = create_graph and (k == 0 or graph_probes == "all")  # this estimate reaches θ
         (u,) = torch.autograd.grad(s, x, v, create_graph=True)                        # Jᵀv
         psi = g2_half * _flat_dot(u, v) + base                                         # φ̂_v
-        (grad_phi,) = torch.autograd.grad(psi.sum(), x, create_graph=create_graph,
+        stage("vjp")
+        # the shared forward graph must survive for the later probes and the final backward
+        (grad_phi,) = torch.autograd.grad(psi.sum(), x, create_graph=keep,
                                           retain_graph=create_graph or not last)
+        stage("double_backward")
         r = dsdt - grad_phi
-        out.append(r if create_graph else r.detach())
+        out.append(r if keep else r.detach())
     return torch.stack(out)
 
 
@@ -220,6 +231,17 @@ def squared_norm_estimate(rs: torch.Tensor, estimator: str = "unbiased") -> torc
     # Σ_{i≠j} ⟨r_i, r_j⟩ = ‖Σ r_i‖² − Σ ‖r_i‖²
     off = total.pow(2).sum(1) - flat.pow(2).sum((0, 2))
     return off / (K * (K - 1))
+
+
+def probe_gradient_surrogate(sq: torch.Tensor, n_probes: int) -> torch.Tensor:
+    """Value ``sq``, parameter gradient K·∇sq: the unbiased gradient when only r̂_1 has a graph.
+
+    With independent probes, E[∇θ⟨r̂_i, r̂_j⟩] = 2 E[(∂r̂_i/∂θ)ᵀ] E[r̂_j] = 2 (∂r/∂θ)ᵀ r = ∇θ‖r‖²
+    (the pair is exchangeable), so the U-statistic's gradient through r̂_1 alone, which is
+    (2/K)(∂r̂_1/∂θ)ᵀ mean_{j>1} r̂_j, is unbiased once scaled by K. The parameter backward then
+    runs through one probe's triple graph instead of K (the dominant cost, benchmarks/RESULTS.md).
+    """
+    return n_probes * sq - (n_probes - 1) * sq.detach()
 
 
 def time_weight(sde: SDE, t: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -350,12 +372,18 @@ class FPERegularizer:
         with fpe_precision(x0.device):
             xs, ts = select_points(c, self.sde, x0, xt, t, idx, generator)
             score_fn = get_score_fn(model, self.sde)
-            rs = residual_estimates(score_fn, self.sde, xs, ts, dt_method=c.dt_method, fd_step=c.fd_step,
-                                    div_method=c.div_method, probe=c.probe, n_probes=self.n_probes(),
-                                    generator=generator, create_graph=True, fused=c.fused)
             D = xs[0].numel()
+            K = self.n_probes()
             est = "single" if c.div_method == "exact" else c.norm_estimator
+            # the one-sided gradient is unbiased only for the pair estimator
+            first_only = c.probe_gradient == "first" and est == "unbiased" and K >= 2
+            rs = residual_estimates(score_fn, self.sde, xs, ts, dt_method=c.dt_method, fd_step=c.fd_step,
+                                    div_method=c.div_method, probe=c.probe, n_probes=K,
+                                    generator=generator, create_graph=True, fused=c.fused,
+                                    graph_probes="first" if first_only else "all")
             sq = squared_norm_estimate(rs, est) / D ** 2                                # ‖r‖²/D²
+            if first_only:
+                sq = probe_gradient_surrogate(sq, K)
             if c.m == 2:
                 per = sq
             else:  # ‖r‖^m / D^m; not unbiased for m ≠ 2 (clamped below at 0)

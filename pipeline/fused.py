@@ -20,8 +20,9 @@ every elementwise op; the Functions here carry their derivatives in closed form:
   regularizer runs, by swapping the ``torch.nn.functional`` attributes under a lock (a
   TorchFunctionMode does the same, ``ROUTING = "mode"``, but runs Python for every torch call). ``plain_ops()`` routes SDPA
   to the same attention with the plain-autograd softmax (the reference path for tests).
-- ``fused_residual_estimates``: the residual under ``fused_ops`` (optionally with the probes
-  batched in one vmapped VJP and one vmapped double backward).
+``pipeline.fpe.residual_estimates(fused=True)`` runs the residual under ``fused_ops``. (A
+variant with all probes in one vmapped VJP and one vmapped double backward cost ~30% more FLOPs
+in the parameter backward than the probe loop and was dropped; benchmarks/RESULTS.md.)
 
 All Functions have ``setup_context``, ``jvp`` and ``generate_vmap_rule = True``;
 tests/test_fused.py runs gradcheck / gradgradcheck / forward-AD checks on each in float64.
@@ -248,54 +249,3 @@ def plain_ops():
     """Plain-autograd reference path: SDPA as matmuls + a composite softmax."""
     with (_patched(False) if ROUTING == "patch" else _Route(False)):
         yield
-
-
-# --------------------------------------------------------------------------- batched residual
-def fused_residual_estimates(score_fn, sde, x, t, *, dt_method="jvp", fd_step=1e-3, div_method="hutchinson",
-                             probe="rademacher", n_probes=1, probes=None, generator=None, create_graph=True,
-                             batched=False):
-    """``pipeline.fpe.residual_estimates`` with the fused ops.
-
-    ``batched=True`` runs all probes in one vmapped VJP and one vmapped double backward: fewer
-    launches, but measured here it costs ~30% more FLOPs in the parameter backward than the loop
-    (the vmapped graph is not shared), so the loop is the default.
-    """
-    from .fpe import _flat_dot, _phi_terms, _residual_estimates_plain, draw_probes, score_and_dt
-
-    if div_method != "hutchinson":
-        with fused_ops():
-            return _residual_estimates_plain(score_fn, sde, x, t, dt_method=dt_method, fd_step=fd_step,
-                                             div_method=div_method, probe=probe, n_probes=n_probes,
-                                             probes=probes, generator=generator, create_graph=create_graph)
-    with fused_ops():
-        x = x.detach().requires_grad_(True)
-        t = t.detach()
-        s, dsdt = score_and_dt(score_fn, x, t, dt_method=dt_method, fd_step=fd_step)
-        base, g2_half = _phi_terms(sde, x, t, s)
-        if probes is None:
-            probes = draw_probes(x.shape, n_probes, probe, generator=generator, device=x.device, dtype=x.dtype)
-        K = probes.shape[0]
-        if not batched:  # a loop over probes sharing s, ∂t s and the forward graph
-            out = []
-            for k in range(K):
-                (u,) = torch.autograd.grad(s, x, probes[k], create_graph=True)
-                psi = (g2_half * _flat_dot(u, probes[k]) + base).sum()
-                (grad_phi,) = torch.autograd.grad(psi, x, create_graph=create_graph,
-                                                  retain_graph=create_graph or k < K - 1)
-                r = dsdt - grad_phi
-                out.append(r if create_graph else r.detach())
-            return torch.stack(out)
-        if K == 1:
-            (u,) = torch.autograd.grad(s, x, probes[0], create_graph=True)
-            psi = (g2_half * _flat_dot(u, probes[0]) + base).sum()
-            (grad_phi,) = torch.autograd.grad(psi, x, create_graph=create_graph)
-            r = (dsdt - grad_phi).unsqueeze(0)
-            return r if create_graph else r.detach()
-        # all probes in one vmapped VJP: u_k = Jᵀ v_k
-        (u,) = torch.autograd.grad(s, x, probes, create_graph=True, is_grads_batched=True)
-        # ψ_k = (g²/2)(⟨u_k, v_k⟩ + ‖s‖²) − ⟨f,s⟩ − ∇·f, one scalar per probe (summed over samples)
-        psi = (g2_half * (u * probes).flatten(2).sum(2) + base).sum(1)  # (K,)
-        eye = torch.eye(K, dtype=x.dtype, device=x.device)
-        (grad_phi,) = torch.autograd.grad(psi, x, eye, create_graph=create_graph, is_grads_batched=True)
-        r = dsdt.unsqueeze(0) - grad_phi
-        return r if create_graph else r.detach()

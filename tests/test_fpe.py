@@ -149,6 +149,42 @@ def test_hutchinson_divergence_mean_converges_on_network():
         assert ((est.mean(0) - exact).abs() <= 5 * est.std(0) / math.sqrt(3000) + 1e-9).all()
 
 
+def test_first_probe_gradient_is_unbiased():
+    """fpe.probe_gradient="first" (backward through r̂_1 only, scaled by K) has the exact
+    gradient of λ‖r‖²/D² in expectation, like the full U-statistic gradient ("all")."""
+    torch.manual_seed(0)
+    net = TinyMLP(4).double()
+    sde = VPSDE()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    params = list(net.parameters())
+
+    def grad_of(cfg, xs, ts, seed):
+        out = FPERegularizer(cfg, sde)(net, xs, xs, ts, generator=torch.Generator().manual_seed(seed))
+        return torch.cat([g.flatten() for g in torch.autograd.grad(out.loss, params)]), out
+
+    base = dict(alpha=1.0, t_min=1e-3, weighting="likelihood", fused=False)
+    exact, _ = grad_of(FPEConfig(**base, subsample=3, div_method="exact", norm_estimator="single", n_probes=1),
+                       x, t, 0)
+    reps, groups = 300, 12  # each group: 900 independent probe pairs in one call
+    xs, ts = x.repeat(reps, 1), t.repeat(reps)
+    for mode, K in (("first", 2), ("first", 3), ("all", 2)):
+        cfg = FPEConfig(**base, subsample=len(ts), n_probes=K, probe_gradient=mode)
+        gs = []
+        for seed in range(groups):
+            g, out = grad_of(cfg, xs, ts, seed)
+            gs.append(g)
+        gs = torch.stack(gs)
+        mean, se = gs.mean(0), (gs.var(0).sum() / groups).sqrt()  # MC error of the mean, in norm
+        assert exact.norm() > 10 * se  # the test can tell a wrong scale factor apart
+        assert (mean - exact).norm() < 3 * se, (mode, K, (mean - exact).norm().item(), se.item())
+    # one draw of "first" is a different (noisier) gradient than "all", with the same loss value
+    cf = FPEConfig(**base, subsample=3, probe_gradient="first")
+    ca = FPEConfig(**base, subsample=3, probe_gradient="all")
+    (gf, of), (ga, oa) = grad_of(cf, x, t, 5), grad_of(ca, x, t, 5)
+    assert torch.equal(of.loss.detach(), oa.loss.detach()) and not torch.allclose(gf, ga)
+
+
 # --------------------------------------------------------------------------- check 4
 def _reg(**kw):
     cfg = FPEConfig(**{"alpha": 1.0, "t_min": 1e-3, **kw})

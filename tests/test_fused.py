@@ -110,8 +110,9 @@ def test_fused_ops_leave_the_model_output_unchanged(all_ops, routing, monkeypatc
         assert torch.allclose(net(x, lab), ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("graph_probes", ["all", "first"])
 @pytest.mark.parametrize("sde_cls", [VPSDE, SubVPSDE, VESDE])
-def test_fused_parameter_gradient_equals_plain_autograd(sde_cls, all_ops):
+def test_fused_parameter_gradient_equals_plain_autograd(sde_cls, graph_probes, all_ops):
     """L_FP (two probes, unbiased) from the fused path = plain path, parameter gradients included."""
     torch.manual_seed(0)
     net = TinyUNet(nf=8, dropout=0.1).double().train()
@@ -124,7 +125,8 @@ def test_fused_parameter_gradient_equals_plain_autograd(sde_cls, all_ops):
         net.zero_grad()
         torch.manual_seed(42)  # one dropout mask, the same for both paths
         with fpe_precision(x.device):
-            rs = residual_estimates(get_score_fn(net, sde), sde, x, t, probes=v, fused=fused)
+            rs = residual_estimates(get_score_fn(net, sde), sde, x, t, probes=v, fused=fused,
+                                    graph_probes=graph_probes)
             loss = squared_norm_estimate(rs).mean()
         loss.backward()
         out[fused] = (rs.detach(), loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()]))
