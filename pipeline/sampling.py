@@ -176,11 +176,16 @@ def pc_sample(score_fn: ScoreFn, sde: SDE, shape, *, predictor: str = "reverse_d
               corrector: str = "langevin", snr: float = 0.16, n_steps_each: int = 1,
               num_steps: Optional[int] = None, eps: Optional[float] = None, noise_removal: bool = True,
               device=None, dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None,
-              progress: bool = False, x_init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
+              progress: bool = False, x_init: Optional[torch.Tensor] = None,
+              constraint: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+              ) -> tuple[torch.Tensor, int]:
     """Predictor-corrector sampling from the prior at T down to eps; returns (x, nfe).
 
     nfe = K·(predictor != none) + K·n_steps_each·(corrector != none) + 1 if a final Tweedie
     step is taken (predictor none with noise_removal). ``x_init`` replaces the prior draw.
+    ``constraint(x, t)`` is applied to the prior draw (at T) and after every corrector (at t_i)
+    and predictor (at t_{i+1}, 0 after the last) update: e.g. inpainting's replacement of the
+    known pixels (``pipeline.controllable``).
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"pc_sample: unknown predictor {predictor!r} (choose from {PREDICTORS})")
@@ -198,6 +203,8 @@ def pc_sample(score_fn: ScoreFn, sde: SDE, shape, *, predictor: str = "reverse_d
     eps = default_eps(sde) if eps is None else float(eps)
     x = _prior(sde, shape, device, dtype, generator, x_init)
     B = x.shape[0]
+    project = constraint or (lambda y, _t: y)
+    x = project(x, torch.full((B,), sde.T, device=x.device, dtype=x.dtype))
     # the time grid lives on the samples' device (t_K = 0 closes the last step)
     grid = torch.cat([torch.linspace(sde.T, eps, K, device=x.device, dtype=x.dtype),
                       torch.zeros(1, device=x.device, dtype=x.dtype)])
@@ -212,16 +219,18 @@ def pc_sample(score_fn: ScoreFn, sde: SDE, shape, *, predictor: str = "reverse_d
         t = grid[i].expand(B)
         t_next = grid[i + 1].expand(B)
         if corr is not None:
-            x = corr(score_fn, sde, x, t, t_next, generator, snr, n_steps_each)
+            x = project(corr(score_fn, sde, x, t, t_next, generator, snr, n_steps_each), t)
             nfe += n_steps_each
         if pred is not None:
             last = i == K - 1
             x = pred(score_fn, sde, x, t, t_next, generator, add_noise=not (last and noise_removal))
+            x = project(x, t_next)
             nfe += 1
     if pred is None and noise_removal:
         t = grid[K - 1].expand(B)
         a, std = sde.mean_coeff(t), sde.marginal_std(t)
         x = (x + _bcast(std * std, x) * score_fn(x, t)) / _bcast(a, x)
+        x = project(x, torch.zeros_like(t))
         nfe += 1
     return x, nfe
 
