@@ -50,12 +50,12 @@ def test_class_conditional_samples_follow_the_component(name, method):
     """Sampling with the guided score draws from the chosen component (mean, covariance)."""
     sde = SDES[name]()
     gm = GaussianMixture(2, K=3, seed=2)
-    k, n = 1, 4000
+    k, n = 1, 3000
     y = torch.full((n,), k)
     score = classifier_guided_score(gm.score_fn(sde), mixture_log_posterior(gm, sde), y)
     g = torch.Generator().manual_seed(0)
     if method == "pc":
-        x, _ = pc_sample(score, sde, (n, 2), num_steps=400, dtype=torch.float64, generator=g)
+        x, _ = pc_sample(score, sde, (n, 2), num_steps=250, dtype=torch.float64, generator=g)
     else:
         x, _ = ode_sample(score, sde, (n, 2), dtype=torch.float64, generator=g, rtol=1e-5, atol=1e-5)
     m, C = moments(x)
