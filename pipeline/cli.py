@@ -18,7 +18,9 @@ commands:
   train         train from a YAML config (one process; use `accelerate launch -m pipeline.train` for many)
   data shards   write WebDataset tar shards from MNIST / an image folder / .npz / CIFAR-10 pickles
   eval          evaluate a run: fid | bpd | ref-stats | fpe
-  sample        draw samples (PNG grid + .npz) from a trained run with its EMA weights
+  sample        draw samples (PNG grid + .npz) from a trained run with its EMA weights; inpainting,
+                class-conditional sampling
+  classifier    train a time-dependent classifier on a run's data (for `sample --class-label`)
   push          upload a run's exported EMA weights, config and model card to the Hugging Face Hub
 
 `fpdiff <command> --help` shows each command's options.
@@ -76,6 +78,9 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
     if cmd == "sample":
         from .sample import sample_main
         return sample_main(argv)
+    if cmd == "classifier":
+        from .classifier import classifier_main
+        return classifier_main(argv)
     if cmd == "push":
         from .hub import push_main
         return push_main(argv)

@@ -31,6 +31,12 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--inpaint", default=None, metavar="MASK",
                    help="inpaint the first test images: left, right, top, bottom (the half kept), center "
                         "(hide the central square) or random (keep half the pixels); PC sampler only")
+    p.add_argument("--class-label", default=None, metavar="Y",
+                   help="class-conditional sampling with the run's time-dependent classifier "
+                        "(`fpdiff classifier`): a label, or 'all' for labels 0,1,2,... in turn")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="weight of ∇x log p_t(y|x) (1: the conditional score by Bayes' rule)")
+    p.add_argument("--classifier", default=None, help="classifier folder (default RUN/classifier)")
     p.add_argument("--data", default=None, help="shards for --inpaint (default data.test_shards, else data.shards)")
     p.add_argument("overrides", nargs="*", help="sampling.* overrides, e.g. sampling.snr=0.17 sampling.num_steps=500")
     args = p.parse_args(argv)
@@ -64,17 +70,58 @@ def sample_main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"fpdiff sample: {e}", file=sys.stderr)
             return 2
+    score_fn, labels, clf = get_score_fn(model, sde), None, None
+    if args.class_label is not None:
+        try:
+            score_fn, labels, clf = _guided(args, score_fn, sde)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"fpdiff sample: {e}", file=sys.stderr)
+            return 2
+        cfg.sampling.batch_size = args.num_samples  # the labels go with the whole batch
     t0 = time.time()
-    x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, get_score_fn(model, sde), sde, shape,
+    x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, shape,
                     device=args.device, generator=g, progress=True)
     seconds = time.time() - t0
     grid = save_grid(x, out / "grid.png", centered=cfg.data.centered)
     np.savez_compressed(out / "samples.npz", images=to_uint8(x, cfg.data.centered).cpu().numpy())
     record = {"num_samples": args.num_samples, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
+    if labels is not None:
+        from .classifier import input_scale
+        t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
+        with torch.no_grad():
+            logp = torch.log_softmax(clf(x, t_end, input_scale(sde, t_end)).float(), 1)
+        record.update(class_labels=labels.tolist(), guidance_scale=args.guidance_scale,
+                      classifier_agrees=float((logp.argmax(1) == labels).float().mean()),
+                      classifier_log_prob=float(logp.gather(1, labels[:, None]).mean()))
+        np.savez_compressed(out / "samples.npz", images=to_uint8(x, cfg.data.centered).cpu().numpy(),
+                            labels=labels.cpu().numpy())
     (out / "samples.json").write_text(json.dumps(record, indent=1))
     print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
     return 0
+
+
+def _guided(args, score_fn, sde):
+    """(guided score, labels (n,), classifier) for --class-label."""
+    from .classifier import load_classifier, log_prob_fn
+    from .controllable import classifier_guided_score
+
+    folder = Path(args.classifier) if args.classifier else Path(args.run_dir) / "classifier"
+    clf, meta = load_classifier(folder, args.device)
+    k = clf.settings["num_classes"]
+    n = args.num_samples
+    if args.class_label == "all":
+        labels = torch.arange(n) % k
+    else:
+        try:
+            y = int(args.class_label)
+        except ValueError:
+            y = -1
+        if not 0 <= y < k:
+            raise ValueError(f"--class-label: need 'all' or an integer in [0, {k}), got {args.class_label!r}")
+        labels = torch.full((n,), y)
+    labels = labels.to(args.device)
+    return classifier_guided_score(score_fn, log_prob_fn(clf, sde), labels, args.guidance_scale), labels, clf
 
 
 def _inpaint_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:

@@ -63,7 +63,7 @@ def test_cli_bad_config_fails_in_one_line_and_writes_nothing(tmp_path):
 
 def test_help_lists_every_subcommand_and_option():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True).stdout
-    for cmd in ("demo", "train", "data shards", "eval", "sample", "push"):
+    for cmd in ("demo", "train", "data shards", "eval", "sample", "classifier", "push"):
         assert cmd in out
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--help"], capture_output=True, text=True).stdout
     for opt in ("--config", "--run-dir", "--resume", "--no-progress", "overrides"):

@@ -1,0 +1,231 @@
+"""Time-dependent classifier p_t(y | x_t) for class-conditional sampling (Song et al. 2021, §5).
+
+``fpdiff classifier --run-dir RUN`` trains one on the run's shards (labels from ``.cls``) with
+cross-entropy on x_t ~ p_0t(· | x_0), t ~ U[eps, 1], under the run's SDE, and writes
+``RUN/classifier/`` (``model.safetensors`` + ``classifier.json``: its settings and test accuracy
+per t-bucket). ``fpdiff sample --run-dir RUN --class-label Y`` then samples with
+s + scale·∇x log p_t(y | x) (``pipeline.controllable.classifier_guided_score``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .models.layers import timestep_embedding
+from .sde import SDE, _bcast
+
+WEIGHTS, META = "model.safetensors", "classifier.json"
+
+
+# --------------------------------------------------------------------------- network
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, temb: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+        self.norm = nn.GroupNorm(min(8, cout // 4), cout)
+        self.dense = nn.Linear(temb, cout)
+
+    def forward(self, h, emb):
+        return F.silu(self.norm(self.conv(h)) + self.dense(emb)[:, :, None, None])
+
+
+class NoiseConditionalClassifier(nn.Module):
+    """logits(x_t, t): three conv blocks (the last two stride 2), 4×4 average pool, linear
+    (a global mean pool kept too little of where the strokes are: ~50% on clean MNIST after 300
+    steps).
+
+    The input is scaled by c_in(t) = 1/√(a(t)² + σ(t)²) so that VE's large σ and VP's unit
+    scale look alike (given as ``c_in``); the time enters through a sinusoidal embedding of 1000·t
+    added in every block.
+    """
+
+    def __init__(self, channels: int, num_classes: int, nf: int = 32):
+        super().__init__()
+        self.settings = {"channels": channels, "num_classes": num_classes, "nf": nf}
+        temb = 4 * nf
+        self.nf = nf
+        self.temb = nn.Sequential(nn.Linear(nf, temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.blocks = nn.ModuleList([_Block(channels, nf, temb, 1), _Block(nf, 2 * nf, temb, 2),
+                                     _Block(2 * nf, 2 * nf, temb, 2)])
+        self.head = nn.Linear(2 * nf * 16, num_classes)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_in: torch.Tensor) -> torch.Tensor:
+        emb = self.temb(timestep_embedding(1000.0 * t, self.nf))
+        h = x * _bcast(c_in, x)
+        for b in self.blocks:
+            h = b(h, emb)
+        return self.head(F.adaptive_avg_pool2d(h, 4).flatten(1))
+
+
+def input_scale(sde: SDE, t: torch.Tensor) -> torch.Tensor:
+    a, s = sde.mean_coeff(t), sde.marginal_std(t)
+    return torch.rsqrt(a * a + s * s)
+
+
+def log_prob_fn(clf: NoiseConditionalClassifier, sde: SDE):
+    """(x, t, y) -> log p_t(y | x), differentiable in x (for ``classifier_guided_score``)."""
+
+    def log_prob(x, t, y):
+        logits = clf(x, t, input_scale(sde, t))
+        return torch.log_softmax(logits.float(), 1).gather(1, y[:, None].long()).squeeze(1)
+
+    return log_prob
+
+
+def classifier_loss(clf, sde: SDE, x0: torch.Tensor, y: torch.Tensor, eps: float,
+                    generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy on x_t at t ~ U[eps, 1]; returns (loss, per-sample correct (bool), t)."""
+    gdev = generator.device if generator is not None else x0.device
+    t = (eps + (1 - eps) * torch.rand(x0.shape[0], generator=generator, device=gdev)).to(x0.device)
+    z = torch.randn(x0.shape, generator=generator, device=gdev).to(x0.device)
+    mean, std = sde.marginal_prob(x0, t)
+    logits = clf(mean + _bcast(std, x0) * z, t, input_scale(sde, t))
+    return F.cross_entropy(logits, y), logits.argmax(1) == y, t
+
+
+# --------------------------------------------------------------------------- save / load
+def save_classifier(folder: str | Path, clf: NoiseConditionalClassifier, meta: dict) -> Path:
+    """Atomically write ``folder`` (weights + JSON); an existing folder is replaced whole."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps({**meta, "settings": clf.settings}, indent=1))
+        os.chmod(tmp, 0o755)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_classifier(folder: str | Path, device="cpu") -> tuple[NoiseConditionalClassifier, dict]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / WEIGHTS).is_file() or not (folder / META).is_file():
+        raise FileNotFoundError(f"classifier {folder}: no {WEIGHTS} + {META} there "
+                                f"(train one with `fpdiff classifier --run-dir RUN`)")
+    meta = json.loads((folder / META).read_text())
+    clf = NoiseConditionalClassifier(**meta["settings"])
+    clf.load_state_dict(load_file(str(folder / WEIGHTS)))
+    return clf.to(device).eval(), meta
+
+
+# --------------------------------------------------------------------------- training
+@torch.no_grad()
+def accuracy_by_t(clf, sde: SDE, cfg, eps: float, *, max_samples: int, batch_size: int, device,
+                  n_buckets: int = 4, seed: int = 0) -> dict:
+    """Test accuracy of ``clf`` on x_t, per t-bucket of [eps, 1] and overall."""
+    from .data import build_eval_loader
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    edges = torch.linspace(eps, 1.0, n_buckets + 1)
+    hits, counts, seen = torch.zeros(n_buckets), torch.zeros(n_buckets), 0
+    for images, labels, _ in build_eval_loader(cfg, batch_size=batch_size, num_workers=0):
+        if seen >= max_samples:
+            break
+        images, labels = images[: max_samples - seen].to(device), labels[: max_samples - seen].to(device)
+        seen += images.shape[0]
+        _, correct, t = classifier_loss(clf, sde, images, labels, eps, g)
+        b = torch.bucketize(t.cpu(), edges[1:-1], right=True)
+        hits.index_add_(0, b, correct.float().cpu())
+        counts.index_add_(0, b, torch.ones_like(b, dtype=torch.float))
+    out = {f"acc_t{edges[i]:.2f}-{edges[i + 1]:.2f}": float(hits[i] / counts[i])
+           for i in range(n_buckets) if counts[i] > 0}
+    out["acc"] = float(hits.sum() / counts.sum().clamp_min(1))
+    out["test_samples"] = seen
+    return out
+
+
+def train_classifier(cfg, out: Path, *, steps: int, batch_size: int, lr: float, nf: int, num_classes: int,
+                     device, seed: int = 0, eval_samples: int = 1000, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from .data import build_train_loader
+    from .sde import build_sde
+
+    sde = build_sde(cfg.sde)
+    eps = cfg.training.eps
+    torch.manual_seed(seed)
+    clf = NoiseConditionalClassifier(cfg.data.num_channels, num_classes, nf).to(device).train()
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
+    g = torch.Generator(device=device).manual_seed(seed)
+    loader = iter(build_train_loader(cfg, batch_size=batch_size, seed=seed))
+    t0, losses = time.time(), []
+    bar = tqdm(range(steps), desc="classifier", dynamic_ncols=True, disable=not progress)
+    for step in bar:
+        images, labels, _ = next(loader)
+        if bool((labels < 0).any()) or bool((labels >= num_classes).any()):
+            raise ValueError(f"classifier: labels must lie in [0, {num_classes}) (the shards' .cls), "
+                             f"got {int(labels.min())}..{int(labels.max())}")
+        loss, _, _ = classifier_loss(clf, sde, images.to(device), labels.to(device), eps, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    clf.eval()
+    acc = accuracy_by_t(clf, sde, cfg, eps, max_samples=eval_samples, batch_size=batch_size, device=device)
+    meta = {"steps": steps, "batch_size": batch_size, "lr": lr, "seconds": time.time() - t0,
+            "final_loss": losses[-1] if losses else None, "sde": cfg.sde.type, **acc}
+    save_classifier(out, clf, meta)
+    return meta
+
+
+def classifier_main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError, load_config
+
+    p = argparse.ArgumentParser(prog="fpdiff classifier", description=(
+        "Train a time-dependent classifier p_t(y|x_t) on a run's shards (for `fpdiff sample --class-label`)."))
+    p.add_argument("--run-dir", required=True, help="run directory (its config.yaml gives data and SDE)")
+    p.add_argument("--out", default=None, help="output folder (default RUN/classifier)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--nf", type=int, default=32, help="channels of the first block")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--eval-samples", type=int, default=1000, help="test images for the accuracy report")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.shards=...")
+    args = p.parse_args(argv)
+    run = Path(args.run_dir)
+    try:
+        if not (run / "config.yaml").is_file():
+            raise FileNotFoundError(f"--run-dir {run}: no config.yaml there")
+        cfg = load_config(run / "config.yaml", args.overrides)
+        for name in ("steps", "batch_size", "nf", "num_classes", "eval_samples"):
+            if getattr(args, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")
+        out = Path(args.out or run / "classifier")
+        meta = train_classifier(cfg, out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, nf=args.nf,
+                                num_classes=args.num_classes, device=args.device, seed=args.seed,
+                                eval_samples=args.eval_samples)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"fpdiff classifier: {e}", file=sys.stderr)
+        return 2
+    buckets = ", ".join(f"{k[4:]}: {v:.2f}" for k, v in meta.items() if k.startswith("acc_t"))
+    print(f"[fpdiff] classifier: {args.steps} steps in {meta['seconds']:.0f}s, test accuracy {meta['acc']:.3f} "
+          f"({buckets}): {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(classifier_main())
