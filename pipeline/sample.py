@@ -56,10 +56,16 @@ def sample_main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--inpaint: unknown mask {args.inpaint!r} (choose from {', '.join(MASKS)})")
             if cfg.sampling.method != "pc":
                 raise ConfigError("--inpaint: needs the PC sampler (sampling.method=pc)")
-    except (ConfigError, FileNotFoundError) as e:
+            if args.class_label is not None:
+                raise ConfigError("--inpaint and --class-label: choose one")
+        sde = build_sde(cfg.sde)
+        score_fn, labels, clf = get_score_fn(model, sde), None, None
+        if args.class_label is not None:
+            score_fn, labels, clf = _guided(args, score_fn, sde)
+            cfg.sampling.batch_size = args.num_samples  # the labels go with the whole batch
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"fpdiff sample: {e}", file=sys.stderr)
         return 2
-    sde = build_sde(cfg.sde)
     out = Path(args.out or Path(args.run_dir) / "samples")
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -70,14 +76,6 @@ def sample_main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"fpdiff sample: {e}", file=sys.stderr)
             return 2
-    score_fn, labels, clf = get_score_fn(model, sde), None, None
-    if args.class_label is not None:
-        try:
-            score_fn, labels, clf = _guided(args, score_fn, sde)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"fpdiff sample: {e}", file=sys.stderr)
-            return 2
-        cfg.sampling.batch_size = args.num_samples  # the labels go with the whole batch
     t0 = time.time()
     x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, shape,
                     device=args.device, generator=g, progress=True)

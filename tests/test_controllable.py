@@ -171,6 +171,8 @@ def test_sample_cli_samples_and_inpaints(tmp_path, capsys):
     assert "--inpaint: unknown mask 'diagonal'" in err and len(err.splitlines()) == 1
     assert sample_main(["--run-dir", str(export), "--inpaint", "left", "--data", str(tmp_path / "none-{0..1}.tar")]) == 2
     assert "none-0.tar does not exist" in capsys.readouterr().err
+    assert sample_main(["--run-dir", str(export), "--inpaint", "left", "--class-label", "1"]) == 2
+    assert "--inpaint and --class-label: choose one" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- time-dependent classifier
