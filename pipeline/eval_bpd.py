@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .eval_common import LEVELS, _device, _rank_world, rank_test_batches, to_model_space
+from .eval_common import LEVELS, _device, _rank_world, eval_pass, rank_test_batches, to_model_space
 from .fid import gather_by_index, seed_for
 
 
@@ -61,14 +61,8 @@ def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shar
     offset = bpd_offset(cfg.data.centered)
     score_fn = get_score_fn(model, sde)
     t0 = time.time()
-    was_training = model.training
-    model.eval()
     idx_rows, bpd_rows, nfe_rows = [], [], []
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(desc=f"bpd batches (rank 0 of {world})", unit="batch", dynamic_ncols=True)
-    try:
+    with eval_pass(model, progress and rank == 0, desc=f"bpd batches (rank 0 of {world})") as bar:
         for k, u8 in rank_test_batches(images, shards, cfg.data.num_channels, bs, rank, world,
                                        max_samples, num_batches):
             u8 = u8.to(dev)
@@ -86,12 +80,7 @@ def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shar
             idx_rows.append(torch.arange(k * bs, k * bs + u8.shape[0], dtype=torch.int64))
             bpd_rows.append(torch.stack(per_pass, 1))
             nfe_rows.append(torch.tensor(nfes, dtype=torch.float64).expand(u8.shape[0], passes))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
+            bar.update(1)
     idx = torch.cat(idx_rows) if idx_rows else torch.zeros(0, dtype=torch.int64)
     vals = torch.cat([torch.cat(bpd_rows, 0), torch.cat(nfe_rows, 0)], 1) if bpd_rows \
         else torch.zeros(0, 2 * passes, dtype=torch.float64)

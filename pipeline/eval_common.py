@@ -2,6 +2,7 @@
 main-rank-first file checks, uint8 -> model space, and the test set cut into global batches."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -106,3 +107,19 @@ def rank_test_batches(images, shards, channels: int, bs: int, rank: int, world: 
         n_seen += u8.shape[0]
         if k % world == rank:
             yield k, u8
+
+
+@contextlib.contextmanager
+def eval_pass(model, progress: bool = False, **bar_kwargs):
+    """Model in eval mode for the duration (its mode restored after, errors included) and a tqdm
+    bar (a silent one unless ``progress``: pass ``progress and rank == 0``)."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    bar = tqdm(disable=not progress, unit="batch", dynamic_ncols=True, **bar_kwargs)
+    try:
+        yield bar
+    finally:
+        bar.close()
+        model.train(was_training)

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .eval_common import _device, _rank_world
+from .eval_common import _device, _rank_world, eval_pass
 from .fid import (FeatureExtractor, FeatureStats, all_reduce_sum, batched, broadcast_float, ceil_div,
                   check_ref_stats, frechet_distance, iter_shard_images, kernel_distance, load_ref_stats,
                   seed_for)
@@ -90,8 +90,6 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     if ref_stats is not None or cfg.eval.ref_stats:
         ref = _as_ref(ref_stats, cfg)
     want_feats = return_features or (kid and ref is not None and "feats" in ref)
-    was_training = model.training
-    model.eval()
     if generate_fn is None:
         generate_fn = make_generate_fn(model, cfg, sde, sampler, dev)
     method = getattr(generate_fn, "method", sampler or "custom")
@@ -100,15 +98,11 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     # features kept for KID in float32; in float64 when returned (exact check against np.cov)
     stats = FeatureStats(keep_features=want_feats, keep_dtype=torch.float64 if return_features else torch.float32)
     nfe_sum = 0.0
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=len(mine), desc=f"FID sampling, rank 0 of {world} ({n_total} in all)",
-                   unit="batch", dynamic_ncols=True)
     save_dir = Path(save_dir) if save_dir else None
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with eval_pass(model, progress and rank == 0, total=len(mine),
+                   desc=f"FID sampling, rank 0 of {world} ({n_total} in all)") as bar:
         for k in mine:
             n = min(bs, n_total - k * bs)
             g = torch.Generator(device=dev).manual_seed(seed_for(seed, k))
@@ -122,12 +116,7 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
                 _save_pngs(u8, index, save_dir)
             if grid_path is not None and k == 0:
                 save_grid(x[:64].detach().cpu().float(), grid_path, centered=cfg.data.centered)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
+            bar.update(1)
     stats.all_reduce()
     nfe_mean = float(all_reduce_sum(torch.tensor([nfe_sum], dtype=torch.float64)).item()) / n_batches
     result = {"metric": "fid", "N": stats.n, "sampler": method, "nfe": nfe_mean,

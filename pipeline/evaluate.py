@@ -36,7 +36,7 @@ import torch
 # the pieces live in these modules; their names have always been importable from here
 from .eval_bpd import bpd_offset, evaluate_bpd  # noqa: F401
 from .eval_common import (LEVELS, _atomic_write_text, _device, _is_main, _main_first,  # noqa: F401
-                          _rank_world, get_state, rank_test_batches, to_model_space)
+                          _rank_world, eval_pass, get_state, rank_test_batches, to_model_space)
 from .eval_fid import compute_ref_stats, evaluate_fid, make_generate_fn  # noqa: F401
 from .eval_runs import load_for_eval, resolve_eval_source  # noqa: F401
 from .fid import (FeatureExtractor, FeatureStats, MissingFileError, all_reduce_sum, barrier,  # noqa: F401
@@ -168,17 +168,11 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     r.add_argument("--feature-extractor", default=None, help="local TorchScript file (default: clean-fid Inception)")
     r.add_argument("--keep-features", type=int, default=10000, help="features stored for KID (0: none)")
 
-    try:
-        from .fpe import fpe_residual_by_t  # noqa: F401
-        have_fpe = True
-    except Exception:
-        have_fpe = False
-    if have_fpe:
-        e = sub.add_parser("fpe", help="FPE residual norm over a grid of times on test images")
-        common(e)
-        e.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
-        e.add_argument("--num-times", type=int, default=20, help="points of the t-grid in [fpe.t_min, fpe.t_max]")
-        e.add_argument("--max-samples", type=int, default=256)
+    e = sub.add_parser("fpe", help="FPE residual norm over a grid of times on test images")
+    common(e)
+    e.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
+    e.add_argument("--num-times", type=int, default=20, help="points of the t-grid in [fpe.t_min, fpe.t_max]")
+    e.add_argument("--max-samples", type=int, default=256)
     return p
 
 
@@ -316,9 +310,7 @@ def evaluate_fpe(model, cfg, sde, *, shards: Optional[str] = None, images: Optio
     sq_sum = torch.zeros(num_times, dtype=torch.float64)
     per_sum = torch.zeros(num_times, dtype=torch.float64)
     n_local = 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_pass(model):
         for k, u8 in rank_test_batches(images, shards, cfg.data.num_channels, bs, rank, world, max_samples):
             x0 = to_model_space(u8.to(dev), cfg.data.centered)
             g = torch.Generator(device=dev).manual_seed(seed_for(seed, k))
@@ -328,8 +320,6 @@ def evaluate_fpe(model, cfg, sde, *, shards: Optional[str] = None, images: Optio
             sq_sum += r["sq_norm"].detach().double().cpu() * u8.shape[0]
             per_sum += r["norm_per_sample"].detach().double().cpu() * u8.shape[0]
             n_local += u8.shape[0]
-    finally:
-        model.train(was_training)
     sq_sum, per_sum = all_reduce_sum(sq_sum), all_reduce_sum(per_sum)
     n = int(all_reduce_sum(torch.tensor([n_local], dtype=torch.int64)).item())
     if n == 0:
