@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fpe import mean_by_t_bucket
 from .models.layers import timestep_embedding
 from .sde import SDE, _bcast
 
@@ -98,20 +96,12 @@ def save_classifier(folder: str | Path, clf: NoiseConditionalClassifier, meta: d
     """Atomically write ``folder`` (weights + JSON); an existing folder is replaced whole."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    from .export import atomic_directory
+
+    with atomic_directory(folder) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(tmp / WEIGHTS))
         (tmp / META).write_text(json.dumps({**meta, "settings": clf.settings}, indent=1))
-        os.chmod(tmp, 0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def load_classifier(folder: str | Path, device="cpu") -> tuple[NoiseConditionalClassifier, dict]:
@@ -135,20 +125,18 @@ def accuracy_by_t(clf, sde: SDE, cfg, eps: float, *, max_samples: int, batch_siz
     from .data import build_eval_loader
 
     g = torch.Generator(device=device).manual_seed(seed)
-    edges = torch.linspace(eps, 1.0, n_buckets + 1)
-    hits, counts, seen = torch.zeros(n_buckets), torch.zeros(n_buckets), 0
+    ts, hits, seen = [], [], 0
     for images, labels, _ in build_eval_loader(cfg, batch_size=batch_size, num_workers=0):
         if seen >= max_samples:
             break
         images, labels = images[: max_samples - seen].to(device), labels[: max_samples - seen].to(device)
         seen += images.shape[0]
         _, correct, t = classifier_loss(clf, sde, images, labels, eps, g)
-        b = torch.bucketize(t.cpu(), edges[1:-1], right=True)
-        hits.index_add_(0, b, correct.float().cpu())
-        counts.index_add_(0, b, torch.ones_like(b, dtype=torch.float))
-    out = {f"acc_t{edges[i]:.2f}-{edges[i + 1]:.2f}": float(hits[i] / counts[i])
-           for i in range(n_buckets) if counts[i] > 0}
-    out["acc"] = float(hits.sum() / counts.sum().clamp_min(1))
+        ts.append(t)
+        hits.append(correct.float())
+    t, hit = torch.cat(ts), torch.cat(hits)
+    out = mean_by_t_bucket(t, hit, n_buckets, t_min=eps, t_max=1.0, prefix="acc")
+    out["acc"] = float(hit.mean())
     out["test_samples"] = seen
     return out
 

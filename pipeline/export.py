@@ -14,6 +14,7 @@ folder)`` returns ``(model, cfg)``; uploading is ``pipeline.hub``'s job.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -128,6 +129,29 @@ def _cpu_tensors(state_dict: Mapping) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def atomic_directory(dest: str | Path):
+    """Yield a fresh staging folder beside ``dest``; on success it replaces ``dest`` whole (an
+    old ``dest`` is moved aside first, then deleted), on any error it is removed and ``dest`` is
+    left as it was."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        old = None
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_export(export_dir: str | Path, ema_state_dict: Mapping, config_dict: Mapping,
                  metrics: Mapping | None = None, repo_id: str | None = None,
                  images: Mapping[str, str | Path] | None = None) -> Path:
@@ -140,13 +164,11 @@ def write_export(export_dir: str | Path, ema_state_dict: Mapping, config_dict: M
     from safetensors.torch import save_file
 
     export_dir = Path(export_dir)
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
     metrics = plain_json(dict(metrics or {}))
     config_dict = plain_json(dict(config_dict))
     if repo_id is None:
         repo_id = ((config_dict.get("hub") or {}).get("repo_id") or None)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
-    try:
+    with atomic_directory(export_dir) as tmp:
         meta = {"format": "pt", "producer": "fpdiff"}
         if metrics.get("step") is not None:
             meta["step"] = str(metrics["step"])
@@ -159,17 +181,6 @@ def write_export(export_dir: str | Path, ema_state_dict: Mapping, config_dict: M
                 shutil.copyfile(src, tmp / name)
                 shown.append(name)
         (tmp / CARD_NAME).write_text(model_card(config_dict, metrics, repo_id, shown))
-        os.chmod(tmp, 0o755)
-        old = None
-        if export_dir.exists():
-            old = export_dir.parent / f".{export_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(export_dir, old)
-        os.replace(tmp, export_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return export_dir
 
 

@@ -435,14 +435,15 @@ def fpe_residual_by_t(model, sde: SDE, x0: torch.Tensor, t_grid, *, n_probes: in
     return {"t": t_grid, "sq_norm": sq_t, "norm": sq_t.clamp_min(0).sqrt(), "norm_per_sample": torch.stack(per_out)}
 
 
-def residual_by_t_bucket(t: torch.Tensor, residual_norm: torch.Tensor, n_buckets: int = 4,
-                         t_min: float = 0.0, t_max: float = 1.0, prefix: str = "fpe/residual") -> dict:
-    """Mean residual norm per t-bucket, for logging: {"fpe/residual_t0.00-0.25": value, ...}.
+def mean_by_t_bucket(t: torch.Tensor, values: torch.Tensor, n_buckets: int = 4,
+                     t_min: float = 0.0, t_max: float = 1.0, prefix: str = "fpe/residual") -> dict:
+    """Mean of per-sample ``values`` per t-bucket, for logging (residual norms in training,
+    classifier accuracy): {"fpe/residual_t0.00-0.25": value, ...}.
 
     Buckets without samples are left out (sum them across ranks before dividing if needed).
     """
     t = t.detach().float().cpu()
-    r = residual_norm.detach().float().cpu()
+    r = values.detach().float().cpu()
     edges = torch.linspace(t_min, t_max, n_buckets + 1)
     b = torch.bucketize(t, edges[1:-1], right=True)
     out = {}

@@ -90,7 +90,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
 
     from .backends import build_backend
     from .data import build_train_loader, gather_state
-    from .fpe import FPERegularizer, residual_by_t_bucket
+    from .fpe import FPERegularizer, mean_by_t_bucket
     from .losses import DSMLoss
     from .models import build_model
     from .tracking import Tracker
@@ -250,7 +250,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
                        "lr": scheduler.get_last_lr()[0], "images_per_s": images_seen / (time.time() - t_start),
                        "skipped_steps": counters.skipped_steps, "corrupt_samples": counters.corrupt_samples}
             if residual_t:  # the residual is also a metric: its mean per t-bucket on this rank
-                metrics.update(residual_by_t_bucket(torch.cat(residual_t), torch.cat(residual_norm)))
+                metrics.update(mean_by_t_bucket(torch.cat(residual_t), torch.cat(residual_norm)))
                 residual_t, residual_norm = [], []
             counters.loss_curve.append([step, stats["dsm"] + stats["fpe"]])
             last_metrics = metrics

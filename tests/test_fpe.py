@@ -16,7 +16,7 @@ from mixture import GaussianMixture, TinyMLP, TinyUNet  # noqa: E402
 
 from pipeline.config import FPEConfig  # noqa: E402
 from pipeline.fpe import (FPERegularizer, draw_probes, fpe_residual_by_t, reference_scalar_term,  # noqa: E402
-                          residual_by_t_bucket, residual_estimates, score_and_dt, score_fpe_residual,
+                          mean_by_t_bucket, residual_estimates, score_and_dt, score_fpe_residual,
                           squared_norm_estimate, subsample_size)
 from pipeline.score import get_score_fn  # noqa: E402
 from pipeline.sde import SubVPSDE, VESDE, VPSDE  # noqa: E402
@@ -378,7 +378,7 @@ def test_residual_by_t_and_buckets():
     assert out["sq_norm"].shape == (3,) and out["norm"].shape == (3,)
     net_out = fpe_residual_by_t(TinyMLP(4), sde, x0, [0.1, 0.5, 0.9], generator=torch.Generator().manual_seed(0))
     assert (net_out["norm"] > 10 * out["norm"]).all()
-    logs = residual_by_t_bucket(torch.tensor([0.1, 0.2, 0.9]), torch.tensor([1.0, 3.0, 5.0]), n_buckets=2)
+    logs = mean_by_t_bucket(torch.tensor([0.1, 0.2, 0.9]), torch.tensor([1.0, 3.0, 5.0]), n_buckets=2)
     assert logs == {"fpe/residual_t0.00-0.50": 2.0, "fpe/residual_t0.50-1.00": 5.0}
 
 
