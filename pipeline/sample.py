@@ -81,7 +81,7 @@ def sample_main(argv: list[str] | None = None) -> int:
                     device=args.device, generator=g, progress=True)
     seconds = time.time() - t0
     grid = save_grid(x, out / "grid.png", centered=cfg.data.centered)
-    np.savez_compressed(out / "samples.npz", images=to_uint8(x, cfg.data.centered).cpu().numpy())
+    arrays = {"images": to_uint8(x, cfg.data.centered).cpu().numpy()}
     record = {"num_samples": args.num_samples, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
     if labels is not None:
@@ -92,8 +92,8 @@ def sample_main(argv: list[str] | None = None) -> int:
         record.update(class_labels=labels.tolist(), guidance_scale=args.guidance_scale,
                       classifier_agrees=float((logp.argmax(1) == labels).float().mean()),
                       classifier_log_prob=float(logp.gather(1, labels[:, None]).mean()))
-        np.savez_compressed(out / "samples.npz", images=to_uint8(x, cfg.data.centered).cpu().numpy(),
-                            labels=labels.cpu().numpy())
+        arrays["labels"] = labels.cpu().numpy()
+    np.savez_compressed(out / "samples.npz", **arrays)
     (out / "samples.json").write_text(json.dumps(record, indent=1))
     print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
     return 0
@@ -105,7 +105,7 @@ def _guided(args, score_fn, sde):
     from .controllable import classifier_guided_score
 
     folder = Path(args.classifier) if args.classifier else Path(args.run_dir) / "classifier"
-    clf, meta = load_classifier(folder, args.device)
+    clf, _ = load_classifier(folder, args.device)
     k = clf.settings["num_classes"]
     n = args.num_samples
     if args.class_label == "all":

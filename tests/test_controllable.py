@@ -182,11 +182,14 @@ def test_classifier_learns_mnist_and_guides_sampling(tmp_path, tiny_overrides, c
     import json
     import os
 
-    from pipeline.classifier import classifier_main, input_scale, load_classifier
+    import numpy as np
+
+    from pipeline.classifier import accuracy_by_t, classifier_main, load_classifier
     from pipeline.config import load_config, save_config
     from pipeline.hub import write_export
     from pipeline.models import build_model
     from pipeline.sample import sample_main
+    from pipeline.sde import build_sde
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "mnist_tiny.yaml"), tiny_overrides)
     run = tmp_path / "run"
@@ -198,11 +201,11 @@ def test_classifier_learns_mnist_and_guides_sampling(tmp_path, tiny_overrides, c
     low = meta["acc_t0.00-0.25"]
     assert low > 0.6, meta  # chance is 0.1
     assert low > meta["acc_t0.75-1.00"]  # at high noise the label is (nearly) gone
+    # the saved folder reloads to the same classifier: its test accuracies are reproduced exactly
     clf, _ = load_classifier(run / "classifier")
-    x, t = torch.rand(3, 1, 28, 28), torch.full((3,), 0.1)
-    from pipeline.sde import build_sde
-    sde = build_sde(cfg.sde)
-    assert clf(x, t, input_scale(sde, t)).shape == (3, 10)
+    again = accuracy_by_t(clf, build_sde(cfg.sde), cfg, cfg.training.eps, max_samples=400, batch_size=32,
+                          device="cpu")
+    assert all(again[k] == meta[k] for k in again), (again, meta)
 
     torch.manual_seed(0)
     write_export(run / "export", build_model(cfg).state_dict(), cfg.to_dict(), {"step": 1})
@@ -215,6 +218,7 @@ def test_classifier_learns_mnist_and_guides_sampling(tmp_path, tiny_overrides, c
                             "sampling.corrector=none"]) == 0
         rec = json.loads((out / "samples.json").read_text())
         assert rec["class_labels"] == [3] * 16
+        assert (np.load(out / "samples.npz")["labels"] == 3).all()
         assert 0 <= rec["classifier_agrees"] <= 1
         agree[scale] = rec["classifier_log_prob"]
     # an untrained score model: guidance cannot make digits, but it must raise log p(y | x)
