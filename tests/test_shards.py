@@ -134,3 +134,55 @@ def test_cli_and_mnist_reuse(tmp_path, capsys, mnist_shards):
     ld = ShardLoader(cfg, batch_size=100, exact_epochs=True, train=False)
     labels = [int(v) for _x, y, _k in ld for v in y]
     assert len(labels) == 500 and len(set(labels)) == 10
+
+
+def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
+    import gzip
+
+    header = bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
+    (gzip.open if gz else open)(path, "wb").write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("form", ["npz", "idx", "idx.gz"])
+def test_own_train_test_split_is_kept(tmp_path, form):
+    """keras' mnist.npz layout and the standard IDX files keep their split: every train image in
+    the train shards, every test image in the test shards, pixel for pixel."""
+    rng = np.random.default_rng(3)
+    xtr, xte = rng.integers(0, 256, (13, 5, 5), dtype=np.uint8), rng.integers(0, 256, (4, 5, 5), dtype=np.uint8)
+    ytr, yte = rng.integers(0, 10, 13), rng.integers(0, 10, 4)
+    if form == "npz":
+        src = tmp_path / "mnist.npz"
+        np.savez(src, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    else:
+        src = tmp_path / "raw"
+        src.mkdir()
+        gz = form.endswith(".gz")
+        sfx = ".gz" if gz else ""
+        for stem, a in (("train-images-idx3-ubyte", xtr), ("train-labels-idx1-ubyte", ytr),
+                        ("t10k-images-idx3-ubyte", xte), ("t10k-labels-idx1-ubyte", yte)):
+            _write_idx(src / (stem + sfx), a, gz)
+    res = write_shards(src, tmp_path / "o", "m", max_samples=5)
+    assert set(res) == {"train", "test"}
+    assert (res["train"]["num_samples"], res["test"]["num_samples"]) == (13, 4)
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        got = _read_all(tmp_path / "o", res[split])
+        offset = 0 if split == "train" else len(xtr)
+        assert sorted(int(k) - offset for k in got) == list(range(len(x)))
+        for k, (arr, lab) in got.items():
+            assert np.array_equal(arr[..., 0], x[int(k) - offset]) and lab == y[int(k) - offset]
+
+
+def test_idx_missing_and_truncated_files_fail_in_one_line(tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    _write_idx(src / "train-images-idx3-ubyte", np.zeros((3, 4, 4)), False)
+    with pytest.raises(ShardWriteError, match="missing train-labels-idx1-ubyte"):
+        write_shards(src, tmp_path / "o", "m")
+    for stem, a in (("train-labels-idx1-ubyte", np.zeros(3)), ("t10k-images-idx3-ubyte", np.zeros((2, 4, 4))),
+                    ("t10k-labels-idx1-ubyte", np.zeros(2))):
+        _write_idx(src / stem, a, False)
+    p = src / "t10k-images-idx3-ubyte"
+    p.write_bytes(p.read_bytes()[:-3])
+    with pytest.raises(ShardWriteError, match="t10k-images-idx3-ubyte: header says"):
+        write_shards(src, tmp_path / "o", "m")
+    assert not (tmp_path / "o").exists()
