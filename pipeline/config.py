@@ -119,6 +119,7 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (score_sde)
     seed: int = 0
     likelihood_weighting: bool = False
     reduce_mean: bool = True

@@ -65,6 +65,7 @@ class Counters:
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
     corrupt_samples: int = 0
+    ema_updates: int = 0  # the EMA's warm-up position
     loss_curve: list = field(default_factory=list)
 
 
@@ -120,7 +121,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     if tc.init_from:
         from .hub import load_weights_into
         load_weights_into(model, tc.init_from)
-    ema = EMA(model, tc.ema_decay)
+    ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
                                  eps=tc.adam_eps, weight_decay=tc.weight_decay)
     # stepped by hand once per optimizer step (through prepare it steps once per process)
@@ -222,7 +223,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         # clip + step; skipped when the all-reduced grad norm is non-finite (same on every rank)
         grad_norm, applied = backend.optimizer_step()
         if applied:
-            ema.update(raw_model)
+            ema.update(raw_model, counters.ema_updates)
+            counters.ema_updates += 1
             counters.consecutive_nonfinite = 0
         else:
             counters.skipped_steps += 1
