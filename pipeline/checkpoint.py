@@ -13,11 +13,14 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .config import ConfigError
 
 PREFIX = "step_"
 
@@ -26,8 +29,15 @@ def _tensors(sd: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read or written; the message names the file."""
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as plain ints and a tensor: optimizer.pt must load with weights_only=True
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -35,7 +45,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -79,15 +90,20 @@ def save_checkpoint(run_dir: str | Path, step: int, staging: Path | None = None,
     tmp = staging or staging_dir(run_dir, step)
     if staging is None:
         clear_staging(tmp)
-    save_file(_tensors(model_state), str(tmp / "model.safetensors"))
-    save_file(_tensors(ema_state), str(tmp / "ema.safetensors"))
-    torch.save({"optimizer": optimizer_state, **extra_state}, tmp / "optimizer.pt")
-    # state.json last: its presence marks a complete checkpoint
-    (tmp / "state.json").write_text(json.dumps({"step": step, **json_state}, indent=1))
-    for f in tmp.rglob("*"):  # flush before the rename makes it visible
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+    try:
+        save_file(_tensors(model_state), str(tmp / "model.safetensors"))
+        save_file(_tensors(ema_state), str(tmp / "ema.safetensors"))
+        torch.save({"optimizer": optimizer_state, **extra_state}, tmp / "optimizer.pt")
+        # state.json last: its presence marks a complete checkpoint
+        (tmp / "state.json").write_text(json.dumps({"step": step, **json_state}, indent=1))
+        for f in tmp.rglob("*"):  # flush before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except OSError as e:  # disk full, quota, permissions: drop the half-written checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: checkpoint not written ({e.strerror or e}); "
+                              f"the previous checkpoints are kept") from None
     if final.exists():
         old = root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -104,11 +120,77 @@ def save_checkpoint(run_dir: str | Path, step: int, staging: Path | None = None,
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Tensors and state of one checkpoint; ``optimizer.pt`` is read with ``weights_only=True``
+    (no code from a file). An unreadable file raises ``CheckpointError`` naming it."""
     path = Path(path)
-    out = {
-        "model": load_file(str(path / "model.safetensors"), device=str(map_location)),
-        "ema": load_file(str(path / "ema.safetensors"), device=str(map_location)),
-        "state": json.loads((path / "state.json").read_text()),
-    }
-    out.update(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False))
+    current = path / "state.json"
+    try:
+        out = {"state": json.loads(current.read_text())}
+        for key in ("model", "ema"):
+            current = path / f"{key}.safetensors"
+            out[key] = load_file(str(current), device=str(map_location))
+        current = path / "optimizer.pt"
+        out.update(torch.load(current, map_location=map_location, weights_only=True))
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, or a pickle with code in it
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{current}: unreadable checkpoint file ({type(e).__name__}: {first})") from None
     return out
+
+
+def load_for_resume(run_dir: str | Path, resume: str | None) -> tuple[Path | None, dict | None]:
+    """(checkpoint dir, its contents) to resume from: ``resume="auto"`` takes the newest complete
+    checkpoint that reads back, falling back (with a warning) past truncated ones; a path must
+    exist and read back."""
+    if not resume:
+        return None, None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise CheckpointError(f"--resume: {path} is not a checkpoint directory (no state.json)")
+        return path, load_checkpoint(path)
+    candidates = list_checkpoints(run_dir)[::-1]
+    for i, path in enumerate(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            if i + 1 == len(candidates):
+                raise
+            print(f"[fpdiff] warning: {e}; resuming from the previous checkpoint {candidates[i + 1].name}",
+                  file=sys.stderr, flush=True)
+    return None, None
+
+
+# files a training run writes into its run dir (what --overwrite removes)
+RUN_OUTPUTS = ("checkpoints", "export", "metrics.jsonl", "eval", "summary.json", "summary.txt",
+               "samples.png", "samples.npz", "STOP")
+
+
+def check_run_dir_free(run_dir: str | Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse to start a fresh run over an earlier one: its checkpoints would count as newer,
+    its metrics be cut and its export replaced by a different model."""
+    run_dir = Path(run_dir)
+    if resume or overwrite:
+        return
+    found = [n for n in ("checkpoints", "export", "metrics.jsonl") if (run_dir / n).exists()]
+    if found:
+        raise ConfigError(f"{run_dir}: holds an earlier run ({', '.join(found)}); continue it with --resume auto, "
+                          f"train into a new --run-dir, or replace it with --overwrite")
+
+
+def clear_run_outputs(run_dir: str | Path) -> None:
+    """``--overwrite``: remove an earlier run's outputs (other files in the run dir are left)."""
+    for name in RUN_OUTPUTS:
+        target = Path(run_dir) / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+
+
+def drop_checkpoints_after(run_dir: str | Path, step: int) -> Path | None:
+    """Delete checkpoints newer than ``step`` (written while training was going wrong); returns the
+    newest one left."""
+    for path in list_checkpoints(run_dir):
+        if int(path.name[len(PREFIX):]) > step:
+            shutil.rmtree(path, ignore_errors=True)
+    return latest_checkpoint(run_dir)

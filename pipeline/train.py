@@ -59,6 +59,10 @@ class StopRequest:
     def requested(self) -> bool:
         return self.flag or self.stop_file.exists()
 
+    def consume(self) -> None:
+        """The stop it asked for is done: a STOP file left behind would stop every resume at once."""
+        self.stop_file.unlink(missing_ok=True)
+
 
 @dataclass
 class Counters:
@@ -71,6 +75,14 @@ class Counters:
 
 def lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def set_base_lr(optimizer, scheduler, lr: float) -> None:
+    """After a resume: the configured training.lr, not the one stored in the checkpoint (a run
+    stopped for non-finite steps is resumed with a smaller one)."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]):
+        group["initial_lr"], group["lr"] = lr, lr * factor
 
 
 def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, progress: bool = True) -> Path:
@@ -86,7 +98,7 @@ def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, prog
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
-          deepspeed_config: str | None = None) -> int:
+          deepspeed_config: str | None = None, overwrite: bool = False) -> int:
     from tqdm.auto import tqdm
 
     from .backends import build_backend
@@ -97,6 +109,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     from .tracking import Tracker
 
     run_dir = Path(run_dir)
+    ckpt.check_run_dir_free(run_dir, resume, overwrite)
     stop = StopRequest(run_dir)  # first: a preemption signal during start-up must not kill the job
     backend = build_backend(cfg, deepspeed_config)
     rank, world, is_main, device = backend.rank, backend.world, backend.is_main, backend.device
@@ -105,15 +118,13 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         raise ConfigError(f"training.batch_size: {tc.batch_size} not divisible by processes x grad_accum "
                           f"({world} x {tc.grad_accum})")
     micro_bs = tc.batch_size // (world * tc.grad_accum)
+    if cfg.fpe.enabled and isinstance(cfg.fpe.subsample, int) and cfg.fpe.subsample > micro_bs and is_main:
+        say(f"fpe.subsample={cfg.fpe.subsample} exceeds the {micro_bs} samples of a micro-batch; "
+            f"regularizing all {micro_bs}")
     dist_state = SimpleNamespace(process_index=rank, num_processes=world, device=device)
     if cfg.eval.every:
         from .evaluate import check_eval_inputs, evaluate_in_training
         check_eval_inputs(cfg, dist_state)  # a missing Inception / reference file fails now, not mid-run
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    backend.barrier()
-
     # ---- model, EMA, optimizer, schedule
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     sde = build_sde(cfg.sde)
@@ -131,11 +142,14 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
 
     # ---- resume (weights before wrapping; optimizer state after, DeepSpeed's is partitioned)
     start_step, counters, loader_state = 0, Counters(), None
-    resume_from = ckpt.latest_checkpoint(run_dir) if resume == "auto" else (Path(resume) if resume else None)
+    resume_from, state = ckpt.load_for_resume(run_dir, resume)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+        except RuntimeError as e:
+            raise ConfigError(f"model: {resume_from} does not fit the model built from the config "
+                              f"({str(e).splitlines()[0][:200]})") from None
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["state"]["step"]
         loader_state = state["state"].get("loader")
@@ -149,6 +163,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     model, raw_model = backend.prepare(model, optimizer)
     if resume_from is not None:
         backend.load_state(resume_from, state)
+        set_base_lr(optimizer, scheduler, tc.lr)
     # DSM through the wrapper (DDP syncs these gradients); torch.compile only here: compiled
     # modules have no double backward, so the regularizer keeps using the raw module
     dsm_score_fn = get_score_fn(torch.compile(model, backend=tc.compile_backend) if tc.compile else model, sde)
@@ -159,6 +174,13 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
                                   world_size=world * tc.grad_accum, seed=tc.seed, state=loader_state)
                for micro in range(tc.grad_accum)]
     streams = [iter(loader) for loader in loaders]
+    # the run is known to start: only now is anything written into the run dir
+    if is_main:
+        if overwrite and resume is None:
+            ckpt.clear_run_outputs(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    backend.barrier()
 
     def loader_state_all_ranks() -> dict:
         # collective: every rank's exact reader positions, merged
@@ -238,9 +260,13 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         bar.update(1)
 
         if counters.consecutive_nonfinite >= tc.max_nonfinite:
+            streak_start = step - counters.consecutive_nonfinite
             if is_main:
+                kept = ckpt.drop_checkpoints_after(run_dir, streak_start)
                 say(f"stopping: {counters.consecutive_nonfinite} consecutive non-finite steps "
-                      f"(training.max_nonfinite={tc.max_nonfinite}); last good checkpoint kept")
+                    f"(training.max_nonfinite={tc.max_nonfinite}); "
+                    + (f"kept {kept.name}, the last checkpoint before the streak" if kept else
+                       "no checkpoint from before the streak exists"))
             exit_code = EXIT_NONFINITE
             break
 
@@ -263,13 +289,17 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             tracker.log(eval_metrics, step=step)
             last_metrics.update(eval_metrics)
         stop_now = backend.any(stop.requested())
-        if step % tc.ckpt_every == 0 or step == tc.n_steps or stop_now:
+        # no checkpoint during a non-finite streak: it may hold weights that diverged before it
+        if (step % tc.ckpt_every == 0 or step == tc.n_steps or stop_now) and not counters.consecutive_nonfinite:
             save(step)
             if pusher and cfg.hub.push_every and step % cfg.hub.push_every == 0 and step < tc.n_steps:
                 pusher.push(export(run_dir, cfg, ema, step, counters, last_metrics), f"step {step}")
         if stop_now and step < tc.n_steps:
             if is_main:
-                say(f"stop requested: checkpoint at step {step} written, exiting {EXIT_REQUEUE}")
+                stop.consume()
+                say(f"stop requested: checkpoint at step {step} "
+                    f"{'not written (non-finite streak)' if counters.consecutive_nonfinite else 'written'}, "
+                    f"exiting {EXIT_REQUEUE}")
             exit_code = EXIT_REQUEUE
             break
     bar.close()
@@ -318,6 +348,8 @@ def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<name>)")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --run-dir (its checkpoints, export, metrics) instead of refusing")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     p.add_argument("--deepspeed", default=None, metavar="JSON",
                    help="DeepSpeed ZeRO config (launch/ds_zero1.json, launch/ds_zero2.json); run under torchrun")
@@ -333,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
         return train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
-                     deepspeed_config=args.deepspeed)
+                     deepspeed_config=args.deepspeed, overwrite=args.overwrite)
+    except ckpt.CheckpointError as e:
+        print(f"fpdiff: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     except ConfigError as e:
         print(f"fpdiff: config error: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -28,3 +28,28 @@ def mnist_shards(tmp_path_factory):
 def tiny_overrides(mnist_shards):
     train, test = mnist_shards
     return [f"data.shards={train}", f"data.test_shards={test}", "logging.backend=none"]
+
+
+@pytest.fixture
+def poison_dsm_loss(monkeypatch):
+    """``poison_dsm_loss(after)``: every DSM loss after the first ``after`` calls is NaN (a
+    diverging run); ``poison_dsm_loss(None)`` restores the real loss."""
+    import pipeline.losses as losses
+
+    original = losses.DSMLoss.__call__
+
+    def poison(after):
+        if after is None:
+            monkeypatch.setattr(losses.DSMLoss, "__call__", original)
+            return
+        calls = {"n": 0}
+
+        def poisoned(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] > after:
+                out.loss = out.loss * float("nan")
+            return out
+
+        monkeypatch.setattr(losses.DSMLoss, "__call__", poisoned)
+    return poison

@@ -1,0 +1,165 @@
+"""Issue 12, training side: no code from checkpoint files, no silently damaged runs, one line
+(exit 2) instead of a traceback. Every test drives the real trainer on the tiny config."""
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import CONFIG_DIR
+from pipeline.train import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE, main
+
+TINY = str(CONFIG_DIR / "mnist_tiny.yaml")
+FAST = ["logging.backend=none", "training.log_every=1", "sampling.num_steps=2", "sampling.num_samples=4",
+        "fpe.enabled=false"]
+
+
+class ShellPayload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def run_train(run_dir, overrides, *extra):
+    return main(["--config", TINY, "--run-dir", str(run_dir), "--no-progress", *extra, *overrides])
+
+
+def one_line_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fpdiff:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, mnist_shards):
+    """A 4-step run with checkpoints at steps 2 and 4."""
+    overrides = [f"data.shards={mnist_shards[0]}", f"data.test_shards={mnist_shards[1]}", *FAST,
+                 "training.n_steps=4", "training.ckpt_every=2", "training.keep_last=5"]
+    run_dir = tmp_path_factory.mktemp("faults") / "run"
+    assert run_train(run_dir, overrides) == 0
+    return run_dir, overrides
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    run_dir, overrides = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy, overrides
+
+
+def ckpt_names(run_dir):
+    return [p.name for p in ckpt.list_checkpoints(run_dir)]
+
+
+def test_resume_runs_no_code_from_optimizer_pt(run_copy, tmp_path, capsys):
+    run_dir, overrides = run_copy
+    marker = tmp_path / "marker"
+    for path in ckpt.list_checkpoints(run_dir):
+        torch.save({"optimizer": ShellPayload(marker)}, path / "optimizer.pt")
+    code = run_train(run_dir, overrides + ["training.n_steps=6"], "--resume", "auto")
+    assert not marker.exists()
+    assert code == EXIT_BAD_CONFIG
+    assert "optimizer.pt" in one_line_error(capsys)
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    torch.save({"rng": state}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt"])
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(run_copy, capsys, name):
+    run_dir, overrides = run_copy
+    newest = ckpt.latest_checkpoint(run_dir)
+    data = (newest / name).read_bytes()
+    (newest / name).write_bytes(data[: len(data) // 2])
+    assert run_train(run_dir, overrides, "--resume", "auto") == 0
+    err = capsys.readouterr().err
+    assert f"{newest.name}/{name}" in err and "resuming from the previous checkpoint step_00000002" in err
+    assert "resumed from" in err and "step_00000002 at step 2" in err
+
+
+def test_resume_path_that_does_not_exist(run_copy, capsys):
+    run_dir, overrides = run_copy
+    assert run_train(run_dir, overrides, "--resume", str(run_dir / "nope")) == EXIT_BAD_CONFIG
+    assert "--resume" in one_line_error(capsys)
+
+
+def test_training_into_an_earlier_run_is_refused_unless_overwrite(run_copy, capsys):
+    run_dir, overrides = run_copy
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    assert run_train(run_dir, overrides + ["training.n_steps=2"]) == EXIT_BAD_CONFIG
+    assert "--resume auto" in one_line_error(capsys)
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+    # --overwrite replaces the earlier run whole: no step-4 checkpoint outranks the new step 2
+    assert run_train(run_dir, overrides + ["training.n_steps=2"], "--overwrite") == 0
+    assert ckpt_names(run_dir) == ["step_00000002"]
+    assert json.loads((run_dir / "export" / "metrics.json").read_text())["step"] == 2
+
+
+def test_failed_start_writes_nothing(run_copy, tmp_path, capsys):
+    fresh = tmp_path / "fresh"
+    assert run_train(fresh, FAST + ["data.shards=" + str(tmp_path / "missing.tar")]) == EXIT_BAD_CONFIG
+    assert "data.shards" in one_line_error(capsys)
+    assert not fresh.exists()
+    # a model that does not fit the checkpoint: one line, and the run's config.yaml is untouched
+    run_dir, overrides = run_copy
+    saved = (run_dir / "config.yaml").read_bytes()
+    assert run_train(run_dir, overrides + ["model.nf=32"], "--resume", "auto") == EXIT_BAD_CONFIG
+    assert "does not fit the model" in one_line_error(capsys)
+    assert (run_dir / "config.yaml").read_bytes() == saved
+
+
+def test_nonfinite_stop_keeps_the_checkpoint_from_before_the_streak(finished_run, tmp_path, poison_dsm_loss,
+                                                                     capsys):
+    """Step 3 on is non-finite: the checkpoint at step 4 (inside the streak) is not kept, and a
+    resume with a new training.lr trains with it, not with the checkpoint's."""
+    _, overrides = finished_run
+    run_dir = tmp_path / "run"
+    poison_dsm_loss(after=2)
+    common = overrides + ["training.n_steps=10", "training.ckpt_every=2", "training.max_nonfinite=3"]
+    assert run_train(run_dir, common + ["training.lr=1e-2"]) == EXIT_NONFINITE
+    assert ckpt_names(run_dir) == ["step_00000002"]
+    assert "kept step_00000002" in capsys.readouterr().err
+    poison_dsm_loss(None)
+    assert run_train(run_dir, common + ["training.lr=1e-3", "training.n_steps=5"], "--resume", "auto") == 0
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"lr"' in line][-1]
+    assert last["step"] == 5 and last["lr"] == pytest.approx(1e-3)  # the checkpoint's was 1e-2
+
+
+def test_stop_file_is_consumed_by_the_stop_it_asked_for(run_copy, capsys):
+    run_dir, overrides = run_copy
+    (run_dir / "STOP").touch()
+    assert run_train(run_dir, overrides + ["training.n_steps=6"], "--resume", "auto") == EXIT_REQUEUE
+    assert ckpt_names(run_dir)[-1] == "step_00000005" and not (run_dir / "STOP").exists()
+    assert run_train(run_dir, overrides + ["training.n_steps=6"], "--resume", "auto") == 0
+    assert ckpt_names(run_dir)[-1] == "step_00000006"
+
+
+def test_disk_full_while_saving_a_checkpoint(run_copy, monkeypatch, capsys):
+    run_dir, overrides = run_copy
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    assert run_train(run_dir, overrides + ["training.n_steps=5"], "--resume", "auto") == EXIT_BAD_CONFIG
+    line = one_line_error(capsys)
+    assert "step_00000005" in line and os.strerror(errno.ENOSPC) in line
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert ckpt_names(run_dir) == ["step_00000002", "step_00000004"]
