@@ -178,7 +178,7 @@ def train_classifier(cfg, out: Path, *, steps: int, batch_size: int, lr: float, 
 
 
 def classifier_main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_saved_config
 
     p = argparse.ArgumentParser(prog="fpdiff classifier", description=(
         "Train a time-dependent classifier p_t(y|x_t) on a run's shards (for `fpdiff sample --class-label`)."))
@@ -198,7 +198,7 @@ def classifier_main(argv: list[str] | None = None) -> int:
     try:
         if not (run / "config.yaml").is_file():
             raise FileNotFoundError(f"--run-dir {run}: no config.yaml there")
-        cfg = load_config(run / "config.yaml", args.overrides)
+        cfg = load_saved_config(run / "config.yaml", args.overrides)
         for name in ("steps", "batch_size", "nf", "num_classes", "eval_samples"):
             if getattr(args, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")

@@ -440,6 +440,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# keys whose value may be a ``pipe:`` URL, i.e. a shell command run to read the shards
+SHELL_URL_KEYS = ("data.shards", "data.test_shards", "data.index")
+
+
+def strip_shell_urls(cfg: Config, origin: str | Path, overridden: typing.Iterable[str] = ()) -> Config:
+    """Blank the ``pipe:`` URLs of a config read out of a run dir or an export (which may have been
+    downloaded): shell commands come only from the person typing the command (``overridden``
+    keys) or their own config file. Each one blanked is named on stderr."""
+    import sys
+
+    for key in SHELL_URL_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key not in overridden and "pipe:" in value:
+            setattr(getattr(cfg, section), name, "")
+            print(f"[fpdiff] warning: {origin}: {key} is a pipe: URL (a shell command), not run from a saved "
+                  f"config; pass the shards on the command line", file=sys.stderr, flush=True)
+    return cfg
+
+
+def load_saved_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """``load_config`` for the config.yaml of a run dir or an export: its ``pipe:`` URLs are dropped
+    (``strip_shell_urls``) unless given again as ``overrides``."""
+    cfg = load_config(path, overrides)
+    return strip_shell_urls(cfg, path, {key for key, _ in parse_overrides(overrides)})
+
+
 def config_from_dict(tree: dict) -> Config:
     cfg = _build(Config, tree, "")
     cfg.validate()

@@ -25,8 +25,18 @@ def _find_step(folder: Path) -> Optional[int]:
     return None
 
 
-def resolve_eval_source(path: str | Path) -> tuple[Path, Path, Path]:
-    """(weights file, config.yaml, run dir) for a run dir, its export/ or a checkpoint dir.
+def _run_of_export(export: Path) -> Optional[Path]:
+    """The run dir an export folder belongs to (``RUN/export``), or None for one on its own (a Hub
+    download in a cache, a copied folder): results must not land in the folder above those."""
+    run = export.parent
+    if export.name == "export" and ((run / "config.yaml").is_file() or (run / "checkpoints").is_dir()):
+        return run
+    return None
+
+
+def resolve_eval_source(path: str | Path) -> tuple[Path, Path, Optional[Path]]:
+    """(weights file, config.yaml, run dir or None) for a run dir, its export/, an export folder
+    on its own (run dir None) or a checkpoint dir.
 
     A run dir resolves to its newest complete checkpoint, else its export/ folder.
     """
@@ -39,7 +49,7 @@ def resolve_eval_source(path: str | Path) -> tuple[Path, Path, Path]:
         p = p.parent
     if (p / "ema.safetensors").is_file():
         if (p / "config.yaml").is_file():  # an export folder
-            return p / "ema.safetensors", p / "config.yaml", p.parent
+            return p / "ema.safetensors", p / "config.yaml", _run_of_export(p)
         if p.parent.name == "checkpoints" and (p.parents[1] / "config.yaml").is_file():
             return p / "ema.safetensors", p.parents[1] / "config.yaml", p.parents[1]
         raise FileNotFoundError(f"{p}: EMA weights found but no config.yaml beside them or in the run dir")
@@ -57,14 +67,20 @@ def load_for_eval(path: str | Path, device="cpu", overrides: Optional[list[str]]
     overrides applied to the run's saved config."""
     from safetensors.torch import load_file
 
-    from .config import load_config
+    from .config import load_saved_config
     from .models import build_model
 
     weights, cfg_path, _ = resolve_eval_source(path)
-    cfg = load_config(cfg_path, overrides)
+    cfg = load_saved_config(cfg_path, overrides)
     from .hub import load_state_into
 
     model = build_model(cfg)
-    load_state_into(model, load_file(str(weights), device="cpu"), source=str(weights))
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as e:  # noqa: BLE001 - truncated or not a safetensors file
+        from .config import ConfigError
+        raise ConfigError(f"{weights}: unreadable weights file ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    load_state_into(model, state, source=str(weights))
     model.to(device).eval().requires_grad_(False)
     return model, cfg, _find_step(weights.parent)

@@ -176,9 +176,8 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     return p
 
 
-def _default_out(run_dir: Optional[Path], metric: str, step) -> Path:
-    base = run_dir / "eval" if run_dir is not None else Path("eval")
-    return base / f"{metric}-step{step if step is not None else 'unknown'}.json"
+def _default_out(run_dir: Path, metric: str, step) -> Path:
+    return run_dir / "eval" / f"{metric}-step{step if step is not None else 'unknown'}.json"
 
 
 def _print_err(state, msg: str) -> None:
@@ -236,12 +235,15 @@ def _cmd_run(args, state) -> int:
     rank, world = _rank_world(state)
     dev = _device(state, args.device)
     _, _, run_dir = resolve_eval_source(args.run)
+    if run_dir is None and not args.out:  # results go beside the weights' run, never into the folder above
+        from .config import ConfigError
+        raise ConfigError(f"--out: {args.run} is an export folder outside a run dir; name the results file with --out")
     # start-up checks before anything is loaded or written
     fe_path = ref_path = None
     if args.cmd == "fid":
-        from .config import load_config
+        from .config import load_saved_config
         _, cfg_path, _ = resolve_eval_source(args.run)
-        cfg0 = load_config(cfg_path, args.overrides)
+        cfg0 = load_saved_config(cfg_path, args.overrides)
         fe_spec = args.feature_extractor or cfg0.eval.feature_extractor or None
         fe_path = _main_first(state, lambda dl: check_feature_extractor(fe_spec, download=dl))
         ref_path = _main_first(state, lambda dl: check_ref_stats(args.ref_stats or cfg0.eval.ref_stats,

@@ -249,7 +249,7 @@ def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revisio
     """
     from safetensors.torch import load_file
 
-    from .config import config_from_dict
+    from .config import config_from_dict, strip_shell_urls
     from .models import build_model
 
     folder = _resolve_folder(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
@@ -258,7 +258,7 @@ def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revisio
     for f in (cfg_path, w_path):
         if not f.is_file():
             raise FileNotFoundError(f"{path_or_repo_id}: missing {f.name}")
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()) or {})
+    cfg = strip_shell_urls(config_from_dict(yaml.safe_load(cfg_path.read_text()) or {}), cfg_path)
     model = build_model(cfg)
     load_state_into(model, load_file(str(w_path), device="cpu"), source=str(path_or_repo_id))
     return model.to(device).eval(), cfg

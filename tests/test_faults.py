@@ -163,3 +163,58 @@ def test_disk_full_while_saving_a_checkpoint(run_copy, monkeypatch, capsys):
     assert "step_00000005" in line and os.strerror(errno.ENOSPC) in line
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     assert ckpt_names(run_dir) == ["step_00000002", "step_00000004"]
+
+
+# --------------------------------------------------------------------------- eval on saved configs
+def run_eval(*argv):
+    from pipeline.evaluate import evaluate_main
+
+    return evaluate_main(list(argv))
+
+
+FPE_EVAL = ["--max-samples", "4", "--num-times", "2", "--batch-size", "4", "--no-progress"]
+
+
+def test_eval_runs_no_pipe_url_from_a_saved_config(run_copy, tmp_path, capsys):
+    """An export (as downloaded) whose config.yaml names its test shards by a shell command."""
+    run_dir, overrides = run_copy
+    marker = tmp_path / "marker"
+    test_shard = overrides[1].split("=", 1)[1]
+    export = tmp_path / "download" / "snapshot"
+    shutil.copytree(run_dir / "export", export)
+    config = (export / "config.yaml").read_text()
+    assert config.count(test_shard) == 1
+    (export / "config.yaml").write_text(config.replace(test_shard, f"'pipe:touch {marker}; cat {test_shard}'"))
+    out = tmp_path / "fpe.json"
+    assert run_eval("fpe", str(export), "--out", str(out), *FPE_EVAL) == EXIT_BAD_CONFIG
+    assert not marker.exists() and not out.exists()
+    assert "data.test_shards is a pipe: URL" in capsys.readouterr().err
+    # the person typing the command may name the shards, a pipe: URL included
+    assert run_eval("fpe", str(export), "--out", str(out), "--shards", test_shard, *FPE_EVAL) == 0
+    assert out.is_file() and not marker.exists()
+
+
+def test_eval_of_an_export_on_its_own_writes_only_to_out(run_copy, tmp_path, capsys):
+    run_dir, _ = run_copy
+    cache = tmp_path / "cache"
+    shutil.copytree(run_dir / "export", cache / "snapshot")
+    before = sorted(cache.rglob("*"))
+    assert run_eval("fpe", str(cache / "snapshot"), *FPE_EVAL) == EXIT_BAD_CONFIG
+    assert "--out" in capsys.readouterr().err
+    assert sorted(cache.rglob("*")) == before
+    out = tmp_path / "results" / "fpe.json"
+    assert run_eval("fpe", str(cache / "snapshot"), "--out", str(out), *FPE_EVAL) == 0
+    assert out.is_file() and sorted(cache.rglob("*")) == before
+    # a run's own export still writes into the run
+    assert run_eval("fpe", str(run_dir / "export"), *FPE_EVAL) == 0
+    assert (run_dir / "eval" / "fpe-step4.json").is_file() and "fpe" in (run_dir / "summary.txt").read_text()
+
+
+def test_eval_bpd_on_a_truncated_ema_file(run_copy, capsys):
+    run_dir, _ = run_copy
+    ema = ckpt.latest_checkpoint(run_dir) / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:1000])
+    assert run_eval("bpd", str(run_dir), "--max-samples", "2", "--no-progress") == EXIT_BAD_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "ema.safetensors" in err
+    assert not (run_dir / "eval").exists()
