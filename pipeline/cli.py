@@ -22,6 +22,8 @@ commands:
                 class-conditional sampling
   classifier    train a time-dependent classifier on a run's data (for `sample --class-label`)
   push          upload a run's exported EMA weights, config and model card to the Hugging Face Hub
+  import        import score-sde CHECKPOINT --config NAME --out RUN_DIR: a score_sde / FP-Diffusion
+                checkpoint as an fpdiff run directory (sample, eval, push, fine-tune from it)
 
 `fpdiff <command> --help` shows each command's options.
 """
@@ -84,6 +86,9 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
     if cmd == "push":
         from .hub import push_main
         return push_main(argv)
+    if cmd == "import":
+        from .score_sde_import import import_main
+        return import_main(argv)
     print(f"fpdiff: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -3,11 +3,9 @@
 Forward signature ``model(x, labels)``: labels = σ(t) for the VE SDE (Fourier embedding
 of log σ; output divided by σ when ``model.scale_by_sigma``), 999·t for VP / sub-VP
 (positional embedding; the network predicts noise). ``pipeline.score`` turns outputs into
-scores.
+scores; ``pipeline.score_sde_import`` loads score_sde_pytorch checkpoints into these networks.
 """
 from __future__ import annotations
-
-from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -15,7 +13,7 @@ import torch.nn as nn
 from ..config import Config, ConfigError
 from .ncsnpp import NCSNpp
 
-__all__ = ["NCSNpp", "build_model", "count_parameters", "load_score_sde_state_dict", "score_sde_ema_state_dict"]
+__all__ = ["NCSNpp", "build_model", "count_parameters"]
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -55,27 +53,3 @@ def build_model(cfg: Config) -> nn.Module:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (works on the meta device)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def load_score_sde_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True):
-    """Load a score_sde_pytorch state dict (``checkpoint['model']`` or ``['ema']``-applied
-    weights): strips the ``module.`` prefix its DataParallel wrapper adds. The model
-    must be built with the matching config (and ``data.centered`` as in that config)."""
-    cleaned = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    return model.load_state_dict(cleaned, strict=strict)
-
-
-def score_sde_ema_state_dict(model: nn.Module, shadow_params) -> dict[str, torch.Tensor]:
-    """Map score_sde's EMA (``checkpoint['ema']['shadow_params']``: a list over the
-    trainable parameters in ``model.parameters()`` order) to a state dict for ``model``
-    (frozen parameters such as the Fourier ``W`` keep the model's current value)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    shadow = list(shadow_params)
-    if len(shadow) != len(names):
-        raise ValueError(f"EMA has {len(shadow)} tensors, the model {len(names)} trainable parameters")
-    state = dict(model.state_dict())
-    for n, t in zip(names, shadow):
-        if tuple(t.shape) != tuple(state[n].shape):
-            raise ValueError(f"EMA tensor for {n}: shape {tuple(t.shape)} != {tuple(state[n].shape)}")
-        state[n] = t
-    return state

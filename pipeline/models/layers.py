@@ -107,11 +107,11 @@ class Combine(nn.Module):
 
     def __init__(self, dim1: int, dim2: int, method: str = "cat"):
         super().__init__()
-        self.Conv = conv1x1(dim1, dim2)
+        self.Conv_0 = conv1x1(dim1, dim2)
         self.method = method
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.Conv(x)
+        h = self.Conv_0(x)
         return torch.cat([h, y], dim=1) if self.method == "cat" else h + y
 
 

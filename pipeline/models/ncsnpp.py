@@ -6,10 +6,12 @@ NCSN++ (VE): Gaussian Fourier embedding of log σ (the label is σ(t)); with
 GroupNorm + SiLU, self-attention at chosen resolutions, optional FIR resampling and
 progressive input/output pyramids (Song et al. 2021, Appendix H).
 
-All submodules sit in one ``all_modules`` ModuleList in the order score_sde_pytorch's
-``NCSNpp`` creates them, so its released CIFAR-10 checkpoints load by key (see
-``pipeline.models.load_score_sde_state_dict``). ``forward`` walks that list in the
-same order it was built.
+All submodules with weights sit in one ``all_modules`` ModuleList in the order
+score_sde_pytorch's ``NCSNpp`` creates them, so its released checkpoints load by key (see
+``pipeline.score_sde_import``). As there, the parameter-free pyramid resamplers of
+``progressive='output_skip'`` / ``progressive_input='input_skip'`` are single attributes
+outside the list (they take no index), while the convolutional ``residual`` ones are list
+entries. ``forward`` walks the list in the order it was built.
 """
 from __future__ import annotations
 
@@ -73,6 +75,11 @@ class NCSNpp(nn.Module):
             resblock = partial(layers.ResnetBlockBigGAN, act=act, dropout=dropout, fir=fir, fir_kernel=fir_kernel,
                                init_scale=init_scale, skip_rescale=skip_rescale, temb_dim=4 * nf)
 
+        # parameter-free pyramid resamplers live outside ``all_modules`` (score_sde's layout)
+        if progressive_input == "input_skip":
+            self.pyramid_downsample = pyramid_down(in_ch=channels)
+        if progressive == "output_skip":
+            self.pyramid_upsample = pyramid_up(in_ch=channels)
         modules: list[nn.Module] = []
         # time / noise-level embedding, then a 2-layer MLP to 4·nf
         if embedding_type == "fourier":
@@ -102,7 +109,6 @@ class NCSNpp(nn.Module):
                 else:
                     modules.append(resblock(down=True, in_ch=in_ch))
                 if progressive_input == "input_skip":
-                    modules.append(pyramid_down(in_ch=pyramid_ch))
                     modules.append(combine(dim1=pyramid_ch, dim2=in_ch))
                     if progressive_combine == "cat":
                         in_ch *= 2
@@ -136,7 +142,6 @@ class NCSNpp(nn.Module):
                         modules.append(layers.conv3x3(in_ch, in_ch, bias=True))
                         pyramid_ch = in_ch
                 elif progressive == "output_skip":
-                    modules.append(pyramid_up(in_ch=pyramid_ch))
                     modules.append(layers.group_norm(in_ch))
                     modules.append(layers.conv3x3(in_ch, channels, bias=True, init_scale=init_scale))
                     pyramid_ch = channels
@@ -194,7 +199,7 @@ class NCSNpp(nn.Module):
                 else:
                     h = next(mods)(hs[-1], temb)
                 if self.progressive_input == "input_skip":
-                    input_pyramid = next(mods)(input_pyramid)
+                    input_pyramid = self.pyramid_downsample(input_pyramid)
                     h = next(mods)(input_pyramid, h)
                 elif self.progressive_input == "residual":
                     input_pyramid = self._merge(next(mods)(input_pyramid), h)
@@ -218,8 +223,7 @@ class NCSNpp(nn.Module):
                 if i_level == self.num_resolutions - 1:
                     pyramid = self._norm_act_conv(mods, h)
                 elif self.progressive == "output_skip":
-                    pyramid = next(mods)(pyramid)
-                    pyramid = pyramid + self._norm_act_conv(mods, h)
+                    pyramid = self.pyramid_upsample(pyramid) + self._norm_act_conv(mods, h)
                 else:
                     pyramid = self._merge(next(mods)(pyramid), h)
                     h = pyramid
