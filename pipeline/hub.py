@@ -29,6 +29,9 @@ from .export import (CARD_NAME, CONFIG_NAME, EXPORT_FILES, EXPORT_SUBDIR, METRIC
 
 logger = logging.getLogger(__name__)
 
+# what an upload takes from an export folder, nothing else (no symlinks, no stray files)
+EXPORT_UPLOADS = EXPORT_FILES + ("samples.png",)
+
 
 # ============================================================================ push
 def _is_retryable(exc: BaseException) -> bool:
@@ -158,18 +161,19 @@ class HubPusher:
     # ------------------------------------------------------------------ internals
     @staticmethod
     def _snapshot(folder: Path) -> Path:
-        """Hard-link (copy where linking fails) the folder's files into a private staging dir,
-        so the trainer may rewrite the export while the upload runs."""
+        """Hard-link (copy where linking fails) the export's own files (``EXPORT_UPLOADS``, regular
+        files, not symlinks) into a private staging dir, so the trainer may rewrite the export
+        while the upload runs."""
         try:  # next to the folder: same file system, so hard links work
             staging = Path(tempfile.mkdtemp(prefix=".push-", dir=folder.parent))
         except OSError:
             staging = Path(tempfile.mkdtemp(prefix="fpdiff-push-"))
         try:
-            for src in folder.rglob("*"):
-                if src.name.startswith(".") or not src.is_file():
+            for name in EXPORT_UPLOADS:
+                src = folder / name
+                if src.is_symlink() or not src.is_file():
                     continue
-                dst = staging / src.relative_to(folder)
-                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst = staging / name
                 try:
                     os.link(src, dst)
                 except OSError:

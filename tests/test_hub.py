@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -365,3 +366,19 @@ def test_push_main_cli(fake_hub, tmp_path, capsys):
     rc = hub.push_main([str(tmp_path / "empty_run"), "--repo-id", "bob/x", "--endpoint", fake_hub.url])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err.count("\n") == 0 and "no export in" in err
+
+
+def test_push_uploads_only_the_export_files_never_symlinks(fake_hub, tmp_path, capsys):
+    """A link to a file outside the export, stray files and folders are not uploaded."""
+    export, _, _ = tiny_export(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside the export")
+    (export / "notes.txt").symlink_to(secret)
+    (export / "extra.bin").write_bytes(b"x")
+    (export / "sub").mkdir()
+    (export / "sub" / "y.txt").write_text("y")
+    os.replace(export / "metrics.json", tmp_path / "metrics.json")
+    (export / "metrics.json").symlink_to(tmp_path / "metrics.json")  # even a known name, as a link
+    rc = hub.push_main([str(export.parent), "--repo-id", "bob/links", "--endpoint", fake_hub.url, "--token", TOKEN])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(fake_hub.commits[-1]["files"]) == sorted(set(hub.EXPORT_FILES) - {"metrics.json"})
