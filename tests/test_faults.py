@@ -218,3 +218,57 @@ def test_eval_bpd_on_a_truncated_ema_file(run_copy, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "ema.safetensors" in err
     assert not (run_dir / "eval").exists()
+
+
+# --------------------------------------------------------------------------- fpdiff data shards
+def write_images(folder, n=3):
+    from PIL import Image
+
+    (folder / "a").mkdir(parents=True)
+    for i in range(n):
+        Image.new("L", (8, 8), 40 * i).save(folder / "a" / f"{i}.png")
+
+
+def shards_cli(*argv):
+    from pipeline.shards import shards_main
+
+    return shards_main([str(a) for a in argv])
+
+
+def test_cifar_batches_run_no_code(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+
+    marker = tmp_path / "marker"
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    batch = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3], b"batch_label": b"b1"}
+    (cifar / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
+    (cifar / "test_batch").write_bytes(pickle.dumps({**batch, b"labels": ShellPayload(marker)}, protocol=2))
+    out = tmp_path / "out"
+    assert shards_cli(cifar, "--out", out) == 2
+    assert not marker.exists()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "test_batch" in err and "refused" in err
+    assert not out.exists() or not list(out.iterdir())
+    # a plain batch (arrays, lists, bytes) still reads
+    (cifar / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    assert shards_cli(cifar, "--out", out) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == ["cifar-10-batches-py-test.json",
+                                                         "cifar-10-batches-py-train.json"]
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "broken_symlink"])
+def test_image_folder_with_a_bad_file(tmp_path, capsys, fault):
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_images(images)
+    bad = images / "a" / "9.png"
+    if fault == "corrupt":
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    else:
+        bad.symlink_to(tmp_path / "gone.png")
+    assert shards_cli(images, "--out", out, "--max-samples", "1", "--no-shuffle") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err
+    assert not out.exists() or not list(out.iterdir())  # no shard, no .tmp, no index
