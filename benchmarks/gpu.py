@@ -79,7 +79,7 @@ NOTES = {
     "channels_last": "not measured: the trainer has no channels-last option (no config key; pipeline/config.py, "
                      "pipeline/train.py)",
     "tf32": "the trainer has no TF32 switch and runs with torch's defaults (cuDNN convolutions TF32 on, matmul "
-            "TF32 off); rows 'fp32' turn both off, 'tf32' both on (torch.backends flags)",
+            "TF32 off): rows 'default'; rows 'fp32' turn both off, 'tf32' both on (torch.backends flags)",
     "compile": "training.compile=true compiles the DSM path only (the regularizer runs the raw module: compiled "
                "modules have no double backward); compile time is in 'first_call_s', not in the step time",
     "fpe_precision": "the regularizer always runs in fp32 with autocast off and the math attention kernel; "
@@ -342,6 +342,7 @@ def fpe_row(b: Bench, name: str, precision: str, subsample, batch: int, iters: i
         while True:
             sub = subsample if k == subsample_size(subsample, batch) else k
             cfg = load(name, b.a.tiny, ["fpe.enabled=true", f"training.mixed_precision={mp}", f"fpe.subsample={sub}"])
+            oom = False
             try:
                 with precision_flags(precision):
                     step = TrainStep(cfg, b.device, batch)
@@ -349,11 +350,13 @@ def fpe_row(b: Bench, name: str, precision: str, subsample, batch: int, iters: i
                                 iters, deadline)
                 break
             except torch.OutOfMemoryError:
+                if subsample != 1.0 or k <= 8:
+                    raise
+                oom = True
+            if oom:  # outside the except block: its traceback's frames no longer hold the tensors
                 step = None
                 b.cleanup()
                 ooms.append(k)
-                if subsample != 1.0 or k <= 8:
-                    raise
                 k //= 2
         d, g = r["dsm"], r["regularized"]
         return {"k": subsample_size(cfg.fpe.subsample, batch), "batch": batch, "subsample": cfg.fpe.subsample,
@@ -491,6 +494,7 @@ def ddp_row(b: Bench, name: str, precision: str, batch: int, iters: int, warmup:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    os.path.abspath(__file__), "--ddp-child", res, "--ddp-model", name, "--ddp-precision", precision,
                    "--ddp-batch", str(batch), "--ddp-iters", str(iters), "--ddp-warmup", str(warmup)]
+            cmd += ["--tiny"] if b.a.tiny else []
             subprocess.run(cmd, check=True, timeout=max(10.0, deadline - time.monotonic() + 30))
             with open(res) as f:
                 return json.load(f)
@@ -499,15 +503,17 @@ def ddp_row(b: Bench, name: str, precision: str, batch: int, iters: int, warmup:
 
 def ddp_child(a):
     import torch.distributed as dist
-    dist.init_process_group("nccl")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")  # gloo: the CPU smoke check (--force-ddp)
     rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    torch.cuda.set_device(device)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     mp, _ = PRECISIONS[a.ddp_precision]
-    cfg = load(a.ddp_model, False, ["fpe.enabled=false", f"training.mixed_precision={mp}"])
+    cfg = load(a.ddp_model, a.tiny, ["fpe.enabled=false", f"training.mixed_precision={mp}"])
     with precision_flags(a.ddp_precision):
         step = TrainStep(cfg, device, a.ddp_batch // 2)  # global batch split over the 2 ranks
-        ddp = torch.nn.parallel.DistributedDataParallel(step.model, device_ids=[device.index])
+        ddp = torch.nn.parallel.DistributedDataParallel(step.model, device_ids=[device.index] if cuda else None)
         step.score = get_score_fn(ddp, step.sde)
         r = measure(Clock(device), {"dsm": step}, a.ddp_warmup, a.ddp_iters, time.monotonic() + 60)["dsm"]
     if rank == 0:
@@ -543,7 +549,7 @@ def plan(b: Bench):
     rows.append(("sample/ddpmpp/pc", 20 if tiny else 75, pc_row(b, "ddpmpp", eb, 10 if tiny else 1000, 4 if tiny else 20)))
     rows.append(("sample/ddpmpp/ode", 20 if tiny else 45, ode_row(b, "ddpmpp", eb, tol, False)))
     rows.append(("bpd/ddpmpp", 20 if tiny else 45, ode_row(b, "ddpmpp", eb, tol, True)))
-    if not tiny and b.meta["gpu_count"] >= 2 and b.device.type == "cuda":
+    if (not tiny and b.meta["gpu_count"] >= 2 and b.device.type == "cuda") or a.force_ddp:
         for p in ("bf16", "fp32"):
             rows.append((f"ddp2/ddpmpp/{p}", 90, ddp_row(b, "ddpmpp", p, B, it, wu)))
     fpe_ncsn = (f"fpe/ncsnpp_deep/default/default_subsample", 30 if tiny else 60,
@@ -623,6 +629,7 @@ def main(argv=None):
                     "(default: inductor; --tiny on a CPU: eager, i.e. dynamo without code generation)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
     ap.add_argument("--fail-row", action="append", default=[], dest="fail_rows", help=argparse.SUPPRESS)
+    ap.add_argument("--force-ddp", action="store_true", help=argparse.SUPPRESS)  # plan the 2-process rows anyway
     ap.add_argument("--ddp-child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--ddp-model", default="ddpmpp", help=argparse.SUPPRESS)
     ap.add_argument("--ddp-precision", default="bf16", help=argparse.SUPPRESS)

@@ -128,3 +128,22 @@ def test_row_budget_is_enforced_and_json_written_after_each_row(tmp_path):
     doc = json.loads(out.read_text())  # written before the run's end: a cut run keeps its rows
     assert [r["status"] for r in doc["rows"]] == ["error", "ok"]
     assert "budget" in doc["rows"][0]["error"] and doc["meta"]["complete"] is False
+
+
+def test_whole_batch_row_halves_k_on_out_of_memory(tmp_path, monkeypatch):
+    import torch
+    spec = importlib.util.spec_from_file_location("gpu_bench2", SCRIPT)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    real = gpu.TrainStep.__init__
+
+    def init(self, cfg, device, batch):  # a device that holds the regularizer's graph for k <= 8 only
+        if gpu.subsample_size(cfg.fpe.subsample, batch) > 8:
+            raise torch.OutOfMemoryError("simulated")
+        real(self, cfg, device, batch)
+    monkeypatch.setattr(gpu.TrainStep, "__init__", init)
+    b = gpu.Bench(Namespace(device="cpu", tiny=True, budget_s=60.0, out=str(tmp_path / "o.json"), fail_rows=[]))
+    b.run("fpe/whole", 60.0, gpu.fpe_row(b, "ddpmpp", "default", 1.0, 32, 1, 1))
+    r = b.rows[0]
+    assert r["status"] == "ok", r
+    assert r["oom_at_k"] == [32, 16] and r["k"] == 8 and r["batch"] == 32 and r["ratio"] > 1
