@@ -10,6 +10,10 @@
   unknown pixels follow the unconditional reverse SDE. The last step is taken without noise from
   the current state and the known pixels end exactly at the data (score_sde's inpainter returns
   its noisy x as the final "mean" instead).
+* Colorization: the same imputation in an orthogonal colour basis whose first axis is the gray
+  direction (1, 1, 1)/√3 (score_sde's method): the gray coordinate √3·mean_c(x) is the known
+  "pixel", kept at the gray image perturbed to time t, the two chroma coordinates are generated.
+  The output's channel mean equals the gray input.
 """
 from __future__ import annotations
 
@@ -23,6 +27,19 @@ from .sde import SDE, _bcast
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LogProbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 MASKS = ("left", "right", "top", "bottom", "center", "random")
+
+
+def color_basis(dtype=torch.float32, device=None) -> torch.Tensor:
+    """Orthogonal 3x3 M whose columns are the new axes: gray (1,1,1)/√3, then (-2,1,1)/√6 and
+    (0,1,-1)/√2. Coordinates: ``to_basis(x, M)``; back: ``to_basis(y, M.T)``."""
+    r3, r6, r2 = 3 ** 0.5, 6 ** 0.5, 2 ** 0.5
+    m = [[1 / r3, -2 / r6, 0.0], [1 / r3, 1 / r6, 1 / r2], [1 / r3, 1 / r6, -1 / r2]]
+    return torch.tensor(m, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def to_basis(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Channel coordinates of x (B, C, ...) in the basis of m's columns: y_j = Σ_i x_i m_ij."""
+    return torch.einsum("bi...,ij->bj...", x, m.to(x.dtype))
 
 
 def classifier_guided_score(score_fn: ScoreFn, log_prob: LogProbFn, y: torch.Tensor,
@@ -66,6 +83,33 @@ def inpaint(score_fn: ScoreFn, sde: SDE, data: torch.Tensor, mask: torch.Tensor,
     constraint = inpaint_constraint(sde, data, mask, generator)
     return pc_sample(score_fn, sde, tuple(data.shape), device=data.device, dtype=data.dtype,
                      generator=generator, constraint=constraint, **pc_kwargs)
+
+
+def colorize_inputs(gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, mask) in ``color_basis`` coordinates for a gray image (B, 1 or 3, ...) in model
+    space (3 channels: their mean is the gray value): coordinate 0 known, = √3 · gray."""
+    g = gray.mean(1, keepdim=True)
+    data = torch.cat([g * 3 ** 0.5, torch.zeros_like(g), torch.zeros_like(g)], 1)
+    mask = torch.zeros((1, 3) + (1,) * (gray.dim() - 2), dtype=gray.dtype, device=gray.device)
+    mask[:, 0] = 1
+    return data, mask
+
+
+@torch.no_grad()
+def colorize(score_fn: ScoreFn, sde: SDE, gray: torch.Tensor, *, generator: Optional[torch.Generator] = None,
+             **pc_kwargs) -> tuple[torch.Tensor, int]:
+    """Colour images (B, 3, ...) whose channel mean is ``gray`` (B, 1 or 3, ...; model space);
+    returns (x, nfe). ``pc_kwargs`` go to ``pc_sample``."""
+    m = color_basis(gray.dtype, gray.device)
+    data, mask = colorize_inputs(gray)
+    known = inpaint_constraint(sde, data, mask, generator)
+
+    def constraint(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return to_basis(known(to_basis(x, m), t), m.T)
+
+    shape = (gray.shape[0], 3) + tuple(gray.shape[2:])
+    return pc_sample(score_fn, sde, shape, device=gray.device, dtype=gray.dtype, generator=generator,
+                     constraint=constraint, **pc_kwargs)
 
 
 def make_mask(kind: str, shape, *, generator: Optional[torch.Generator] = None,

@@ -1,6 +1,7 @@
 """Sampling stage: ``fpdiff sample --run-dir RUN`` draws samples with the EMA weights
 and writes a PNG grid, the samples as uint8 ``.npz`` and a JSON record. ``--inpaint MASK``
-fills in the hidden part of the first test images instead (``pipeline.controllable``)."""
+fills in the hidden part of the first test images instead, ``--colorize`` colours their gray
+versions (``pipeline.controllable``)."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,9 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--inpaint", default=None, metavar="MASK",
                    help="inpaint the first test images: left, right, top, bottom (the half kept), center "
                         "(hide the central square) or random (keep half the pixels); PC sampler only")
+    p.add_argument("--colorize", action="store_true",
+                   help="colorize the gray versions (channel mean) of the first test images; 3-channel models, "
+                        "PC sampler only")
     p.add_argument("--class-label", default=None, metavar="Y",
                    help="class-conditional sampling with the run's time-dependent classifier "
                         "(`fpdiff classifier`): a label, or 'all' for labels 0,1,2,... in turn")
@@ -56,8 +60,16 @@ def sample_main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--inpaint: unknown mask {args.inpaint!r} (choose from {', '.join(MASKS)})")
             if cfg.sampling.method != "pc":
                 raise ConfigError("--inpaint: needs the PC sampler (sampling.method=pc)")
+            for other, given in (("--class-label", args.class_label is not None), ("--colorize", args.colorize)):
+                if given:
+                    raise ConfigError(f"--inpaint and {other}: choose one")
+        if args.colorize:
+            if cfg.data.num_channels != 3:
+                raise ConfigError(f"--colorize: needs a 3-channel model, this one has {cfg.data.num_channels}")
+            if cfg.sampling.method != "pc":
+                raise ConfigError("--colorize: needs the PC sampler (sampling.method=pc)")
             if args.class_label is not None:
-                raise ConfigError("--inpaint and --class-label: choose one")
+                raise ConfigError("--colorize and --class-label: choose one")
         sde = build_sde(cfg.sde)
         score_fn, labels, clf = get_score_fn(model, sde), None, None
         if args.class_label is not None:
@@ -70,9 +82,9 @@ def sample_main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     shape = (args.num_samples, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
-    if args.inpaint is not None:
+    if args.inpaint is not None or args.colorize:
         try:
-            return _inpaint_main(args, model, cfg, sde, out, g, shape, step)
+            return _conditional_main(args, model, cfg, sde, out, g, shape, step)
         except (FileNotFoundError, ValueError) as e:
             print(f"fpdiff sample: {e}", file=sys.stderr)
             return 2
@@ -122,8 +134,9 @@ def _guided(args, score_fn, sde):
     return classifier_guided_score(score_fn, log_prob_fn(clf, sde), labels, args.guidance_scale), labels, clf
 
 
-def _inpaint_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
-    from .controllable import inpaint, make_mask
+def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
+    """--inpaint / --colorize on the first ``--num-samples`` test images."""
+    from .controllable import colorize, inpaint, make_mask
     from .eval_common import expand_shards, rank_test_batches, to_model_space
     from .images import save_grid, to_uint8
     from .score import get_score_fn
@@ -139,25 +152,44 @@ def _inpaint_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
         raise ValueError(f"--data {spec}: need images of shape {tuple(shape[1:])}, got "
                          f"{tuple(u8.shape[1:]) if u8.numel() else 'none'}")
     data = to_model_space(u8, cfg.data.centered).to(args.device)
-    mask = make_mask(args.inpaint, tuple(data.shape), generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     sc = cfg.sampling
+    pc = dict(predictor=sc.predictor, corrector=sc.corrector, snr=sc.snr, n_steps_each=sc.n_steps_each,
+              num_steps=sc.num_steps or None, eps=cfg.sde.sampling_eps, noise_removal=sc.noise_removal,
+              generator=g, progress=True)
+    score_fn = get_score_fn(model, sde)
     t0 = time.time()
-    x, nfe = inpaint(get_score_fn(model, sde), sde, data, mask, predictor=sc.predictor, corrector=sc.corrector,
-                     snr=sc.snr, n_steps_each=sc.n_steps_each, num_steps=sc.num_steps or None,
-                     eps=cfg.sde.sampling_eps, noise_removal=sc.noise_removal, generator=g, progress=True)
+    if args.colorize:
+        kind, gray = "colorize", data.mean(1, keepdim=True)
+        x, nfe = colorize(score_fn, sde, gray, **pc)
+        shown = gray.expand_as(data)
+        err = float((x - data).pow(2).mean())
+        record = {"mse": err, "mse_gray_baseline": float((shown - data).pow(2).mean()),
+                  "max_gray_deviation": float((x.mean(1, keepdim=True) - gray).abs().max())}
+        extra = {}
+        what = f"colorized {data.shape[0]} gray test images (MSE to the originals {err:.4f}, gray itself " \
+               f"{record['mse_gray_baseline']:.4f})"
+    else:
+        kind = "inpaint"
+        mask = make_mask(args.inpaint, tuple(data.shape), generator=torch.Generator().manual_seed(args.seed))
+        mask = mask.to(args.device)
+        x, nfe = inpaint(score_fn, sde, data, mask, **pc)
+        low = -1.0 if cfg.data.centered else 0.0  # hidden pixels shown black
+        shown = data * mask + low * (1 - mask)
+        err = float((x - data).pow(2).mul(1 - mask).sum() / ((1 - mask).sum() * data.shape[1]).clamp_min(1))
+        record = {"mask": args.inpaint, "mse_hidden": err}
+        extra = {"masks": mask.cpu().numpy().astype(np.uint8)}
+        what = f"inpainted {data.shape[0]} test images (mask {args.inpaint}; MSE on the hidden pixels {err:.4f})"
     seconds = time.time() - t0
-    low = -1.0 if cfg.data.centered else 0.0  # hidden pixels shown black
-    masked = data * mask + low * (1 - mask)
-    rows = torch.stack([data, masked, x], 1).flatten(0, 1)  # per image: original, masked, filled
-    grid = save_grid(rows, out / "inpaint.png", centered=cfg.data.centered, nrow=3 * min(4, data.shape[0]))
-    np.savez_compressed(out / "inpaint.npz", images=to_uint8(x, cfg.data.centered).cpu().numpy(),
-                        originals=u8.numpy(), masks=mask.cpu().numpy().astype(np.uint8))
-    err = float((x - data).pow(2).mul(1 - mask).sum() / ((1 - mask).sum() * data.shape[1]).clamp_min(1))
-    record = {"num_samples": int(data.shape[0]), "mask": args.inpaint, "nfe": int(nfe), "data": spec,
-              "mse_hidden": err, "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
-    (out / "inpaint.json").write_text(json.dumps(record, indent=1))
-    print(f"[fpdiff] inpainted {data.shape[0]} test images (mask {args.inpaint}, {nfe} score evaluations, "
-          f"{seconds:.1f}s; MSE on the hidden pixels {err:.4f}): {grid}")
+    # per image: original, masked, filled (inpaint) / gray input, colorized, original (colorize)
+    cols = [data, shown, x] if kind == "inpaint" else [shown, x, data]
+    rows = torch.stack(cols, 1).flatten(0, 1)
+    grid = save_grid(rows, out / f"{kind}.png", centered=cfg.data.centered, nrow=3 * min(4, data.shape[0]))
+    np.savez_compressed(out / f"{kind}.npz", images=to_uint8(x, cfg.data.centered).cpu().numpy(),
+                        originals=u8.numpy(), **extra)
+    record = {"num_samples": int(data.shape[0]), **record, "nfe": int(nfe), "data": spec,
+              "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
+    (out / f"{kind}.json").write_text(json.dumps(record, indent=1))
+    print(f"[fpdiff] {what}, {nfe} score evaluations, {seconds:.1f}s: {grid}")
     return 0
 
 
