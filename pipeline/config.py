@@ -213,6 +213,8 @@ class SamplingConfig:
     def validate(self, path: str) -> None:
         _positive(self.snr, f"{path}.snr")
         _positive(self.num_samples, f"{path}.num_samples")
+        if self.num_steps < 0:
+            raise ConfigError(f"{path}.num_steps: must be >= 0 (0: sde.num_scales), got {self.num_steps}")
         _positive(self.batch_size, f"{path}.batch_size")
         _positive(self.rtol, f"{path}.rtol")
         _positive(self.atol, f"{path}.atol")
@@ -428,9 +430,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if tree is None:  # an empty file would silently train the CIFAR-10 defaults
+            raise ConfigError(f"{p}: empty config file")
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     for key, value in parse_overrides(overrides):

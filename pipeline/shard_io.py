@@ -124,7 +124,10 @@ def resolve_shards(spec: str, index: str = "", key: str = "data.shards") -> Shar
         if p.suffix == ".json":
             if not p.is_file():
                 raise DataError(f"{key}: index file {p} does not exist")
-            d = json.loads(p.read_text())
+            try:
+                d = json.loads(p.read_text())
+            except ValueError:  # empty or cut short
+                d = None
             if not _is_index(d):
                 raise DataError(f"{key}: {p} is not a shard index written by `fpdiff data shards`")
             indexes.append((str(p.parent), d))

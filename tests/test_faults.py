@@ -272,3 +272,27 @@ def test_image_folder_with_a_bad_file(tmp_path, capsys, fault):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(bad) in err
     assert not out.exists() or not list(out.iterdir())  # no shard, no .tmp, no index
+
+
+# --------------------------------------------------------------------------- config and data inputs
+def test_bad_inputs_fail_in_one_line_before_anything_is_written(mnist_shards, tmp_path, capsys):
+    empty_yaml, empty_json = tmp_path / "empty.yaml", tmp_path / "empty.json"
+    empty_yaml.write_text("")
+    empty_json.write_text("")
+    run_dir = tmp_path / "run"
+    cases = [(empty_yaml, [], "empty config file"),  # it would train the CIFAR-10 defaults
+             (TINY, [f"data.shards={mnist_shards[0]}", "training.n_steps=1", "sampling.num_steps=-5"],
+              "sampling.num_steps"),
+             (TINY, [f"data.shards={empty_json}"], f"data.shards: {empty_json}")]
+    for config, overrides, expected in cases:
+        assert main(["--config", str(config), "--run-dir", str(run_dir), "--no-progress", *FAST, *overrides]) == 2
+        assert expected in one_line_error(capsys)
+        assert not run_dir.exists()
+
+
+def test_fpe_subsample_larger_than_the_batch_is_said_once(mnist_shards, tmp_path, capsys):
+    overrides = [f"data.shards={mnist_shards[0]}", *FAST, "fpe.enabled=true", "fpe.subsample=64",
+                 "training.n_steps=2"]
+    assert run_train(tmp_path / "run", overrides) == 0
+    err = capsys.readouterr().err
+    assert err.count("fpe.subsample=64 exceeds the 16 samples") == 1
