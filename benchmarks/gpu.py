@@ -29,6 +29,7 @@ rewritten after every row, so a run that is cut keeps what it measured. On a GPU
 is bracketed by CUDA events (after ``torch.cuda.synchronize``), warm-up iterations are excluded,
 peak memory is ``torch.cuda.max_memory_allocated`` over the timed iterations. On a CPU peak memory
 is the process's peak RSS (a smoke figure only). ``--tiny`` substitutes tiny models and few steps.
+``--table FILE`` prints the table of a JSON that a cut run left.
 """
 from __future__ import annotations
 
@@ -628,6 +629,8 @@ def main(argv=None):
     ap.add_argument("--compile-backend", default="", help="training.compile_backend for compile rows "
                     "(default: inductor; --tiny on a CPU: eager, i.e. dynamo without code generation)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
+    ap.add_argument("--table", default="", metavar="JSON", help="only print the table of a JSON written "
+                    "before (e.g. by a run that was cut)")
     ap.add_argument("--fail-row", action="append", default=[], dest="fail_rows", help=argparse.SUPPRESS)
     ap.add_argument("--force-ddp", action="store_true", help=argparse.SUPPRESS)  # plan the 2-process rows anyway
     ap.add_argument("--ddp-child", default="", help=argparse.SUPPRESS)
@@ -641,6 +644,11 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     if a.ddp_child:
         return ddp_child(a)
+    if a.table:
+        with open(a.table) as f:
+            doc = json.load(f)
+        print(table(argparse.Namespace(meta=doc["meta"], rows=doc["rows"])))
+        return doc
     if a.tiny and a.device == "cpu" and not a.compile_backend:
         a.compile_backend = "eager"
     b = Bench(a)

@@ -107,6 +107,9 @@ def test_failed_row_is_recorded_and_the_run_continues(tmp_path):
     assert rows["sample/ddpmpp/ode"]["status"] == "error" and "injected" in rows["sample/ddpmpp/ode"]["error"]
     assert rows["sample/ddpmpp/pc"]["status"] == rows["bpd/ddpmpp"]["status"] == "ok"
     assert doc["meta"]["complete"]
+    again = subprocess.run([sys.executable, str(SCRIPT), "--table", str(tmp_path / "f.json")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "injected failure" in again.stdout  # the table of a left JSON
 
 
 def test_global_budget_skips_rows_but_keeps_a_valid_json(tmp_path):
