@@ -45,6 +45,8 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="sampling.* overrides, e.g. sampling.snr=0.17 sampling.num_steps=500")
     args = p.parse_args(argv)
     try:
+        if args.num_samples <= 0:  # before anything (samples/ included) is created
+            raise ConfigError(f"--num-samples: must be > 0, got {args.num_samples}")
         model, cfg, step = load_for_eval(args.run_dir, device=args.device)
         for key, value in parse_overrides(args.overrides):
             section, _, name = key.partition(".")

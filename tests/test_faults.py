@@ -296,3 +296,15 @@ def test_fpe_subsample_larger_than_the_batch_is_said_once(mnist_shards, tmp_path
     assert run_train(tmp_path / "run", overrides) == 0
     err = capsys.readouterr().err
     assert err.count("fpe.subsample=64 exceeds the 16 samples") == 1
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_sample_num_samples_not_positive(run_copy, capsys, n):
+    from pipeline.sample import sample_main
+
+    run_dir, _ = run_copy
+    before = sorted(run_dir.rglob("*"))
+    assert sample_main(["--run-dir", str(run_dir), "--num-samples", n]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--num-samples" in err
+    assert sorted(run_dir.rglob("*")) == before  # no empty samples/
