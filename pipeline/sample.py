@@ -164,8 +164,10 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
         kind, gray = "colorize", data.mean(1, keepdim=True)
         x, nfe = colorize(score_fn, sde, gray, **pc)
         shown = gray.expand_as(data)
-        err = float((x - data).pow(2).mean())
+        low = -1.0 if cfg.data.centered else 0.0
+        err = float((x.clamp(low, 1.0) - data).pow(2).mean())  # as saved (clipped to the data range)
         record = {"mse": err, "mse_gray_baseline": float((shown - data).pow(2).mean()),
+                  "out_of_range": float(((x < low) | (x > 1.0)).float().mean()),
                   "max_gray_deviation": float((x.mean(1, keepdim=True) - gray).abs().max())}
         extra = {}
         what = f"colorized {data.shape[0]} gray test images (MSE to the originals {err:.4f}, gray itself " \

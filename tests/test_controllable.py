@@ -325,7 +325,10 @@ def test_sample_cli_colorizes(tmp_path, capsys):
     assert sorted(im.tobytes() for im in z["originals"]) == want  # the shard's images (writer's order)
     rec = json.loads((out / "colorize.json").read_text())
     assert rec["nfe"] == 4 and rec["max_gray_deviation"] < 1e-5  # the gray input is kept (model space)
-    assert rec["mse"] > 0 and rec["mse_gray_baseline"] > 0
+    saved, orig = z["images"] / 255.0, z["originals"] / 255.0
+    assert rec["mse"] > 0 and 0 <= rec["out_of_range"] <= 1
+    assert abs(rec["mse"] - ((saved - orig) ** 2).mean()) < 2e-3  # MSE of the saved (clipped) images
+    assert abs(rec["mse_gray_baseline"] - ((orig.mean(1, keepdims=True) - orig) ** 2).mean()) < 1e-6
     from PIL import Image
     assert Image.open(out / "colorize.png").size[0] > 3 * 8 * 4  # gray input, colorized, original
 
