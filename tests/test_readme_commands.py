@@ -27,6 +27,7 @@ NOT_RUN = {
     "accelerate launch --config_file launch/ds_zero2.yaml": "GPUs",
     "accelerate launch --multi_gpu --num_processes 8": "8 GPUs and a trained CIFAR-10 run",
     "torchrun --nproc_per_node 2": "DeepSpeed ZeRO-2 on CPU takes minutes (tested in tests/test_distributed.py)",
+    "fpdiff data shards data/cmnist.npz": "the coloured-MNIST arrays of the README's Python snippet",
     "fpdiff sample --run-dir runs/cmnist": "a colour-MNIST run trained for minutes",
     "fpdiff classifier --run-dir runs/tiny --steps 2000": "2,000 classifier steps (minutes on CPU)",
     "fpdiff sample --run-dir runs/tiny --class-label": "needs the classifier above",
