@@ -188,3 +188,23 @@ def test_wrong_config_names_first_mismatch(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "missing key 'module.all_modules.0.W'" in err or "checkpoint shape" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_fine_tuning_recipe_runs_with_the_regularizer(tmp_path):
+    """README's two commands: import, then train from it (training.init_from) with fpe on."""
+    import numpy as np
+
+    from pipeline.shards import shards_main
+
+    name = "ve/cifar10_ncsnpp_continuous"
+    write_checkpoint(tmp_path / "c.pth", fpdiff_config(name, small_overrides(name)))
+    assert run_import(tmp_path, name, tmp_path / "c.pth") == 0
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", x=rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8), y=np.zeros(8, np.int64))
+    assert shards_main([str(tmp_path / "x.npz"), "--out", str(tmp_path / "shards")]) == 0
+    run, ft = tmp_path / "run", tmp_path / "ft"
+    assert cli(["train", "--config", str(run / "config.yaml"), "--run-dir", str(ft), f"training.init_from={run}",
+                "fpe.enabled=true", "training.n_steps=2", "training.batch_size=4", "training.ckpt_every=2",
+                "sampling.num_steps=2", "sampling.num_samples=2", f"data.shards={tmp_path / 'shards' / 'x-000000.tar'}",
+                "logging.backend=none"]) == 0
+    assert (ft / "export" / "ema.safetensors").is_file()
