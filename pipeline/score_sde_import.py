@@ -94,6 +94,9 @@ SCORE_SDE_CONFIGS: dict[str, dict] = {
     "ve/church_ncsnpp_continuous": _hr("lsun_church", 380.0),
     "ve/bedroom_ncsnpp_continuous": _hr("lsun_bedroom", 378.0),
     "ve/ffhq_ncsnpp_continuous": _merge(_hr("ffhq", 348.0), _FFHQ_1024),
+    # the same 1024x1024 network; score_sde sums (not averages) its loss here
+    "ve/celebahq_ncsnpp_continuous": _merge(_hr("celebahq", 348.0), _FFHQ_1024,
+                                            {"data": {"dataset": "celebahq"}, "training": {"reduce_mean": False}}),
 }
 
 

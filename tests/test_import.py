@@ -25,7 +25,7 @@ SMALL = {"cifar10": ["model.nf=8", "data.image_size=16", "model.num_res_blocks=1
 def small_overrides(name: str) -> list[str]:
     if "cifar10" in name:
         return SMALL["cifar10"] + (["model.num_res_blocks=2"] if "deep" in name else [])
-    return SMALL["1024" if name == "ve/ffhq_ncsnpp_continuous" else "256"]
+    return SMALL["1024" if name in ("ve/ffhq_ncsnpp_continuous", "ve/celebahq_ncsnpp_continuous") else "256"]
 
 
 def write_checkpoint(path, cfg, seed=0, edit=None):
