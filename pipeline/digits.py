@@ -65,6 +65,14 @@ def load_mnist_arrays(path: Optional[str | os.PathLike] = None) -> dict[str, np.
     return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
 
 
+def _outliers(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Images that are no digit: uniform noise and smoothed noise blobs, at random brightness."""
+    x = torch.rand(n, 1, 28, 28, generator=gen)
+    smooth = F.interpolate(torch.rand(n, 1, 7, 7, generator=gen), size=(28, 28), mode="bilinear")
+    x = torch.where(torch.rand(n, 1, 1, 1, generator=gen) < 0.5, x, smooth)
+    return 255.0 * x * torch.rand(n, 1, 1, 1, generator=gen)
+
+
 def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random translations of up to 2 pixels (the samples are not centred as exactly as MNIST)."""
     pad = F.pad(x, (2, 2, 2, 2))
@@ -74,8 +82,9 @@ def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_digit_net(data: dict[str, np.ndarray], *, images_seen: int = 120_000, batch_size: int = 128,
                     seed: int = 0, progress: bool = True) -> tuple[DigitNet, float]:
-    """Train on ``x_train`` (whole epochs, about ``images_seen`` images) and return the net and
-    its accuracy on ``x_test``."""
+    """Train on ``x_train`` (whole epochs, about ``images_seen`` images), with noise images
+    pushed towards a uniform prediction (outlier exposure, so that noise is not read as a
+    confident digit), and return the net and its accuracy on ``x_test``."""
     from tqdm.auto import tqdm
 
     epochs = max(1, round(images_seen / len(data["x_train"])))
@@ -94,6 +103,8 @@ def train_digit_net(data: dict[str, np.ndarray], *, images_seen: int = 120_000, 
         for i in range(len(x) // batch_size):
             idx = perm[i * batch_size:(i + 1) * batch_size]
             loss = F.cross_entropy(net.logits(_shift(x[idx], gen)), y[idx])
+            # outlier exposure: no confident digit in noise (uniform target over the 10 classes)
+            loss = loss - 0.5 * F.log_softmax(net.logits(_outliers(batch_size // 4, gen)), dim=1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -58,7 +58,7 @@ def test_demo_draws_legible_digits(mnist_shards, tmp_path, digit_judge):
     assert samples.shape == (64, 1, 28, 28) and samples.dtype == np.uint8
     verdict = judge(digit_judge, samples[:, 0])
     print(json.dumps(verdict))
-    # issue 14 asks 75% legible and 9 digits; the demo as shipped reads 44% and 8 (benchmarks/RESULTS.md,
+    # issue 14 asks 75% legible and 9 digits; the demo as shipped reads 44% and 9 (benchmarks/RESULTS.md,
     # "The demo"). These bounds guard that figure (2.3 standard errors of 64 samples below it),
     # far above the old demo's 11% and 3 digits.
     assert verdict["legible_share"] >= 0.30, verdict

@@ -38,6 +38,7 @@ NOT_RUN = {
     "fpdiff push": "the network (tested against a local fake Hub in tests/test_hub.py)",
     "slurm/": "Slurm (tested with fake Slurm commands in tests/test_slurm.py)",
     "RUN_DIR=": "Slurm",
+    "python benchmarks/fpe_study.py": "about two hours of CPU (its --quick form is tests/test_fpe_study.py)",
 }
 # the package is installed already, and README's demo takes minutes on CPU: its smoke-test form
 REWRITES = {"pip install -e \".[dev]\" && fpdiff demo": "fpdiff demo --quick"}
