@@ -34,9 +34,26 @@ DEMO_FINETUNE = ["fpe.enabled=true", "training.warmup=0", "training.lr=5e-4"]
 DEMO_QUICK = ["training.n_steps=20", "training.log_every=5", "sampling.num_steps=30"]
 
 
+def _demo_summary(dsm_dir: Path, run_dir: Path, num_samples: int) -> str:
+    """Merge the two phases into RUN/summary.json; return the one line a person reads."""
+    import json
+
+    dsm, fpe = (json.loads((d / "summary.json").read_text()) for d in (dsm_dir, run_dir))
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    dsm_loss = [m["loss/dsm"] for m in logged if "loss/dsm" in m]
+    # the residual's mean per t-bucket over each log window (regularized steps only)
+    residual = [r for r in ({k: v for k, v in m.items() if k.startswith("fpe/residual_t")} for m in logged) if r]
+    fpe.update({"dsm_steps": dsm["steps"], "fpe_steps": fpe["steps"], "dsm_loss_curve": dsm["loss_curve"],
+                "fpe_residual_by_t": {"first": residual[0], "last": residual[-1]} if residual else None,
+                "seconds_total": dsm["seconds"] + fpe["seconds"]})
+    (run_dir / "summary.json").write_text(json.dumps(fpe, indent=1))
+    return (f"[fpdiff] demo finished: DSM loss {dsm['loss_curve'][0][1]:.4f} -> {dsm_loss[-1]:.4f} over "
+            f"{dsm['steps']} DSM steps + {fpe['steps']} steps with the FPE regularizer ({fpe['seconds_total']:.0f}s "
+            f"training); {num_samples} samples in {run_dir / 'samples.png'}, summary {run_dir / 'summary.json'}")
+
+
 def demo_main(argv: list[str]) -> int:
     import argparse
-    import json
 
     from .config import CONFIG_DIR, ConfigError, load_config
     from .train import EXIT_BAD_CONFIG, train
@@ -75,18 +92,7 @@ def demo_main(argv: list[str]) -> int:
         return EXIT_BAD_CONFIG
     if code != 0:
         return code
-    dsm, fpe = (json.loads((d / "summary.json").read_text()) for d in (dsm_dir, run_dir))
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    dsm_loss = [m["loss/dsm"] for m in logged if "loss/dsm" in m]
-    residual = [m["fpe/residual"] for m in logged if m.get("fpe/residual")]
-    fpe.update({"dsm_steps": dsm["steps"], "fpe_steps": fpe["steps"], "dsm_loss_curve": dsm["loss_curve"],
-                "fpe_residual": [residual[0], residual[-1]] if residual else None,
-                "seconds_total": dsm["seconds"] + fpe["seconds"]})
-    (run_dir / "summary.json").write_text(json.dumps(fpe, indent=1))
-    print(f"[fpdiff] demo finished: DSM loss {dsm['loss_curve'][0][1]:.4f} -> {dsm_loss[-1]:.4f} over "
-          f"{dsm['steps']} DSM steps + {fpe['steps']} steps with the FPE regularizer ({fpe['seconds_total']:.0f}s "
-          f"training); {finetune.sampling.num_samples} samples in {run_dir / 'samples.png'}, "
-          f"summary {run_dir / 'summary.json'}")
+    print(_demo_summary(dsm_dir, run_dir, finetune.sampling.num_samples))
     return 0
 
 

@@ -50,7 +50,7 @@ def test_demo_draws_legible_digits(mnist_shards, tmp_path, digit_judge):
     assert re.search(r"DSM loss [\d.]+ -> [\d.]+", line[0]) and "64 samples" in line[0], line[0]
     assert str(run_dir / "samples.png") in line[0]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] > 0 and summary["fpe_steps"] > 0 and summary["fpe_residual"] is not None
+    assert summary["steps"] > 0 and summary["fpe_steps"] > 0 and summary["fpe_residual_by_t"] is not None
 
     from PIL import Image
     assert Image.open(run_dir / "samples.png").size == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 grid, 2-pixel gaps
