@@ -79,8 +79,9 @@ TINY_OVERRIDES = ["data.image_size=8", "data.num_channels=1", "model.nf=8", "mod
 
 
 def make_export(run_dir: Path, overrides=()) -> Path:
-    """RUN/export with the stand-in's weights and a tiny config (step 7)."""
-    from pipeline.config import load_config
+    """RUN/export with the stand-in's weights and a tiny config (step 7), and RUN/config.yaml as a
+    run has it (an export folder on its own gets no results written above it)."""
+    from pipeline.config import load_config, save_config
     from pipeline.hub import write_export
 
     ns: dict = {}
@@ -88,6 +89,7 @@ def make_export(run_dir: Path, overrides=()) -> Path:
     cfg = load_config(None, TINY_OVERRIDES + list(overrides))
     model = ns["StandIn"](cfg.data.num_channels)
     run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
     return write_export(run_dir / "export", model.state_dict(), cfg.to_dict(), {"step": 7})
 
 
