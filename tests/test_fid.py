@@ -277,6 +277,38 @@ def test_fid_two_processes_equal_one_process(tmp_path):
     assert len(summary) == 2 and all(s.startswith("eval fid:") for s in summary)
 
 
+def test_fid_from_saved_samples_equals_fid_while_sampling(tmp_path):
+    """`eval fid --from-samples DIR...` scores PNGs saved by --save-samples: one folder gives the
+    same features and FID as the run that sampled them (PNG is lossless uint8); two folders pool
+    (N = 2 x 7); an empty folder is a one-line error and writes nothing."""
+    export = make_export(tmp_path / "run")
+    fe = build_extractor(tmp_path / "fe.pt")
+    ref = random_ref(tmp_path / "ref.npz", fe)
+    worker, env = write_worker(tmp_path), clean_env()
+    base = ["fid", str(export), "--feature-extractor", str(fe), "--ref-stats", str(ref), "--batch-size", "3",
+            "--no-progress"]
+    for seed in (0, 1):
+        run_eval(worker, base + ["--num-samples", "7", "--seed", str(seed), "--out", str(tmp_path / f"s{seed}.json"),
+                                 "--save-features", str(tmp_path / f"s{seed}.npy"),
+                                 "--save-samples", str(tmp_path / f"png{seed}")], 1, env)
+    run_eval(worker, base + ["--from-samples", str(tmp_path / "png0"), "--out", str(tmp_path / "r0.json"),
+                             "--save-features", str(tmp_path / "r0.npy")], 1, env)
+    sampled, rescored = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("s0", "r0"))
+    assert rescored["N"] == 7 and rescored["sampler"] == "saved samples" and rescored["nfe"] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "r0.npy"), np.load(tmp_path / "s0.npy"))
+    assert rescored["value"] == pytest.approx(sampled["value"], rel=1e-12)
+    run_eval(worker, base + ["--from-samples", str(tmp_path / "png0"), str(tmp_path / "png1"),
+                             "--out", str(tmp_path / "pooled.json"), "--save-features", str(tmp_path / "pooled.npy")], 1, env)
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    assert pooled["N"] == 14
+    np.testing.assert_allclose(np.load(tmp_path / "pooled.npy"),  # other batch make-up: float32 rounding only
+                               np.concatenate([np.load(tmp_path / "s0.npy"), np.load(tmp_path / "s1.npy")]), rtol=1e-5, atol=1e-7)
+    (tmp_path / "empty").mkdir()
+    cmd = [sys.executable, str(worker)] + base + ["--from-samples", str(tmp_path / "empty"), "--out", str(tmp_path / "e.json")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "holds no .png samples" in r.stderr and not (tmp_path / "e.json").exists()
+
+
 @pytest.mark.slow
 def test_ref_stats_two_processes_equal_one_process(tmp_path):
     """`ref-stats` over shards split across 2 ranks == 1 rank (uneven shards, 1 channel)."""

