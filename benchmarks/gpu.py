@@ -7,7 +7,7 @@ Rows (ids in the JSON's ``rows``; ``meta.planned`` lists them all, in the order 
 
 - ``train/<model>/<precision>/<eager|compile>``: DSM training throughput (img/s per GPU) and peak
   memory of the trainer's step (``pipeline.losses.DSMLoss`` under autocast, ``loss.float()``,
-  backward, grad-norm clip, Adam, ``pipeline.ema.EMA``; the body of pipeline/train.py's loop on a
+  backward, grad-norm clip, Adam, ``pipeline.ema.EMA``; the body of pipeline/train/loop.py's loop on a
   fixed in-memory batch, so the data loader is not in it), for configs/cifar10_ddpmpp.yaml and
   configs/cifar10_ncsnpp_deep.yaml at batch 128. Precisions: fp32 (TF32 off), tf32 (TF32 on
   for matmul and cuDNN), bf16 (``training.mixed_precision=bf16``); eager and
@@ -78,7 +78,7 @@ ANCHORS = [
 ]
 NOTES = {
     "channels_last": "not measured: the trainer has no channels-last option (no config key; pipeline/config.py, "
-                     "pipeline/train.py)",
+                     "pipeline/train/loop.py)",
     "tf32": "the trainer has no TF32 switch and runs with torch's defaults (cuDNN convolutions TF32 on, matmul "
             "TF32 off): rows 'default'; rows 'fp32' turn both off, 'tf32' both on (torch.backends flags)",
     "compile": "training.compile=true compiles the DSM path only (the regularizer runs the raw module: compiled "
@@ -195,7 +195,7 @@ def fake_batch(cfg, batch: int, device) -> torch.Tensor:
 
 
 class TrainStep:
-    """One optimizer step as pipeline/train.py takes it (one process, grad_accum 1)."""
+    """One optimizer step as pipeline/train/loop.py takes it (one process, grad_accum 1)."""
 
     def __init__(self, cfg, device, batch: int):
         tc = cfg.training
@@ -360,12 +360,14 @@ def fpe_row(b: Bench, name: str, precision: str, subsample, batch: int, iters: i
                 ooms.append(k)
                 k //= 2
         d, g = r["dsm"], r["regularized"]
+        est = step.reg.estimator  # what the regularized step ran with
         return {"k": subsample_size(cfg.fpe.subsample, batch), "batch": batch, "subsample": cfg.fpe.subsample,
                 "oom_at_k": ooms, "dsm_step_s": d["median_s"], "reg_step_s": g["median_s"],
                 "ratio": g["median_s"] / d["median_s"], "reg_img_per_s": batch / g["median_s"],
                 "reg_per_sample_s": (g["median_s"] - d["median_s"]) / subsample_size(cfg.fpe.subsample, batch),
                 "dsm_peak_mem_mb": d["peak_mem_mb"], "reg_peak_mem_mb": g["peak_mem_mb"], "iters": g["iters"],
-                "warmup": warmup, "probe_gradient": cfg.fpe.probe_gradient, "n_probes": cfg.fpe.n_probes}
+                "warmup": warmup, "probe_gradient": est.probe_gradient, "n_probes": est.n_probes,
+                "fused": est.fused}
     return fn
 
 
@@ -382,7 +384,7 @@ def residual_row(b: Bench, batch: int, k: int, iters: int, warmup: int):
     def fn(deadline):
         model, cfg, sde = _fpe_cost_model(b)
         x0 = fake_batch(cfg, batch, b.device)
-        cases = {v: fpe_cost.make_step(v, model, sde, x0, k, 0) for v in variants}
+        cases = {v: fpe_cost.make_step(v, model, sde, x0, k, 0, cfg.fpe) for v in variants}
         r = measure(b.clock, cases, warmup, iters, deadline)
         dsm, ref = r["dsm"]["median_s"], r["reference"]["median_s"]
         res = {"batch": batch, "k": k, "variants": {}}
@@ -403,8 +405,8 @@ def fused_row(b: Bench, batch: int, k: int, iters: int, warmup: int):
     def fn(deadline):
         model, cfg, sde = _fpe_cost_model(b)
         x0 = fake_batch(cfg, batch, b.device)
-        plain = fpe_cost.make_step("ours_2probe_plain_first", model, sde, x0, k, 0)
-        fused = fpe_cost.make_step("ours_2probe_fused_first", model, sde, x0, k, 0)
+        plain = fpe_cost.make_step("ours_2probe_plain_first", model, sde, x0, k, 0, cfg.fpe)
+        fused = fpe_cost.make_step("ours_2probe_fused_first", model, sde, x0, k, 0, cfg.fpe)
 
         def with_ops(ops):
             def go():
@@ -553,7 +555,7 @@ def plan(b: Bench):
     if (not tiny and b.meta["gpu_count"] >= 2 and b.device.type == "cuda") or a.force_ddp:
         for p in ("bf16", "fp32"):
             rows.append((f"ddp2/ddpmpp/{p}", 90, ddp_row(b, "ddpmpp", p, B, it, wu)))
-    fpe_ncsn = (f"fpe/ncsnpp_deep/default/default_subsample", 30 if tiny else 60,
+    fpe_ncsn = ("fpe/ncsnpp_deep/default/default_subsample", 30 if tiny else 60,
                 fpe_row(b, "ncsnpp_deep", "default", 0.015625, B, it, 1))
     # compile last: minutes of compilation each on a GPU; bf16 first (the fastest path users pick)
     comp = ("bf16",) if tiny else ("bf16", "tf32", "fp32")

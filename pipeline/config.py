@@ -131,7 +131,7 @@ class TrainingConfig:
     log_every: int = 50
     ckpt_every: int = 500
     keep_last: int = 3
-    sample_every: int = 0  # 0: sample grid only at the end
+    sample_every: int = 0  # also a grid every N steps in RUN/samples/step_XXXXXXXX.png (0: only at the end)
     max_nonfinite: int = 10  # consecutive non-finite steps before stopping
     init_from: str = ""  # checkpoint dir to fine-tune from (FP-Diffusion fine-tunes a DSM model)
 
@@ -478,7 +478,9 @@ def config_from_dict(tree: dict) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from pipeline.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

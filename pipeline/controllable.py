@@ -21,8 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .sampling import pc_sample
-from .sde import SDE, _bcast
+from pipeline.sampling import pc_sample
+from pipeline.sde import SDE, _bcast
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LogProbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -34,6 +34,11 @@ Equations are labelled by name ((score FPE), (φ), (L_FP)) as in issue 3; the pa
 equation numbers were not checked here.
 Dropout: every pass of one residual sees one mask. With jvp there is one forward; the finite
 differences replay the RNG state of the first forward for their extra forwards.
+
+One object holds these choices: ``ResidualEstimator.from_config(cfg.fpe, sde)`` (with
+``fpe.fused``, pipeline/fused.py, and the fp32 precision the residual always runs in). The
+trainer's ``FPERegularizer``, ``fpdiff eval fpe`` (pipeline/eval/fpe.py) and the benchmarks all
+estimate through it, so they cannot disagree. Probes come from ``pipeline.likelihood.draw_probes``.
 """
 from __future__ import annotations
 
@@ -44,8 +49,10 @@ from typing import Callable, Optional
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .score import get_score_fn
-from .sde import SDE, _bcast
+from pipeline.config import FPEConfig
+from pipeline.likelihood import draw_probes
+from pipeline.score import get_score_fn
+from pipeline.sde import SDE, _bcast
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,17 +63,16 @@ def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).flatten(1).sum(1)
 
 
-def draw_probes(shape, n: int, kind: str = "rademacher", *, generator=None, device=None,
-                dtype=torch.float32) -> torch.Tensor:
-    """n independent Hutchinson probes of ``shape`` with E[v vᵀ] = I; returns (n, *shape)."""
-    gdev = generator.device if generator is not None else device
-    if kind == "rademacher":
-        v = torch.randint(0, 2, (n, *shape), generator=generator, device=gdev).to(dtype) * 2 - 1
-    elif kind == "gaussian":
-        v = torch.randn((n, *shape), generator=generator, device=gdev, dtype=dtype)
-    else:
-        raise ValueError(f"fpe.probe: unknown probe {kind!r}")
-    return v.to(device=device, dtype=dtype)
+def _fp32_at_least(dtype):
+    """fp32 for half / bf16 / fp32 inputs; float64 stays float64 (tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def fpe_precision(device: torch.device):
+    """fp32, autocast off, math attention kernel (forward AD and double backward need it)."""
+    with torch.autocast(device_type=device.type, enabled=False), sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 class _RNGReplay:
@@ -132,85 +138,15 @@ def _phi_terms(sde: SDE, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor):
     return g2_half * s.flatten(1).pow(2).sum(1) - _flat_dot(f, s) - sde.drift_divergence(x, t), g2_half
 
 
-def residual_estimates(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: torch.Tensor, *,
-                       dt_method: str = "jvp", fd_step: float = 1e-3, div_method: str = "hutchinson",
-                       probe: str = "rademacher", n_probes: int = 1, probes: Optional[torch.Tensor] = None,
-                       generator=None, create_graph: bool = True, fused: bool = False,
-                       graph_probes: str = "all", stage: Optional[Callable[[str], None]] = None) -> torch.Tensor:
-    """Independent residual estimates r̂_k = ∂t s − ∇x φ̂_{v_k}, stacked: (K, *x.shape).
-
-    They share s, ∂t s and the forward graph; only the Hutchinson probe differs. With
-    ``div_method="exact"`` K = 1 and the result is the exact residual.
-    ``graph_probes="first"``: only r̂_1 keeps a graph to the parameters; r̂_2.. are computed
-    without one (values only; see ``probe_gradient_surrogate``). ``stage(name)`` is called after
-    each stage (benchmark timing).
-    """
-    if graph_probes not in ("all", "first"):
-        raise ValueError(f"fpe.probe_gradient: unknown choice {graph_probes!r}")
-    kw = dict(dt_method=dt_method, fd_step=fd_step, div_method=div_method, probe=probe, n_probes=n_probes,
-              probes=probes, generator=generator, create_graph=create_graph, graph_probes=graph_probes,
-              stage=stage or (lambda name: None))
-    from .fused import fused_ops, plain_ops
-    # plain: SDPA as matmuls + a composite softmax (the built-in one fails reverse-over-forward);
-    # fused: the custom Functions of pipeline/fused.py
-    with (fused_ops() if fused else plain_ops()):
-        return _residual_estimates_loop(score_fn, sde, x, t, **kw)
-
-
-def _residual_estimates_loop(score_fn, sde, x, t, *, dt_method, fd_step, div_method, probe, n_probes,
-                             probes, generator, create_graph, graph_probes, stage):
-    x = x.detach().requires_grad_(True)
-    t = t.detach()
-    s, dsdt = score_and_dt(score_fn, x, t, dt_method=dt_method, fd_step=fd_step)   # LHS of score FPE
-    stage("forward_jvp")
-    base, g2_half = _phi_terms(sde, x, t, s)
-    if div_method == "exact":
-        # ∇·s = Σ_i ∂s_i/∂x_i with D vector-Jacobian products (tests, small D)
-        D = x[0].numel()
-        div = torch.zeros_like(t)
-        for i in range(D):
-            e = torch.zeros_like(x).flatten(1)
-            e[:, i] = 1
-            e = e.view_as(x)
-            (col,) = torch.autograd.grad(s, x, e, create_graph=True)
-            div = div + col.flatten(1)[:, i]
-        psi = g2_half * div + base                                                     # φ (score FPE)
-        (grad_phi,) = torch.autograd.grad(psi.sum(), x, create_graph=create_graph)
-        r = dsdt - grad_phi
-        return r.unsqueeze(0) if create_graph else r.detach().unsqueeze(0)
-    if div_method != "hutchinson":
-        raise ValueError(f"fpe.div_method: unknown method {div_method!r}")
-    if probes is None:
-        probes = draw_probes(x.shape, n_probes, probe, generator=generator, device=x.device, dtype=x.dtype)
-    out = []
-    for k, v in enumerate(probes):
-        last = k == len(probes) - 1
-        keep = create_graph and (k == 0 or graph_probes == "all")  # this estimate reaches θ
-        (u,) = torch.autograd.grad(s, x, v, create_graph=True)                        # Jᵀv
-        psi = g2_half * _flat_dot(u, v) + base                                         # φ̂_v
-        stage("vjp")
-        # the shared forward graph must survive for the later probes and the final backward
-        (grad_phi,) = torch.autograd.grad(psi.sum(), x, create_graph=keep,
-                                          retain_graph=create_graph or not last)
-        stage("double_backward")
-        r = dsdt - grad_phi
-        out.append(r if keep else r.detach())
-    return torch.stack(out)
-
-
-def score_fpe_residual(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: torch.Tensor, *,
-                       dt_method: str = "jvp", fd_step: float = 1e-3, div_method: str = "hutchinson",
-                       probe: str = "rademacher", n_probes: int = 1, generator=None,
-                       create_graph: bool = True, probes: Optional[torch.Tensor] = None,
-                       fused: bool = False) -> torch.Tensor:
-    """r(x,t) = ∂t s − ∇x[(g²/2)(∇·s + ‖s‖²) − ⟨f,s⟩ − ∇·f]  (score FPE), same shape as x.
-
-    With Hutchinson and n_probes > 1 the divergence is averaged over the probes.
-    """
-    rs = residual_estimates(score_fn, sde, x, t, dt_method=dt_method, fd_step=fd_step,
-                            div_method=div_method, probe=probe, n_probes=n_probes, probes=probes,
-                            generator=generator, create_graph=create_graph, fused=fused)
-    return rs.mean(0)
+def exact_divergence(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """∇x·s = Σ_i ∂s_i/∂x_i per sample (B,), from D vector-Jacobian products (tests, small D)."""
+    div = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    for i in range(x[0].numel()):
+        e = torch.zeros_like(x).flatten(1)
+        e[:, i] = 1
+        (col,) = torch.autograd.grad(s, x, e.view_as(x), create_graph=True)
+        div = div + col.flatten(1)[:, i]
+    return div
 
 
 def squared_norm_estimate(rs: torch.Tensor, estimator: str = "unbiased") -> torch.Tensor:
@@ -272,6 +208,123 @@ def reference_scalar_term(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: torch
     return g2_half * (div + s.flatten(1).pow(2).sum(1) + _flat_dot(x, s))
 
 
+# --------------------------------------------------------------------------- the estimator
+_CHOICES = {"dt_method": ("jvp", "fd3", "central"), "div_method": ("hutchinson", "exact"),
+            "probe": ("rademacher", "gaussian"), "norm_estimator": ("unbiased", "single"),
+            "probe_gradient": ("all", "first")}
+
+
+@dataclass(frozen=True)
+class ResidualEstimator:
+    """How the residual r of (score FPE) and its norm ‖r‖² are estimated; defaults are ``FPEConfig``'s.
+
+    ``from_config(cfg.fpe, sde)`` is the one way the trainer, ``fpdiff eval fpe`` and the
+    benchmarks build it. ``estimates`` gives K residual estimates, ``residual`` their mean,
+    ``squared_norm`` the per-sample ‖r‖²/D² the regularizer penalises and evaluation reports.
+    Everything runs in fp32 (float64 stays float64) with autocast off (``fpe_precision``) and,
+    with ``fused``, through the custom Functions of pipeline/fused.py (else the plain-autograd
+    route of the same file: SDPA as matmuls + a composite softmax, since the built-in one fails
+    reverse-over-forward).
+    """
+
+    sde: SDE
+    dt_method: str = FPEConfig.dt_method  # ∂t s: "jvp" | "fd3" | "central"
+    fd_step: float = FPEConfig.fd_step
+    div_method: str = FPEConfig.div_method  # ∇·s: "hutchinson" | "exact" (K = 1)
+    probe: str = FPEConfig.probe
+    n_probes: int = FPEConfig.n_probes  # K
+    norm_estimator: str = FPEConfig.norm_estimator  # div_method "exact" forces "single" (one exact residual)
+    probe_gradient: str = FPEConfig.probe_gradient
+    fused: bool = FPEConfig.fused
+
+    def __post_init__(self):
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"fpe.{name}: unknown choice {getattr(self, name)!r} ({', '.join(allowed)})")
+        if self.div_method == "exact":
+            object.__setattr__(self, "n_probes", 1)
+            object.__setattr__(self, "norm_estimator", "single")
+
+    @classmethod
+    def from_config(cls, cfg: FPEConfig, sde: SDE) -> "ResidualEstimator":
+        """The estimator of ``cfg.fpe``; the unbiased pair estimator gets at least 2 probes."""
+        need = 2 if cfg.norm_estimator == "unbiased" else 1
+        return cls(sde, dt_method=cfg.dt_method, fd_step=cfg.fd_step, div_method=cfg.div_method,
+                   probe=cfg.probe, n_probes=max(int(cfg.n_probes), need), norm_estimator=cfg.norm_estimator,
+                   probe_gradient=cfg.probe_gradient, fused=cfg.fused)
+
+    @property
+    def first_probe_only(self) -> bool:
+        """Only r̂_1 reaches the parameters (probe_gradient "first"; unbiased only for the pair estimator)."""
+        return self.probe_gradient == "first" and self.norm_estimator == "unbiased" and self.n_probes >= 2
+
+    def estimates(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, generator=None,
+                  probes: Optional[torch.Tensor] = None, create_graph: bool = True,
+                  stage: Optional[Callable[[str], None]] = None) -> torch.Tensor:
+        """Independent residual estimates r̂_k = ∂t s − ∇x φ̂_{v_k}, stacked: (K, *x.shape).
+
+        They share s, ∂t s and the forward graph; only the Hutchinson probe v_k differs (drawn
+        from ``generator`` unless ``probes`` (K, *x.shape) is given). With ``div_method="exact"``
+        K = 1 and the result is the exact residual. With ``first_probe_only`` r̂_2.. carry no
+        graph (values only; see ``probe_gradient_surrogate``). ``create_graph=False``: values
+        only (evaluation). ``stage(name)`` is called after each stage (benchmark timing).
+        """
+        from pipeline.fused import fused_ops, plain_ops
+        with fpe_precision(x.device), (fused_ops() if self.fused else plain_ops()):
+            return self._estimates(score_fn, x.to(_fp32_at_least(x.dtype)), t.to(_fp32_at_least(t.dtype)),
+                                   generator, probes, create_graph, stage or (lambda name: None))
+
+    def _estimates(self, score_fn, x, t, generator, probes, create_graph, stage):
+        x = x.detach().requires_grad_(True)
+        t = t.detach()
+        s, dsdt = score_and_dt(score_fn, x, t, dt_method=self.dt_method, fd_step=self.fd_step)  # LHS of (score FPE)
+        stage("forward_jvp")
+        base, g2_half = _phi_terms(self.sde, x, t, s)
+        if self.div_method == "exact":
+            psi = g2_half * exact_divergence(s, x) + base                                 # φ (score FPE)
+            (grad_phi,) = torch.autograd.grad(psi.sum(), x, create_graph=create_graph)
+            r = dsdt - grad_phi
+            return r.unsqueeze(0) if create_graph else r.detach().unsqueeze(0)
+        if probes is None:
+            probes = draw_probes(x.shape, self.n_probes, self.probe, generator=generator, device=x.device,
+                                 dtype=x.dtype)
+        out = []
+        for k, v in enumerate(probes):
+            last = k == len(probes) - 1
+            keep = create_graph and (k == 0 or not self.first_probe_only)  # this estimate reaches θ
+            (u,) = torch.autograd.grad(s, x, v, create_graph=True)                        # Jᵀv
+            psi = g2_half * _flat_dot(u, v) + base                                         # φ̂_v
+            stage("vjp")
+            # the shared forward graph must survive for the later probes and the final backward
+            (grad_phi,) = torch.autograd.grad(psi.sum(), x, create_graph=keep,
+                                              retain_graph=create_graph or not last)
+            stage("double_backward")
+            r = dsdt - grad_phi
+            out.append(r if keep else r.detach())
+        return torch.stack(out)
+
+    def residual(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
+        """r(x,t) = ∂t s − ∇x[(g²/2)(∇·s + ‖s‖²) − ⟨f,s⟩ − ∇·f]  (score FPE), same shape as x.
+
+        The mean of ``estimates`` (keywords as there): with Hutchinson the divergence is
+        averaged over the K probes.
+        """
+        return self.estimates(score_fn, x, t, **kw).mean(0)
+
+    def squared_norm(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, generator=None,
+                     create_graph: bool = True, stage: Optional[Callable[[str], None]] = None) -> torch.Tensor:
+        """Per-sample estimate of ‖r(x,t)‖²/D² (B,) with ``norm_estimator`` (unbiased: may be < 0).
+
+        With ``create_graph`` and ``first_probe_only`` only r̂_1 is backpropagated, scaled so that
+        the pair estimator's parameter gradient stays unbiased (``probe_gradient_surrogate``).
+        """
+        rs = self.estimates(score_fn, x, t, generator=generator, create_graph=create_graph, stage=stage)
+        sq = squared_norm_estimate(rs, self.norm_estimator) / x[0].numel() ** 2              # ‖r‖²/D²
+        if create_graph and self.first_probe_only:
+            sq = probe_gradient_surrogate(sq, self.n_probes)
+        return sq
+
+
 # --------------------------------------------------------------------------- regularizer
 @dataclass
 class FPEOutput:
@@ -295,18 +348,6 @@ def _rand(shape, generator, device, dtype=torch.float32, normal=False):
     gdev = generator.device if generator is not None else device
     fn = torch.randn if normal else torch.rand
     return fn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
-
-
-def _fp32_at_least(dtype):
-    """fp32 for half / bf16 / fp32 inputs; float64 stays float64 (tests)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@contextlib.contextmanager
-def fpe_precision(device: torch.device):
-    """fp32, autocast off, math attention kernel (forward AD and double backward need it)."""
-    with torch.autocast(device_type=device.type, enabled=False), sdpa_kernel([SDPBackend.MATH]):
-        yield
 
 
 def select_points(cfg, sde: SDE, x0: torch.Tensor, xt: Optional[torch.Tensor], t: Optional[torch.Tensor],
@@ -347,19 +388,18 @@ class FPERegularizer:
     """α · mean_k[ λ(t) (‖r‖²)^{m/2} ] / D^m on a subsample of k of the B samples (L_FP).
 
     ``__call__(model, x0, xt, t, step=, generator=)`` with the RAW module (not a DDP /
-    DeepSpeed / compiled wrapper). Returns ``None`` on steps skipped by ``every``.
+    DeepSpeed / compiled wrapper). Returns ``None`` on steps skipped by ``every``. The residual
+    is estimated by ``ResidualEstimator.from_config(cfg, sde)``, rebuilt from ``cfg`` at each call
+    (a small dataclass) so that the regularizer follows its config.
     """
 
-    def __init__(self, cfg, sde: SDE):
+    def __init__(self, cfg: FPEConfig, sde: SDE):
         self.cfg = cfg
         self.sde = sde
 
-    def n_probes(self) -> int:
-        c = self.cfg
-        if c.div_method == "exact":
-            return 1
-        need = 2 if c.norm_estimator == "unbiased" else 1
-        return max(int(getattr(c, "n_probes", need)), need)
+    @property
+    def estimator(self) -> ResidualEstimator:
+        return ResidualEstimator.from_config(self.cfg, self.sde)
 
     def __call__(self, model, x0, xt=None, t=None, *, step: int = 0, generator=None) -> Optional[FPEOutput]:
         c = self.cfg
@@ -371,70 +411,31 @@ class FPERegularizer:
         idx = torch.randperm(B, generator=generator, device=gdev)[:k].to(x0.device)
         with fpe_precision(x0.device):
             xs, ts = select_points(c, self.sde, x0, xt, t, idx, generator)
-            score_fn = get_score_fn(model, self.sde)
-            D = xs[0].numel()
-            K = self.n_probes()
-            est = "single" if c.div_method == "exact" else c.norm_estimator
-            # the one-sided gradient is unbiased only for the pair estimator
-            first_only = c.probe_gradient == "first" and est == "unbiased" and K >= 2
-            rs = residual_estimates(score_fn, self.sde, xs, ts, dt_method=c.dt_method, fd_step=c.fd_step,
-                                    div_method=c.div_method, probe=c.probe, n_probes=K,
-                                    generator=generator, create_graph=True, fused=c.fused,
-                                    graph_probes="first" if first_only else "all")
-            sq = squared_norm_estimate(rs, est) / D ** 2                                # ‖r‖²/D²
-            if first_only:
-                sq = probe_gradient_surrogate(sq, K)
-            if c.m == 2:
-                per = sq
-            else:  # ‖r‖^m / D^m; not unbiased for m ≠ 2 (clamped below at 0)
-                per = sq.clamp_min(0).add(1e-30).pow(c.m / 2)
-            per = time_weight(self.sde, ts, c.weighting) * per
-            loss = c.alpha * per.mean()                                                # E_t, L_FP
-            if c.reference_scalar_beta > 0:
-                q = reference_scalar_term(score_fn, self.sde, xs, ts, generator=generator)
-                # the reference's ‖q‖₂ over its batch, rescaled to the full batch B
-                loss = loss + c.reference_scalar_beta * q.pow(2).sum().mul(B / k).sqrt()
+            loss, sq = self.loss_at(get_score_fn(model, self.sde), xs, ts, generator=generator, batch_size=B)
         return FPEOutput(loss=loss, residual_norm=sq.detach().clamp_min(0).sqrt(), t=ts.detach(),
                          indices=idx, sq_norm=sq.detach())
 
-
-# --------------------------------------------------------------------------- evaluation / logging
-def fpe_residual_by_t(model, sde: SDE, x0: torch.Tensor, t_grid, *, n_probes: int = 2,
-                      probe: str = "rademacher", dt_method: str = "jvp", fd_step: float = 1e-3,
-                      div_method: str = "hutchinson", generator=None, batch_size: int = 0,
-                      fused: bool = False) -> dict:
-    """Mean FPE residual of ``model`` on x_t ~ p_0t(·|x0) for each t of ``t_grid``.
-
-    Returns {"t": (T,), "sq_norm": (T,) unbiased mean ‖r‖²/D², "norm": (T,) sqrt of it,
-    "norm_per_sample": (T,) mean of per-sample sqrt(max(‖r̂‖²,0))/D}. The caller picks the mode
-    (eval() for checkpoints).
-    """
-    t_grid = torch.as_tensor(t_grid, dtype=torch.float32, device=x0.device)
-    score_fn = get_score_fn(model, sde)
-    D = x0[0].numel()
-    bs = batch_size or x0.shape[0]
-    sq_out, per_out = [], []
-    n_probes = n_probes if div_method == "hutchinson" else 1
-    est = "unbiased" if n_probes >= 2 else "single"
-    with fpe_precision(x0.device):
-        for tv in t_grid:
-            sq_all = []
-            for start in range(0, x0.shape[0], bs):
-                xb = x0[start:start + bs].to(_fp32_at_least(x0.dtype))
-                tb = torch.full((xb.shape[0],), float(tv), device=x0.device, dtype=xb.dtype)
-                mean, std = sde.marginal_prob(xb, tb)
-                xt = mean + _bcast(std, xb) * _rand(xb.shape, generator, x0.device, xb.dtype, normal=True)
-                rs = residual_estimates(score_fn, sde, xt, tb, dt_method=dt_method, fd_step=fd_step,
-                                        div_method=div_method, probe=probe, n_probes=n_probes,
-                                        generator=generator, create_graph=False, fused=fused)
-                sq_all.append(squared_norm_estimate(rs, est).detach() / D ** 2)
-            sq = torch.cat(sq_all)
-            sq_out.append(sq.mean())
-            per_out.append(sq.clamp_min(0).sqrt().mean())
-    sq_t = torch.stack(sq_out)
-    return {"t": t_grid, "sq_norm": sq_t, "norm": sq_t.clamp_min(0).sqrt(), "norm_per_sample": torch.stack(per_out)}
+    def loss_at(self, score_fn: ScoreFn, xs: torch.Tensor, ts: torch.Tensor, *, generator=None,
+                batch_size: Optional[int] = None, stage: Optional[Callable[[str], None]] = None):
+        """(L_FP at the k points (xs, ts), the (k,) estimates of ‖r‖²/D²); ``batch_size`` B only
+        scales the reference scalar term."""
+        c = self.cfg
+        sq = self.estimator.squared_norm(score_fn, xs, ts, generator=generator, stage=stage)  # ‖r‖²/D²
+        if c.m == 2:
+            per = sq
+        else:  # ‖r‖^m / D^m; not unbiased for m ≠ 2 (clamped below at 0)
+            per = sq.clamp_min(0).add(1e-30).pow(c.m / 2)
+        per = time_weight(self.sde, ts, c.weighting) * per
+        loss = c.alpha * per.mean()                                                    # E_t, L_FP
+        if c.reference_scalar_beta > 0:
+            q = reference_scalar_term(score_fn, self.sde, xs, ts, generator=generator)
+            # the reference's ‖q‖₂ over its batch, rescaled to the full batch B
+            B = batch_size or xs.shape[0]
+            loss = loss + c.reference_scalar_beta * q.pow(2).sum().mul(B / xs.shape[0]).sqrt()
+        return loss, sq
 
 
+# --------------------------------------------------------------------------- logging
 def mean_by_t_bucket(t: torch.Tensor, values: torch.Tensor, n_buckets: int = 4,
                      t_min: float = 0.0, t_max: float = 1.0, prefix: str = "fpe/residual") -> dict:
     """Mean of per-sample ``values`` per t-bucket, for logging (residual norms in training,

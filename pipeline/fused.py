@@ -20,9 +20,10 @@ every elementwise op; the Functions here carry their derivatives in closed form:
   regularizer runs, by swapping the ``torch.nn.functional`` attributes under a lock (a
   TorchFunctionMode does the same, ``ROUTING = "mode"``, but runs Python for every torch call). ``plain_ops()`` routes SDPA
   to the same attention with the plain-autograd softmax (the reference path for tests).
-``pipeline.fpe.residual_estimates(fused=True)`` runs the residual under ``fused_ops``. (A
-variant with all probes in one vmapped VJP and one vmapped double backward cost ~30% more FLOPs
-in the parameter backward than the probe loop and was dropped; benchmarks/RESULTS.md.)
+``pipeline.fpe.ResidualEstimator`` with ``fused=True`` (``fpe.fused``) runs the residual under
+``fused_ops``. (A variant with all probes in one vmapped VJP and one vmapped double backward cost
+~30% more FLOPs in the parameter backward than the probe loop and was dropped;
+benchmarks/RESULTS.md.)
 
 All Functions have ``setup_context``, ``jvp`` and ``generate_vmap_rule = True``;
 tests/test_fused.py runs gradcheck / gradgradcheck / forward-AD checks on each in float64.

@@ -1,12 +1,29 @@
-"""Image helpers: model space -> uint8 (rounding, not truncation) and PNG grids."""
+"""Image helpers: uint8 <-> model space (the one place pixels are scaled: ``to_model_space`` for
+the data loader and evaluation, ``to_uint8`` -- rounding, not truncation -- for samples) and PNG
+grids."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
+
+from pipeline.atomic import atomic_path
+
+
+LEVELS = 256  # pixel levels of uint8 data
+
+
+def to_model_space(images_u8: torch.Tensor, centered: bool, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 (any shape) -> float32 model space. With ``noise`` ~ U[0,1) of the same shape:
+    (u8 + noise)/256 (uniform dequantisation as score_sde); without: u8/255. Then [-1, 1] if
+    ``centered``."""
+    x = images_u8.float()
+    x = (x + noise) / LEVELS if noise is not None else x / (LEVELS - 1)
+    return x * 2.0 - 1.0 if centered else x
 
 
 def to_uint8(x: torch.Tensor, centered: bool) -> torch.Tensor:
@@ -33,8 +50,6 @@ def save_grid(x: torch.Tensor, path: str | Path, centered: bool, nrow: int | Non
     grid = make_grid(to_uint8(x.detach().float(), centered), nrow)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     return path

@@ -44,10 +44,10 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from .ode import odeint_adaptive
-from .sde import SDE, _bcast
+from pipeline.ode import odeint_adaptive
+from pipeline.sde import SDE, _bcast
 
-__all__ = ["log_likelihood", "bits_per_dim", "bpd_offset", "data_bpd_offset", "divergence_probe"]
+__all__ = ["log_likelihood", "bits_per_dim", "bpd_offset", "data_bpd_offset", "draw_probes"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -69,14 +69,22 @@ def bits_per_dim(logp: torch.Tensor, D: int, offset_bits: float = 0.0) -> torch.
     return -logp / (D * math.log(2.0)) + offset_bits
 
 
-def divergence_probe(shape, kind: str, device=None, dtype=torch.float32,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """A Hutchinson probe: Rademacher (±1) or standard Gaussian, of the given shape."""
-    if kind == "gaussian":
-        return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+def draw_probes(shape, n: int, kind: str = "rademacher", *, generator: Optional[torch.Generator] = None,
+                device=None, dtype=torch.float32) -> torch.Tensor:
+    """n independent Hutchinson probes of ``shape`` with E[v vᵀ] = I, stacked: (n, *shape).
+
+    Rademacher (±1) or standard Gaussian; drawn on the generator's device (a CPU generator can
+    feed a GPU run), then moved to ``device``. The one probe source of this project: the
+    likelihood's ∇·s and the FPE residual's (pipeline.fpe) both draw here.
+    """
+    gdev = generator.device if generator is not None else device
     if kind == "rademacher":
-        return torch.randint(0, 2, shape, device=device, generator=generator).to(dtype) * 2 - 1
-    raise ValueError(f"unknown Hutchinson probe {kind!r} (rademacher, gaussian, exact)")
+        v = torch.randint(0, 2, (n, *shape), generator=generator, device=gdev).to(dtype) * 2 - 1
+    elif kind == "gaussian":
+        v = torch.randn((n, *shape), generator=generator, device=gdev, dtype=dtype)
+    else:
+        raise ValueError(f"unknown Hutchinson probe {kind!r} (rademacher, gaussian)")
+    return v.to(device=device, dtype=dtype)
 
 
 def log_likelihood(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *,
@@ -97,7 +105,7 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *,
     shape = x.shape
     D = x[0].numel()
     if hutchinson != "exact" and probe is None:
-        probe = divergence_probe(shape, hutchinson, x.device, x.dtype, generator)
+        probe = draw_probes(shape, 1, hutchinson, generator=generator, device=x.device, dtype=x.dtype)[0]
 
     def rhs(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         xt = y[:, :D].reshape(shape).detach()

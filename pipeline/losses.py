@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .sde import SDE, _bcast
+from pipeline.sde import SDE, _bcast
 
 __all__ = ["DSMLoss", "DSMOutput"]
 

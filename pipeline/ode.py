@@ -90,7 +90,6 @@ def odeint_adaptive(
     direction = 1.0 if t1 >= t0 else -1.0
     t = torch.full((B,), float(t0), device=dev, dtype=dt)
     t_end = torch.full((B,), float(t1), device=dev, dtype=dt)
-    n_per = y0[0].numel()
     nfe = 0
 
     def rms(v: torch.Tensor) -> torch.Tensor:  # (B,) RMS over the chosen set of elements

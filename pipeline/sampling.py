@@ -44,8 +44,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .ode import odeint_adaptive
-from .sde import SDE, SubVPSDE, VESDE, VPSDE, _bcast
+from pipeline.ode import odeint_adaptive
+from pipeline.sde import SDE, _bcast
 
 __all__ = ["pc_sample", "ode_sample", "sample", "default_eps", "PREDICTORS", "CORRECTORS",
            "probability_flow_drift"]
@@ -57,47 +57,18 @@ CORRECTORS = ("langevin", "ald", "none")
 
 def default_eps(sde: SDE) -> float:
     """Smallest sampling time of score_sde: 1e-5 for VE, 1e-3 for VP / sub-VP."""
-    return 1e-5 if isinstance(sde, VESDE) else 1e-3
+    return sde.default_eps
 
 
-# --------------------------------------------------------------------------- step helpers
-def _ve_sigmas(sde: VESDE, t: torch.Tensor, t_next: torch.Tensor):
-    sigma = sde.sigma(t)
-    sigma_next = torch.where(t_next > 0, sde.sigma(t_next), torch.zeros_like(t_next))
-    return sigma, sigma_next
-
-
-def _vp_beta(sde: VPSDE, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
-    """DDPM β of the step t_next -> t: 1 - a(t)²/a(t_next)² (≈ β(t)Δt)."""
-    return -torch.expm1(2.0 * (sde.log_mean_coeff(t) - sde.log_mean_coeff(t_next)))
-
-
+# --------------------------------------------------------------------------- predictors
 def _noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
 
-def _langevin_alpha(sde: SDE, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
-    if isinstance(sde, VPSDE) and not isinstance(sde, SubVPSDE):
-        return 1.0 - _vp_beta(sde, t, t_next)
-    return torch.ones_like(t)
-
-
-# --------------------------------------------------------------------------- predictors
 def _reverse_diffusion(score_fn, sde, x, t, t_next, generator, add_noise):
     s = score_fn(x, t)
-    if isinstance(sde, VESDE):
-        sigma, sigma_next = _ve_sigmas(sde, t, t_next)
-        G2 = (sigma ** 2 - sigma_next ** 2).clamp_min(0.0)
-        x_mean = x + _bcast(G2, x) * s
-    elif isinstance(sde, VPSDE) and not isinstance(sde, SubVPSDE):
-        beta = _vp_beta(sde, t, t_next)
-        G2 = beta
-        x_mean = _bcast(2.0 - torch.sqrt(1.0 - beta), x) * x + _bcast(beta, x) * s
-    else:  # Euler discretisation of the forward SDE (sub-VP and any other SDE)
-        dt = t - t_next
-        f, g = sde.sde(x, t)
-        G2 = g * g * dt
-        x_mean = x - f * _bcast(dt, x) + _bcast(G2, x) * s
+    f, G2 = sde.discretize(x, t, t_next)  # the SDE's own step (DDPM / SMLD / Euler)
+    x_mean = x - f + _bcast(G2, x) * s
     if not add_noise:
         return x_mean
     return x_mean + _bcast(torch.sqrt(G2), x) * _noise(x, generator)
@@ -114,20 +85,7 @@ def _euler_maruyama(score_fn, sde, x, t, t_next, generator, add_noise):
 
 
 def _ancestral(score_fn, sde, x, t, t_next, generator, add_noise):
-    if isinstance(sde, VESDE):
-        s = score_fn(x, t)
-        sigma, sigma_next = _ve_sigmas(sde, t, t_next)
-        d2 = (sigma ** 2 - sigma_next ** 2).clamp_min(0.0)
-        x_mean = x + _bcast(d2, x) * s
-        std = torch.sqrt(sigma_next ** 2 * d2 / sigma ** 2)
-    elif isinstance(sde, VPSDE) and not isinstance(sde, SubVPSDE):
-        s = score_fn(x, t)
-        beta = _vp_beta(sde, t, t_next)
-        x_mean = (x + _bcast(beta, x) * s) / _bcast(torch.sqrt(1.0 - beta), x)
-        std = torch.sqrt(beta)
-    else:
-        raise ValueError(f"ancestral sampling is defined for the VP and VE SDEs only, not "
-                         f"{type(sde).__name__}; use predictor 'reverse_diffusion' or 'euler_maruyama'")
+    x_mean, std = sde.ancestral_step(x, score_fn(x, t), t, t_next)
     if not add_noise:
         return x_mean
     return x_mean + _bcast(std, x) * _noise(x, generator)
@@ -139,7 +97,7 @@ _PREDICTOR_FNS = {"reverse_diffusion": _reverse_diffusion, "euler_maruyama": _eu
 
 # --------------------------------------------------------------------------- correctors
 def _langevin(score_fn, sde, x, t, t_next, generator, snr, n_steps):
-    alpha = _langevin_alpha(sde, t, t_next)
+    alpha = sde.langevin_alpha(t, t_next)
     B = x.shape[0]
     for _ in range(n_steps):
         grad = score_fn(x, t)
@@ -152,7 +110,7 @@ def _langevin(score_fn, sde, x, t, t_next, generator, snr, n_steps):
 
 
 def _ald(score_fn, sde, x, t, t_next, generator, snr, n_steps):
-    alpha = _langevin_alpha(sde, t, t_next)
+    alpha = sde.langevin_alpha(t, t_next)
     step = 2.0 * alpha * (snr * sde.marginal_std(t)) ** 2
     for _ in range(n_steps):
         grad = score_fn(x, t)
@@ -193,8 +151,7 @@ def pc_sample(score_fn: ScoreFn, sde: SDE, shape, *, predictor: str = "reverse_d
         raise ValueError(f"pc_sample: unknown corrector {corrector!r} (choose from {CORRECTORS})")
     if predictor == "none" and corrector == "none":
         raise ValueError("pc_sample: predictor and corrector cannot both be 'none'")
-    if predictor == "ancestral" and not (isinstance(sde, VESDE) or
-                                         (isinstance(sde, VPSDE) and not isinstance(sde, SubVPSDE))):
+    if predictor == "ancestral" and not sde.has_ancestral:
         raise ValueError(f"pc_sample: ancestral sampling is defined for the VP and VE SDEs only, not "
                          f"{type(sde).__name__}; use predictor 'reverse_diffusion' or 'euler_maruyama'")
     K = int(num_steps) if num_steps else sde.N

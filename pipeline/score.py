@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .sde import SDE, VESDE, _bcast
+from pipeline.sde import SDE, VESDE, _bcast
 
 
 def time_labels(sde: SDE, t: torch.Tensor) -> torch.Tensor:

@@ -60,35 +60,27 @@ class SDE(ABC):
         D = z[0].numel()
         return -0.5 * D * math.log(2 * math.pi * s * s) - z.flatten(1).pow(2).sum(1) / (2 * s * s)
 
-    # ---- discretisation (Euler by default; VP/VE override with DDPM/SMLD forms)
-    def discretize(self, x, t):
-        dt = 1.0 / self.N
+    # ---- one step t -> t_next (< t) of the samplers (pipeline.sampling). Each SDE gives its
+    # own discretisation here, so the samplers never ask which SDE they run.
+    default_eps: float = 1e-3  # smallest sampling time (score_sde: 1e-3 for VP / sub-VP, 1e-5 for VE)
+    has_ancestral: bool = False  # whether ancestral_step is defined (DDPM / SMLD chains)
+
+    def discretize(self, x, t, t_next):
+        """(f, G²) of the forward step t_next -> t, x_t ≈ x_{t_next} + f + G z, with the step
+        actually taken. Euler-Maruyama here (f = f(x,t)Δt, G² = g(t)²Δt); VP and VE override
+        with the DDPM / SMLD forms (Song et al. 2021, App. E)."""
+        dt = t - t_next
         f, g = self.sde(x, t)
-        return f * dt, g * math.sqrt(dt)
+        return f * _bcast(dt, x), g * g * dt
 
-    def reverse(self, score_fn, probability_flow: bool = False) -> "ReverseSDE":
-        return ReverseSDE(self, score_fn, probability_flow)
+    def langevin_alpha(self, t, t_next):
+        """α of the Langevin corrector's step size 2α(snr·‖z‖/‖s‖)²: DDPM's 1 - β for VP, else 1."""
+        return torch.ones_like(t)
 
-
-class ReverseSDE:
-    """dx = [f - (1 or ½) g² s] dt + (g or 0) dw̄, integrated from T to 0."""
-
-    def __init__(self, sde: SDE, score_fn, probability_flow: bool):
-        self.fwd, self.score_fn, self.probability_flow = sde, score_fn, probability_flow
-        self.N = sde.N
-
-    def sde(self, x, t):
-        drift, g = self.fwd.sde(x, t)
-        score = self.score_fn(x, t)
-        c = 0.5 if self.probability_flow else 1.0
-        drift = drift - _bcast(g * g, x) * score * c
-        return drift, (torch.zeros_like(g) if self.probability_flow else g)
-
-    def discretize(self, x, t):
-        f, G = self.fwd.discretize(x, t)
-        c = 0.5 if self.probability_flow else 1.0
-        rev_f = f - _bcast(G * G, x) * self.score_fn(x, t) * c
-        return rev_f, (torch.zeros_like(G) if self.probability_flow else G)
+    def ancestral_step(self, x, score, t, t_next):
+        """(mean, std) of ancestral sampling's step t -> t_next (VP and VE only)."""
+        raise ValueError(f"ancestral sampling is defined for the VP and VE SDEs only, not "
+                         f"{type(self).__name__}; use predictor 'reverse_diffusion' or 'euler_maruyama'")
 
 
 class VPSDE(SDE):
@@ -126,15 +118,22 @@ class VPSDE(SDE):
     def prior_std(self):
         return 1.0
 
-    # DDPM discretisation with β_i = β(t_i)/N (score_sde's VPSDE.discretize)
-    def discretize(self, x, t):
-        beta = self.beta(t) / self.N
-        alpha = 1.0 - beta
-        f = _bcast(torch.sqrt(alpha), x) * x - x
-        return f, torch.sqrt(beta)
+    # DDPM chain over the step actually taken: β = 1 - a(t)²/a(t_next)² (≈ β(t)Δt; β(t)/N at Δt = 1/N)
+    has_ancestral = True
 
-    def discrete_betas(self, device=None):
-        return torch.linspace(self.beta_0 / self.N, self.beta_1 / self.N, self.N, device=device)
+    def step_beta(self, t, t_next):
+        return -torch.expm1(2.0 * (self.log_mean_coeff(t) - self.log_mean_coeff(t_next)))
+
+    def discretize(self, x, t, t_next):
+        beta = self.step_beta(t, t_next)
+        return _bcast(torch.sqrt(1.0 - beta) - 1.0, x) * x, beta
+
+    def langevin_alpha(self, t, t_next):
+        return 1.0 - self.step_beta(t, t_next)
+
+    def ancestral_step(self, x, score, t, t_next):
+        beta = self.step_beta(t, t_next)
+        return (x + _bcast(beta, x) * score) / _bcast(torch.sqrt(1.0 - beta), x), torch.sqrt(beta)
 
 
 class SubVPSDE(VPSDE):
@@ -150,8 +149,11 @@ class SubVPSDE(VPSDE):
         std = -torch.expm1(2.0 * lmc)
         return mean, std
 
-    def discretize(self, x, t):  # Euler-Maruyama, as score_sde
-        return SDE.discretize(self, x, t)
+    # no DDPM chain: Euler-Maruyama steps as score_sde, α = 1, no ancestral sampling
+    has_ancestral = False
+    discretize = SDE.discretize
+    langevin_alpha = SDE.langevin_alpha
+    ancestral_step = SDE.ancestral_step
 
 
 class VESDE(SDE):
@@ -183,18 +185,22 @@ class VESDE(SDE):
     def prior_std(self):
         return self.sigma_max
 
-    # SMLD discretisation over the geometric σ table; the table is computed on the
-    # device of t (score_sde keeps it on the CPU and indexes it with device tensors)
-    def discrete_sigmas(self, device=None):
-        return torch.exp(torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.N, device=device))
+    # SMLD chain over the step actually taken: G² = σ(t)² - σ(t_next)², σ taken 0 at t_next = 0
+    # (so the last step is Tweedie's x + σ² s)
+    default_eps = 1e-5
+    has_ancestral = True
 
-    def discretize(self, x, t):
-        sigma = self.sigma(t)
-        prev = self.sigma(torch.clamp(t - 1.0 / self.N, min=0.0))
-        prev = torch.where(t - 1.0 / self.N <= 0, torch.zeros_like(prev), prev)  # σ before the first step is 0
-        f = torch.zeros_like(x)
-        G = torch.sqrt(torch.clamp(sigma ** 2 - prev ** 2, min=0.0))
-        return f, G
+    def _step_sigmas(self, t, t_next):
+        return self.sigma(t), torch.where(t_next > 0, self.sigma(t_next), torch.zeros_like(t_next))
+
+    def discretize(self, x, t, t_next):
+        sigma, sigma_next = self._step_sigmas(t, t_next)
+        return torch.zeros_like(x), (sigma ** 2 - sigma_next ** 2).clamp_min(0.0)
+
+    def ancestral_step(self, x, score, t, t_next):
+        sigma, sigma_next = self._step_sigmas(t, t_next)
+        d2 = (sigma ** 2 - sigma_next ** 2).clamp_min(0.0)
+        return x + _bcast(d2, x) * score, torch.sqrt(sigma_next ** 2 * d2 / sigma ** 2)
 
 
 def build_sde(cfg) -> SDE:

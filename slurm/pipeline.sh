@@ -20,7 +20,7 @@
 #   --eval-time T         time limit of the eval job
 #   --partition P, --account A, --qos Q   passed to every sbatch
 #   --metrics LIST        comma-separated metrics for slurm/eval.sbatch (default fid)
-#   --eval-arg ARG        one argument for pipeline.evaluate (repeat it)
+#   --eval-arg ARG        one argument for pipeline.eval (repeat it)
 #   --repo-id ID          Hugging Face repo for `fpdiff push`; without it no push job
 #   --push-arg ARG        one extra argument for `fpdiff push` (repeat it)
 #   --sbatch-arg ARG      one extra sbatch option for every job (repeat it)

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "0")
 @pytest.fixture(scope="session")
 def mnist_shards(tmp_path_factory):
     """(train_pattern, test_pattern) of WebDataset shards of the real MNIST digits."""
-    from pipeline.shards import ensure_mnist_shards
+    from pipeline.data.shards import ensure_mnist_shards
 
     return ensure_mnist_shards(tmp_path_factory.mktemp("mnist"))
 

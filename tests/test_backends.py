@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pipeline.backends import AccelerateBackend, DeepSpeedBackend, build_backend
+from pipeline.train.backends import AccelerateBackend, DeepSpeedBackend, build_backend
 from pipeline.config import CONFIG_DIR, ConfigError, load_config
 
 

@@ -127,7 +127,7 @@ def test_masks_and_errors():
 # --------------------------------------------------------------------------- the CLI
 def _tiny_export(tmp_path, overrides=()):
     from pipeline.config import load_config
-    from pipeline.hub import write_export
+    from pipeline.publish.export import write_export
     from pipeline.models import build_model
 
     from test_fid import TINY_OVERRIDES
@@ -142,7 +142,7 @@ def test_sample_cli_samples_and_inpaints(tmp_path, capsys):
 
     import numpy as np
 
-    from pipeline.sample import sample_main
+    from pipeline.sample.cli import sample_main
     from test_evaluate import write_test_shards
 
     export = _tiny_export(tmp_path)
@@ -184,11 +184,11 @@ def test_classifier_learns_mnist_and_guides_sampling(tmp_path, tiny_overrides, c
 
     import numpy as np
 
-    from pipeline.classifier import accuracy_by_t, classifier_main, load_classifier
+    from pipeline.train.classifier import accuracy_by_t, classifier_main, load_classifier
     from pipeline.config import load_config, save_config
-    from pipeline.hub import write_export
+    from pipeline.publish.export import write_export
     from pipeline.models import build_model
-    from pipeline.sample import sample_main
+    from pipeline.sample.cli import sample_main
     from pipeline.sde import build_sde
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "mnist_tiny.yaml"), tiny_overrides)
@@ -306,8 +306,8 @@ def test_sample_cli_colorizes(tmp_path, capsys):
 
     import numpy as np
 
-    from pipeline.sample import sample_main
-    from pipeline.shards import shards_main
+    from pipeline.sample.cli import sample_main
+    from pipeline.data.shards import shards_main
 
     rng = np.random.default_rng(0)
     a = rng.random((6, 8, 8, 1))  # two-colour images: random foreground / background

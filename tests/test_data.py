@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data import DataError, ShardLoader, decode_sample, resolve_shards, shuffle_order
-from pipeline.shards import encode_png, write_shards
+from pipeline.data.reader import DataError, decode_sample, resolve_shards
+from pipeline.data.loader import ShardLoader
+from pipeline.data.schedule import shuffle_order
+from pipeline.data.shards import encode_png, write_shards
 
 SIZES = [3, 17, 8, 1, 12, 5, 9]  # 7 shards of uneven sizes, 55 samples
 
@@ -194,7 +196,7 @@ def test_truncated_and_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
     lost = {k for k in truth if k.startswith("s1_")} - survivors_1
 
     cfg = _cfg(pattern)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
         ld = ShardLoader(cfg, batch_size=4, exact_epochs=True)
         keys = [k for _x, _y, ks in ld for k in ks]
     assert sorted(keys) == sorted(set(truth) - lost - {bad_key})
@@ -315,8 +317,8 @@ def test_benchmark_script_measures_and_tabulates(mnist_shards):
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
-def test_fast_local_tar_reader_matches_tarfile_stream(tmp_path, fmt):
-    from pipeline.data import _iter_groups
+def test_tar_reader_local_and_pipe_agree(tmp_path, fmt):
+    from pipeline.data.reader import read_shard
 
     imgs = _images(4, seed=9)
     deep = "d" * 60 + "/" + ("e" * 70 if fmt != tarfile.USTAR_FORMAT else "e" * 20)
@@ -329,7 +331,44 @@ def test_fast_local_tar_reader_matches_tarfile_stream(tmp_path, fmt):
             key = f"{deep}/k{i}"
             _add(tf, f"{key}.png", encode_png(imgs[i]))
             _add(tf, f"{key}.cls", str(i).encode())
-    local = list(_iter_groups(str(path), 1, 4, []))
-    piped = list(_iter_groups(f"pipe:cat {path}", 1, 4, []))
+    local = list(read_shard(str(path), 1, 4, []))
+    piped = list(read_shard(f"pipe:cat {path}", 1, 4, []))
     assert local == piped and [g[0] for g in local] == [1, 2, 3]
     assert local[0][1] == f"{deep}/k1" and local[0][2]["cls"] == b"1"
+
+
+def test_a_sample_cut_by_truncation_is_never_yielded(tmp_path):
+    """A shard cut inside a sample's second member (its .cls) or its header: the cut sample is
+    not delivered half (no image without its label); the samples before it are."""
+    from pipeline.data.reader import read_shard
+
+    pattern, _ = _write_uneven(tmp_path / "sh", sizes=[6])
+    path = tmp_path / "sh" / "u-000000.tar"
+    raw = path.read_bytes()
+    with tarfile.open(path) as tf:
+        cls3 = tf.getmembers()[2 * 3 + 1]  # the .cls of the 4th sample
+    for cut in (cls3.offset_data, cls3.offset + 100, cls3.offset):  # in its data, in its header, before it
+        path.write_bytes(raw[:cut])
+        errors: list = []
+        got = [(key, sorted(files)) for _, key, files in read_shard(str(path), 0, 6, errors)]
+        assert [k for k, _ in got] == ["s0_00000", "s0_00001", "s0_00002"], cut
+        assert all(exts == ["cls", "png"] for _, exts in got) and errors, cut
+
+
+def test_eval_reads_a_pipe_url_with_arguments_like_training(tmp_path):
+    """One shard-list syntax for training and evaluation: a ``pipe:`` URL with arguments works in
+    both, and evaluation sees the same pixels the loader scales."""
+    from pipeline.data.reader import iter_images, shard_urls
+    from pipeline.images import to_model_space
+
+    pattern, truth = _write_uneven(tmp_path / "sh")
+    spec = f"pipe:cat {pattern}"
+    images = list(iter_images(shard_urls(spec), 3))
+    assert [k for k, _, _ in images] == [k for k, _, _ in iter_images(shard_urls(pattern), 3)]
+    assert sorted(k for k, _, _ in images) == sorted(truth)
+    assert all(np.array_equal(a, truth[k]) and lab == int(k[-5:]) % 3 for k, a, lab in images)
+    ld = ShardLoader(_cfg(spec, index=str(tmp_path / "sh" / "u.json"), centered=True), batch_size=64,
+                     exact_epochs=True, train=False)
+    (x, _y, keys), = list(ld)
+    u8 = torch.from_numpy(np.stack([truth[k] for k in keys])).permute(0, 3, 1, 2)
+    assert torch.equal(x, to_model_space(u8, True))

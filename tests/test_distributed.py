@@ -15,7 +15,7 @@ import torch
 from ports import free_port
 from safetensors.torch import load_file
 
-from pipeline import checkpoint as ckpt
+from pipeline.rundir import RunDir
 from pipeline.config import CONFIG_DIR
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def launch(kind: str, run_dir, overrides, resume=None, popen=False):
 
 
 def weights(run_dir, name="model"):
-    return load_file(str(ckpt.latest_checkpoint(run_dir) / f"{name}.safetensors"))
+    return load_file(str(RunDir(run_dir).latest_checkpoint() / f"{name}.safetensors"))
 
 
 def max_rel_diff(a, b):
@@ -98,7 +98,7 @@ def test_ddp_trains_checkpoints_and_resumes_bitwise_after_sigkill(base, tmp_path
     proc = launch("ddp", tmp_path / "killed", ov, popen=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        last = ckpt.latest_checkpoint(tmp_path / "killed")
+        last = RunDir(tmp_path / "killed").latest_checkpoint()
         if last is not None and int(last.name.split("_")[1]) >= 6:
             break
         time.sleep(0.05)
@@ -124,7 +124,7 @@ def test_ddp_trains_checkpoints_and_resumes_bitwise_after_sigkill(base, tmp_path
 def test_deepspeed_zero2_trains_checkpoints_and_resumes(base, tmp_path):
     ov = base + ["training.ckpt_every=3", "training.keep_last=10", "fpe.subsample=2"]
     launch("zero2", tmp_path / "ref", ov + ["training.n_steps=6"])
-    assert (ckpt.latest_checkpoint(tmp_path / "ref") / "deepspeed").is_dir()
+    assert (RunDir(tmp_path / "ref").latest_checkpoint() / "deepspeed").is_dir()
     # a 3-step run, then resumed to 6 steps: equals the uninterrupted 6-step run
     launch("zero2", tmp_path / "resumed", ov + ["training.n_steps=3"])
     launch("zero2", tmp_path / "resumed", ov + ["training.n_steps=6"], resume="auto")

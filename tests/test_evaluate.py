@@ -37,10 +37,10 @@ def write_test_shards(folder: Path, sizes=(5, 2, 4), start: int = 1000) -> str:
 
 # --------------------------------------------------------------------------- loading
 def test_load_for_eval_from_run_checkpoint_and_export(tmp_path):
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.train.checkpoint import save_checkpoint
     from pipeline.config import load_config, save_config
-    from pipeline.evaluate import load_for_eval, resolve_eval_source
-    from pipeline.hub import write_export
+    from pipeline.rundir import RunDir, find_weights, load_for_eval
+    from pipeline.publish.export import write_export
     from pipeline.models import build_model
 
     from test_fid import TINY_OVERRIDES
@@ -63,7 +63,7 @@ def test_load_for_eval_from_run_checkpoint_and_export(tmp_path):
         want = m.state_dict() if step == 5 else ema
         for k, v in model.state_dict().items():
             assert torch.equal(v, want[k]), k
-        assert resolve_eval_source(src)[2] == run
+        assert find_weights(src).run == RunDir(run)
     with pytest.raises(FileNotFoundError):
         load_for_eval(tmp_path / "nothing")
 
@@ -89,13 +89,13 @@ class GaussianScoreModel(nn.Module):
 
 
 def exact_bpd(sde, x, m, s, eps, centered):
-    from pipeline.evaluate import bpd_offset
+    from pipeline.likelihood import data_bpd_offset
     t = torch.full((x.shape[0],), eps, dtype=torch.float64)
     a, std = sde.mean_coeff(t), sde.marginal_std(t)
     var = (a * a * s * s + std * std).view(-1, 1)
     xf = x.double().flatten(1)
     logp = (-0.5 * (xf - a.view(-1, 1) * m) ** 2 / var - 0.5 * torch.log(2 * math.pi * var)).sum(1)
-    return -logp / (xf.shape[1] * math.log(2)) + bpd_offset(centered)
+    return -logp / (xf.shape[1] * math.log(2)) + data_bpd_offset(centered)
 
 
 @pytest.mark.parametrize("sde_type", ["ve", "vp", "subvp"])
@@ -103,7 +103,8 @@ def test_bpd_matches_closed_form_gaussian(sde_type):
     """Through evaluate_bpd (data path, offset, gathering): exact trace within 0.01 bits/dim
     of the exact Gaussian density; Gaussian Hutchinson probes over passes within 4 SE."""
     from pipeline.config import load_config
-    from pipeline.evaluate import evaluate_bpd, to_model_space
+    from pipeline.eval.bpd import evaluate_bpd
+    from pipeline.images import to_model_space
     from pipeline.sde import build_sde
 
     cfg = load_config(None, ["data.image_size=4", "data.num_channels=1", "model.ch_mult=[1]", f"sde.type={sde_type}",
@@ -128,8 +129,9 @@ def test_bpd_matches_closed_form_gaussian(sde_type):
 
 
 def test_bpd_offset_convention():
-    from pipeline.evaluate import bpd_offset, to_model_space
-    assert bpd_offset(False) == 8.0 and bpd_offset(True) == 7.0
+    from pipeline.likelihood import data_bpd_offset
+    from pipeline.images import to_model_space
+    assert data_bpd_offset(False) == 8.0 and data_bpd_offset(True) == 7.0
     u8 = torch.tensor([0, 255], dtype=torch.uint8)
     assert to_model_space(u8, False).tolist() == [0.0, 1.0]
     assert to_model_space(u8, True).tolist() == [-1.0, 1.0]
@@ -167,7 +169,8 @@ def test_bpd_two_processes_equal_one_process(tmp_path):
 def test_fpe_residual_over_t_grid():
     """`fpdiff eval fpe`: the FPE residual of a (stand-in) model over a t-grid, all samples."""
     from pipeline.config import load_config
-    from pipeline.evaluate import build_parser, evaluate_fpe
+    from pipeline.eval.cli import build_parser
+    from pipeline.eval.fpe import evaluate_fpe
     from pipeline.sde import build_sde
 
     from test_fid import STANDIN, TINY_OVERRIDES
@@ -187,7 +190,7 @@ def test_fpe_residual_over_t_grid():
 def test_evaluate_in_training(tmp_path):
     """The trainer's eval.every hook: small FID + 1-batch bpd, metrics returned and logged."""
     from pipeline.config import load_config
-    from pipeline.evaluate import check_eval_inputs, evaluate_in_training
+    from pipeline.eval.cli import check_eval_inputs, evaluate_in_training
     from pipeline.sde import build_sde
 
     from test_fid import STANDIN, TINY_OVERRIDES, random_ref

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
-from pipeline import checkpoint as ckpt
+from pipeline.rundir import RunDir
+from pipeline.train import checkpoint as ckpt
 from pipeline.config import CONFIG_DIR
-from pipeline.train import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE, main
+from pipeline.train.loop import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE, main
 
 TINY = str(CONFIG_DIR / "mnist_tiny.yaml")
 FAST = ["logging.backend=none", "training.log_every=1", "sampling.num_steps=2", "sampling.num_samples=4",
@@ -56,13 +57,13 @@ def run_copy(finished_run, tmp_path):
 
 
 def ckpt_names(run_dir):
-    return [p.name for p in ckpt.list_checkpoints(run_dir)]
+    return [p.name for p in RunDir(run_dir).list_checkpoints()]
 
 
 def test_resume_runs_no_code_from_optimizer_pt(run_copy, tmp_path, capsys):
     run_dir, overrides = run_copy
     marker = tmp_path / "marker"
-    for path in ckpt.list_checkpoints(run_dir):
+    for path in RunDir(run_dir).list_checkpoints():
         torch.save({"optimizer": ShellPayload(marker)}, path / "optimizer.pt")
     code = run_train(run_dir, overrides + ["training.n_steps=6"], "--resume", "auto")
     assert not marker.exists()
@@ -85,7 +86,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt"])
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(run_copy, capsys, name):
     run_dir, overrides = run_copy
-    newest = ckpt.latest_checkpoint(run_dir)
+    newest = RunDir(run_dir).latest_checkpoint()
     data = (newest / name).read_bytes()
     (newest / name).write_bytes(data[: len(data) // 2])
     assert run_train(run_dir, overrides, "--resume", "auto") == 0
@@ -157,7 +158,7 @@ def test_disk_full_while_saving_a_checkpoint(run_copy, monkeypatch, capsys):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    monkeypatch.setattr(ckpt, "save_weights", disk_full)
     assert run_train(run_dir, overrides + ["training.n_steps=5"], "--resume", "auto") == EXIT_BAD_CONFIG
     line = one_line_error(capsys)
     assert "step_00000005" in line and os.strerror(errno.ENOSPC) in line
@@ -167,7 +168,7 @@ def test_disk_full_while_saving_a_checkpoint(run_copy, monkeypatch, capsys):
 
 # --------------------------------------------------------------------------- eval on saved configs
 def run_eval(*argv):
-    from pipeline.evaluate import evaluate_main
+    from pipeline.eval.cli import evaluate_main
 
     return evaluate_main(list(argv))
 
@@ -212,7 +213,7 @@ def test_eval_of_an_export_on_its_own_writes_only_to_out(run_copy, tmp_path, cap
 
 def test_eval_bpd_on_a_truncated_ema_file(run_copy, capsys):
     run_dir, _ = run_copy
-    ema = ckpt.latest_checkpoint(run_dir) / "ema.safetensors"
+    ema = RunDir(run_dir).latest_checkpoint() / "ema.safetensors"
     ema.write_bytes(ema.read_bytes()[:1000])
     assert run_eval("bpd", str(run_dir), "--max-samples", "2", "--no-progress") == EXIT_BAD_CONFIG
     err = capsys.readouterr().err.strip()
@@ -230,7 +231,7 @@ def write_images(folder, n=3):
 
 
 def shards_cli(*argv):
-    from pipeline.shards import shards_main
+    from pipeline.data.shards import shards_main
 
     return shards_main([str(a) for a in argv])
 
@@ -300,7 +301,7 @@ def test_fpe_subsample_larger_than_the_batch_is_said_once(mnist_shards, tmp_path
 
 @pytest.mark.parametrize("n", ["0", "-3"])
 def test_sample_num_samples_not_positive(run_copy, capsys, n):
-    from pipeline.sample import sample_main
+    from pipeline.sample.cli import sample_main
 
     run_dir, _ = run_copy
     before = sorted(run_dir.rglob("*"))

@@ -69,7 +69,7 @@ import sys
 torch.set_num_threads(1)
 import pipeline.models as pm
 pm.build_model = lambda cfg: StandIn(cfg.data.num_channels)
-from pipeline.evaluate import evaluate_main
+from pipeline.eval.cli import evaluate_main
 sys.exit(evaluate_main(sys.argv[1:]))
 '''
 
@@ -82,7 +82,7 @@ def make_export(run_dir: Path, overrides=()) -> Path:
     """RUN/export with the stand-in's weights and a tiny config (step 7), and RUN/config.yaml as a
     run has it (an export folder on its own gets no results written above it)."""
     from pipeline.config import load_config, save_config
-    from pipeline.hub import write_export
+    from pipeline.publish.export import write_export
 
     ns: dict = {}
     exec(STANDIN, ns)
@@ -122,7 +122,7 @@ def run_eval(worker: Path, args: list[str], procs: int, env: dict, timeout=240) 
 
 def random_ref(path: Path, extractor: Path, n=40, seed=0) -> Path:
     """Reference statistics of random 8x8 gray images through the tiny extractor."""
-    from pipeline.fid import FeatureExtractor, FeatureStats, save_stats
+    from pipeline.eval.features import FeatureExtractor, FeatureStats, save_stats
 
     g = torch.Generator().manual_seed(seed)
     u8 = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
@@ -137,7 +137,7 @@ def random_ref(path: Path, extractor: Path, n=40, seed=0) -> Path:
 def test_feature_stats_match_numpy_and_cleanfid():
     from cleanfid.fid import fid_from_feats, frechet_distance
 
-    from pipeline.fid import FeatureStats
+    from pipeline.eval.features import FeatureStats
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(101, 12)) * rng.uniform(0.5, 2, 12) + 3.0
@@ -157,7 +157,7 @@ def test_clean_resize_matches_cleanfid():
     from PIL import Image
     from cleanfid.resize import build_resizer
 
-    from pipeline.fid import clean_resize
+    from pipeline.eval.features import clean_resize
 
     fn = build_resizer("clean")
     rng = np.random.default_rng(1)
@@ -172,7 +172,7 @@ def test_clean_resize_matches_cleanfid():
 
 def test_extractor_sees_rounded_uint8_and_exactly_n(tmp_path):
     from pipeline.config import load_config
-    from pipeline.evaluate import evaluate_fid
+    from pipeline.eval.fid import evaluate_fid
     from pipeline.sde import build_sde
 
     cfg = load_config(None, TINY_OVERRIDES)
@@ -200,7 +200,7 @@ def test_extractor_sees_rounded_uint8_and_exactly_n(tmp_path):
 
 
 def test_missing_inception_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
-    import pipeline.fid as fid
+    import pipeline.eval.features as fid
 
     folder = tmp_path / "incep"
     folder.mkdir()
@@ -227,7 +227,7 @@ def test_cli_offline_fails_at_startup_with_one_line(tmp_path):
     env = clean_env(FPDIFF_OFFLINE="1", FPDIFF_INCEPTION_DIR=str(tmp_path / "empty"))
     for extra in ([f"--ref-stats={ref}"],  # no Inception file, no network
                   [f"--feature-extractor={tmp_path / 'fe.pt'}", f"--ref-stats={tmp_path / 'missing.npz'}"]):
-        r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "fid", str(export), "--num-samples", "4",
+        r = subprocess.run([sys.executable, "-m", "pipeline.eval", "fid", str(export), "--num-samples", "4",
                             "--out", str(tmp_path / "out" / "fid.json"), "--save-samples", str(tmp_path / "png")]
                            + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]

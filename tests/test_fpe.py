@@ -15,9 +15,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from mixture import GaussianMixture, TinyMLP, TinyUNet  # noqa: E402
 
 from pipeline.config import FPEConfig  # noqa: E402
-from pipeline.fpe import (FPERegularizer, draw_probes, fpe_residual_by_t, reference_scalar_term,  # noqa: E402
-                          mean_by_t_bucket, residual_estimates, score_and_dt, score_fpe_residual,
-                          squared_norm_estimate, subsample_size)
+from pipeline.eval.fpe import fpe_residual_by_t  # noqa: E402
+from pipeline.fpe import (FPERegularizer, ResidualEstimator, mean_by_t_bucket, reference_scalar_term,  # noqa: E402
+                          score_and_dt, squared_norm_estimate, subsample_size)
+from pipeline.likelihood import draw_probes  # noqa: E402
 from pipeline.score import get_score_fn  # noqa: E402
 from pipeline.sde import SubVPSDE, VESDE, VPSDE  # noqa: E402
 
@@ -39,7 +40,7 @@ def test_exact_mixture_score_has_zero_residual(kind, D):
     gm = GaussianMixture(D, K=3, seed=D)
     x = gm.sample_xt(sde, T64, torch.Generator().manual_seed(1))
     sf = gm.score_fn(sde)
-    r = score_fpe_residual(sf, sde, x, T64, div_method="exact", create_graph=False)
+    r = ResidualEstimator(sde, div_method="exact").residual(sf, x, T64, create_graph=False)
     _, dsdt = score_and_dt(sf, x, T64)
     assert _rel(r, dsdt) < 1e-6
 
@@ -54,8 +55,8 @@ def test_finite_differences_within_truncation_error(kind, method):
     _, dsdt = score_and_dt(sf, x, T64)
     errs = []
     for h in (2e-3, 1e-3):
-        r = score_fpe_residual(sf, sde, x, T64, div_method="exact", dt_method=method, fd_step=h,
-                               create_graph=False)
+        r = ResidualEstimator(sde, div_method="exact", dt_method=method, fd_step=h).residual(
+            sf, x, T64, create_graph=False)
         errs.append(_rel(r, dsdt))
     assert errs[1] < 1e-3
     assert errs[0] / errs[1] > 3.0  # second-order stencils: error ∝ h²
@@ -100,7 +101,7 @@ def test_perturbed_score_matches_dense_autograd(kind):
     gm = GaussianMixture(3, K=2, seed=3)
     x = gm.sample_xt(sde, T64, torch.Generator().manual_seed(3))
     sf = _perturbed_score(gm, sde)
-    r = score_fpe_residual(sf, sde, x, T64, div_method="exact", create_graph=False)
+    r = ResidualEstimator(sde, div_method="exact").residual(sf, x, T64, create_graph=False)
     ref = _dense_residual(sf, sde, x, T64)
     assert ref.abs().max() > 1e-2  # the perturbation makes the residual clearly non-zero
     assert _rel(r - ref, ref) < 1e-8
@@ -114,10 +115,10 @@ def test_hutchinson_divergence_and_default_norm_are_unbiased():
     x = gm.sample_xt(sde, t, torch.Generator().manual_seed(5))
     n = 160
     for sf, exact_zero in ((gm.score_fn(sde), True), (_perturbed_score(gm, sde), False)):
-        exact = score_fpe_residual(sf, sde, x, t, div_method="exact", create_graph=False)
+        exact = ResidualEstimator(sde, div_method="exact").residual(sf, x, t, create_graph=False)
         exact_sq = exact.pow(2).sum(1)
         g = torch.Generator().manual_seed(11)
-        rs = residual_estimates(sf, sde, x, t, n_probes=n, generator=g, create_graph=False)
+        rs = ResidualEstimator(sde, n_probes=n).estimates(sf, x, t, generator=g, create_graph=False)
         # residual estimates average to the exact residual (Hutchinson divergence is unbiased)
         se = rs.std(0) / math.sqrt(n)
         assert ((rs.mean(0) - exact).abs() <= 5 * se + 1e-9).all()
@@ -202,7 +203,7 @@ def test_subsample_k_equals_B_is_full_and_expectation_is_full():
     cfg, reg = _reg(subsample=B, div_method="exact", norm_estimator="single", n_probes=1, fused=False)
     full = reg(net, x0, xt, t, generator=torch.Generator().manual_seed(0))
     sf = get_score_fn(net, VPSDE())
-    r = score_fpe_residual(sf, VPSDE(), xt, t, div_method="exact")
+    r = ResidualEstimator(VPSDE(), div_method="exact").residual(sf, xt, t)
     direct = (VPSDE().diffusion(t) ** 2 * r.pow(2).sum(1) / 16).mean()
     assert full.indices.shape == (B,)
     assert torch.allclose(full.loss, direct, rtol=1e-10)
@@ -270,8 +271,8 @@ def test_dropout_one_mask_per_residual():
     res = []
     for _ in range(2):
         torch.manual_seed(123)
-        res.append(score_fpe_residual(sf, sde, x, t, generator=torch.Generator().manual_seed(0),
-                                      create_graph=False))
+        res.append(ResidualEstimator(sde, n_probes=1, fused=False).residual(
+            sf, x, t, generator=torch.Generator().manual_seed(0), create_graph=False))
     assert torch.equal(res[0], res[1])
     # finite differences replay the mask: they agree with the exact jvp to O(h²). (The label
     # 999 t oscillates fast in the sinusoidal embedding: steps of 1e-3 are ~5% off, hence tiny
@@ -300,8 +301,8 @@ def test_tiny_t_is_finite(kind, method):
     net = TinyMLP(4)
     x = torch.randn(3, 4)
     t = torch.full((3,), 1e-5)
-    r = score_fpe_residual(get_score_fn(net, sde), sde, x, t, dt_method=method, create_graph=False,
-                           generator=torch.Generator().manual_seed(0))
+    r = ResidualEstimator(sde, dt_method=method, n_probes=1).residual(
+        get_score_fn(net, sde), x, t, create_graph=False, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(r).all()
     # the reference's stencil evaluates t − 1e-3 < 0 there: NaN for VP (sub-VP: a negative std)
     if kind == "vp":
@@ -322,7 +323,7 @@ def test_reference_scalar_term_is_not_zero_at_true_score_and_is_off_by_default()
     beta = sde.beta(t[:1]).item()
     # E[∇·s + ‖s‖²] = 0 and E⟨x, s⟩ = −D at the true score: mean q = −βD/2
     assert abs(q.mean().item() + beta * 4 / 2) < 5 * q.std().item() / math.sqrt(n)
-    r = score_fpe_residual(gm.score_fn(sde), sde, x[:8], t[:8], div_method="exact", create_graph=False)
+    r = ResidualEstimator(sde, div_method="exact").residual(gm.score_fn(sde), x[:8], t[:8], create_graph=False)
     assert r.abs().max() < 1e-8
 
 
@@ -341,8 +342,8 @@ def test_subvp_drift_term_uses_beta_not_g2():
     x = gm.sample_xt(sde, T64, torch.Generator().manual_seed(9))
     sf = gm.score_fn(sde)
     _, dsdt = score_and_dt(sf, x, T64)
-    ours = score_fpe_residual(sf, sde, x, T64, div_method="exact", create_graph=False)
-    ref = score_fpe_residual(sf, RefStyleSubVP(), x, T64, div_method="exact", create_graph=False)
+    ours = ResidualEstimator(sde, div_method="exact").residual(sf, x, T64, create_graph=False)
+    ref = ResidualEstimator(RefStyleSubVP(), div_method="exact").residual(sf, x, T64, create_graph=False)
     assert _rel(ours, dsdt) < 1e-6 and _rel(ref, dsdt) > 1e-2
 
 
@@ -355,8 +356,8 @@ def test_forward_passes_per_residual():
     x, t = torch.randn(2, 4), torch.rand(2) * 0.5 + 0.2
     for method, n in (("jvp", 1), ("fd3", 3), ("central", 3)):
         calls.clear()
-        rs = residual_estimates(get_score_fn(net, sde), sde, x, t, dt_method=method, n_probes=2,
-                                generator=torch.Generator().manual_seed(0))
+        rs = ResidualEstimator(sde, dt_method=method, n_probes=2, probe_gradient="all").estimates(
+            get_score_fn(net, sde), x, t, generator=torch.Generator().manual_seed(0))
         squared_norm_estimate(rs).sum().backward()
         assert len(calls) == n, method
 
@@ -365,7 +366,7 @@ def test_default_config_is_the_unbiased_two_probe_jvp_estimator():
     c = FPEConfig()
     assert (c.norm_estimator, c.dt_method, c.probe, c.div_method) == ("unbiased", "jvp", "rademacher",
                                                                       "hutchinson")
-    assert c.n_probes >= 2 and FPERegularizer(c, VPSDE()).n_probes() >= 2
+    assert c.n_probes >= 2 and ResidualEstimator.from_config(c, VPSDE()).n_probes >= 2
 
 
 # --------------------------------------------------------------------------- evaluation helpers
@@ -374,9 +375,10 @@ def test_residual_by_t_and_buckets():
     gm = GaussianMixture(4, K=2, seed=1, dtype=torch.float32)
     model = _MixtureModel(gm, sde)
     x0 = gm.sample_x0(16, torch.Generator().manual_seed(0)).float()
-    out = fpe_residual_by_t(model, sde, x0, [0.1, 0.5, 0.9], generator=torch.Generator().manual_seed(0))
+    out = fpe_residual_by_t(model, ResidualEstimator(sde), x0, [0.1, 0.5, 0.9], generator=torch.Generator().manual_seed(0))
     assert out["sq_norm"].shape == (3,) and out["norm"].shape == (3,)
-    net_out = fpe_residual_by_t(TinyMLP(4), sde, x0, [0.1, 0.5, 0.9], generator=torch.Generator().manual_seed(0))
+    net_out = fpe_residual_by_t(TinyMLP(4), ResidualEstimator(sde), x0, [0.1, 0.5, 0.9],
+                                generator=torch.Generator().manual_seed(0))
     assert (net_out["norm"] > 10 * out["norm"]).all()
     logs = mean_by_t_bucket(torch.tensor([0.1, 0.2, 0.9]), torch.tensor([1.0, 3.0, 5.0]), n_buckets=2)
     assert logs == {"fpe/residual_t0.00-0.50": 2.0, "fpe/residual_t0.50-1.00": 5.0}
@@ -441,7 +443,7 @@ def test_training_with_regularizer_lowers_the_residual():
             opt.zero_grad()
             loss.backward()
             opt.step()
-        out = fpe_residual_by_t(net, sde, data[:8], [0.1, 0.4, 0.8], n_probes=2,
+        out = fpe_residual_by_t(net, ResidualEstimator(sde, n_probes=2, fused=False), data[:8], [0.1, 0.4, 0.8],
                                 generator=torch.Generator().manual_seed(2))
         results[use_fpe] = out["norm"].mean().item()
     print("mean residual norm (DSM, DSM + FPE):", results[False], results[True])

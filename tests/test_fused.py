@@ -13,9 +13,10 @@ from torch.autograd import gradcheck, gradgradcheck
 sys.path.insert(0, os.path.dirname(__file__))
 from mixture import TinyUNet  # noqa: E402
 
-from pipeline.fpe import draw_probes, fpe_precision, residual_estimates, squared_norm_estimate  # noqa: E402
+from pipeline.fpe import ResidualEstimator, fpe_precision, squared_norm_estimate  # noqa: E402
 from pipeline.fused import (SiLUDerivative, attention, fused_ops, group_norm, plain_ops,  # noqa: E402
                             silu, silu_derivative_value, softmax)
+from pipeline.likelihood import draw_probes  # noqa: E402
 from pipeline.score import get_score_fn  # noqa: E402
 from pipeline.sde import SubVPSDE, VESDE, VPSDE  # noqa: E402
 
@@ -121,8 +122,8 @@ def _plain_vs_fused(net, sde, graph_probes):
         net.zero_grad()
         torch.manual_seed(42)  # one dropout mask, the same for both paths
         with fpe_precision(x.device):
-            rs = residual_estimates(get_score_fn(net, sde), sde, x, t, probes=v, fused=fused,
-                                    graph_probes=graph_probes)
+            rs = ResidualEstimator(sde, fused=fused, probe_gradient=graph_probes).estimates(
+                get_score_fn(net, sde), x, t, probes=v)
             loss = squared_norm_estimate(rs).mean()
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])

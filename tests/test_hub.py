@@ -22,7 +22,9 @@ from urllib.parse import unquote, urlparse
 import pytest
 import torch
 
-from pipeline import hub
+from pipeline.publish import hub
+from pipeline.publish.export import write_export
+from pipeline.rundir import EXPORT_FILES
 from pipeline.config import config_from_dict
 
 TOKEN = "hf_test_token"
@@ -219,14 +221,14 @@ def tiny_export(tmp_path: Path, step: int = 100):
     cfg_dict = tiny_config()
     torch.manual_seed(0)
     model = build_model(config_from_dict(cfg_dict))
-    export = hub.write_export(tmp_path / "run" / "export", model.state_dict(), cfg_dict,
-                              {"step": step, "loss/total": 0.123, "fid": float("nan")})
+    export = write_export(tmp_path / "run" / "export", model.state_dict(), cfg_dict,
+                          {"step": step, "loss/total": 0.123, "fid": float("nan")})
     return export, model, cfg_dict
 
 
 def test_write_export_layout(tmp_path):
     export, model, cfg_dict = tiny_export(tmp_path)
-    assert sorted(p.name for p in export.iterdir()) == sorted(hub.EXPORT_FILES)
+    assert sorted(p.name for p in export.iterdir()) == sorted(EXPORT_FILES)
     card = (export / "README.md").read_text()
     assert card.startswith("---\n") and "VP SDE" in card and "mnist" in card
     assert "Training step**: 100" in card and "| loss/total | 0.123 |" in card
@@ -236,8 +238,8 @@ def test_write_export_layout(tmp_path):
     from PIL import Image
 
     Image.new("L", (8, 8), 128).save(tmp_path / "grid.png")
-    hub.write_export(export, model.state_dict(), cfg_dict, {"step": 200},
-                     images={"samples.png": tmp_path / "grid.png", "gone.png": tmp_path / "missing.png"})
+    write_export(export, model.state_dict(), cfg_dict, {"step": 200},
+                 images={"samples.png": tmp_path / "grid.png", "gone.png": tmp_path / "missing.png"})
     assert json.loads((export / "metrics.json").read_text())["step"] == 200
     assert (export / "samples.png").is_file() and not (export / "gone.png").exists()
     assert "![samples](samples.png)" in (export / "README.md").read_text()
@@ -274,11 +276,11 @@ def test_push_end_to_end_and_load_back(fake_hub, tmp_path):
     assert f"Bearer {TOKEN}" in fake_hub.auth_headers
     (commit,) = fake_hub.commits
     assert commit["summary"] == "step 100"
-    assert sorted(commit["files"]) == sorted(hub.EXPORT_FILES)
-    for name in hub.EXPORT_FILES:
+    assert sorted(commit["files"]) == sorted(EXPORT_FILES)
+    for name in EXPORT_FILES:
         assert commit["files"][name] == (export / name).read_bytes()
     card = commit["files"]["README.md"].decode()
-    assert "# hubtest" in card and "from pipeline.hub import load_pretrained" in card and "0.123" in card
+    assert "# hubtest" in card and "from pipeline.publish.hub import load_pretrained" in card and "0.123" in card
 
     # load the model back by repo id through snapshot_download against the same server
     loaded, cfg = hub.load_pretrained("alice/fpdiff-tiny", endpoint=fake_hub.url, token=TOKEN,
@@ -288,7 +290,7 @@ def test_push_end_to_end_and_load_back(fake_hub, tmp_path):
         assert torch.equal(a, b)
 
     # a second push of an updated export: the repo already exists (409 -> exist_ok) and is updated
-    hub.write_export(export, model.state_dict(), cfg_dict, {"step": 200})
+    write_export(export, model.state_dict(), cfg_dict, {"step": 200})
     pusher2 = hub.HubPusher("alice/fpdiff-tiny", endpoint=fake_hub.url, token=TOKEN, backoff=0.05)
     pusher2.push(export, "step 200")
     assert pusher2.wait(60) and pusher2.status()["pushes_ok"] == 1
@@ -328,7 +330,7 @@ def test_push_retries_500s_while_caller_keeps_working(fake_hub, tmp_path, endpoi
     during = [t for t in step_times if first_fail < t < commit_t]
     assert len(during) >= 5, (len(during), commit_t - first_fail)
     (commit,) = fake_hub.commits
-    assert sorted(commit["files"]) == sorted(hub.EXPORT_FILES)
+    assert sorted(commit["files"]) == sorted(EXPORT_FILES)
 
 
 def test_push_failure_is_reported_not_raised(fake_hub, tmp_path, caplog):
@@ -336,7 +338,7 @@ def test_push_failure_is_reported_not_raised(fake_hub, tmp_path, caplog):
     fake_hub.fail["create"] = 100
     pusher = hub.HubPusher("alice/fpdiff-tiny", endpoint=fake_hub.url, token=TOKEN,
                            max_retries=2, backoff=0.01)
-    with caplog.at_level("WARNING", logger="pipeline.hub"):
+    with caplog.at_level("WARNING", logger="pipeline.publish.hub"):
         pusher.push(export, "step 1")
         assert pusher.wait(30)
     st = pusher.status()
@@ -357,7 +359,7 @@ def test_push_main_cli(fake_hub, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     assert fake_hub.repos["bob/cli-push"]["private"] is False
     assert fake_hub.commits[-1]["summary"] == "fpdiff export, step 100"
-    assert sorted(fake_hub.commits[-1]["files"]) == sorted(hub.EXPORT_FILES)
+    assert sorted(fake_hub.commits[-1]["files"]) == sorted(EXPORT_FILES)
 
     rc = hub.push_main([str(tmp_path / "missing"), "--repo-id", "bob/x", "--endpoint", fake_hub.url])
     err = capsys.readouterr().err.strip()
@@ -381,4 +383,4 @@ def test_push_uploads_only_the_export_files_never_symlinks(fake_hub, tmp_path, c
     (export / "metrics.json").symlink_to(tmp_path / "metrics.json")  # even a known name, as a link
     rc = hub.push_main([str(export.parent), "--repo-id", "bob/links", "--endpoint", fake_hub.url, "--token", TOKEN])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(fake_hub.commits[-1]["files"]) == sorted(set(hub.EXPORT_FILES) - {"metrics.json"})
+    assert sorted(fake_hub.commits[-1]["files"]) == sorted(set(EXPORT_FILES) - {"metrics.json"})

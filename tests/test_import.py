@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 import score_sde_reference as ref
 from pipeline.cli import main as cli
-from pipeline.eval_runs import load_for_eval
-from pipeline.hub import load_weights_into
+from pipeline.publish.hub import load_weights_into
+from pipeline.rundir import load_for_eval
 from pipeline.models import build_model
-from pipeline.score_sde_import import SCORE_SDE_CONFIGS, fpdiff_config
+from pipeline.publish.score_sde_import import SCORE_SDE_CONFIGS, fpdiff_config
 
 # reduced width / resolution / depth with each config's layout pattern (embedding, FIR, pyramids)
 SMALL = {"cifar10": ["model.nf=8", "data.image_size=16", "model.num_res_blocks=1"],
@@ -194,7 +194,7 @@ def test_fine_tuning_recipe_runs_with_the_regularizer(tmp_path):
     """README's two commands: import, then train from it (training.init_from) with fpe on."""
     import numpy as np
 
-    from pipeline.shards import shards_main
+    from pipeline.data.shards import shards_main
 
     name = "ve/cifar10_ncsnpp_continuous"
     write_checkpoint(tmp_path / "c.pth", fpdiff_config(name, small_overrides(name)))

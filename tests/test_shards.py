@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data import ShardLoader, decode_sample
-from pipeline.shards import ShardWriteError, ensure_mnist_shards, shards_main, verify_index, write_shards
+from pipeline.data.loader import ShardLoader
+from pipeline.data.reader import decode_sample
+from pipeline.data.sources import ShardWriteError
+from pipeline.data.shards import ensure_mnist_shards, shards_main, verify_index, write_shards
 
 
 def _read_all(out_dir, index):

@@ -179,7 +179,7 @@ def test_eval_launch_line(tmp_path):
     assert len(tasks) == 2
     for (_, words), metric in zip(tasks, ["fid", "bpd"]):
         i = words.index("-m")
-        assert words[i + 1:] == ["pipeline.evaluate", metric, str(tmp_path / "run"), "--batch-size", "50",
+        assert words[i + 1:] == ["pipeline.eval", metric, str(tmp_path / "run"), "--batch-size", "50",
                                  "eval.fid_num_samples=100"]
         assert _opt(words, "--num_processes") == "2" and "--multi_gpu" in words
     r = _run(["bash", str(SLURM_DIR / "eval.sbatch"), "fud"], env=env, cwd=tmp_path)
@@ -346,7 +346,7 @@ def test_cancelled_job_is_not_requeued(slurm_cluster, tmp_path):
 
 @pytest.fixture(scope="session")
 def slurm_shards(tmp_path_factory):
-    from pipeline.shards import ensure_mnist_shards
+    from pipeline.data.shards import ensure_mnist_shards
 
     return ensure_mnist_shards(tmp_path_factory.mktemp("slurm-mnist"))
 

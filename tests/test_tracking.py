@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import LoggingConfig
-from pipeline.tracking import Tracker
+from pipeline.train.tracking import Tracker
 
 wandb = pytest.importorskip("wandb")
 

@@ -6,15 +6,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint as ckpt
+from pipeline.rundir import RunDir
+from pipeline.train import checkpoint as ckpt
 from pipeline.config import CONFIG_DIR, load_config
-from pipeline.train import EXIT_NONFINITE, EXIT_REQUEUE, train
+from pipeline.train.loop import EXIT_NONFINITE, EXIT_REQUEUE, train
 
 TINY = str(CONFIG_DIR / "mnist_tiny.yaml")
 
@@ -27,7 +27,7 @@ def train_cmd(run_dir, overrides, resume=None):
 
 
 def final_weights(run_dir):
-    last = ckpt.latest_checkpoint(run_dir)
+    last = RunDir(run_dir).latest_checkpoint()
     return load_file(str(last / "model.safetensors")), load_file(str(last / "ema.safetensors")), last
 
 
@@ -51,13 +51,13 @@ def reference_run(tmp_path_factory, mnist_shards):
 
 def test_run_writes_checkpoints_export_samples_summary(reference_run):
     run_dir, _ = reference_run
-    names = [p.name for p in ckpt.list_checkpoints(run_dir)]
+    names = [p.name for p in RunDir(run_dir).list_checkpoints()]
     assert names == [f"step_{s:08d}" for s in (4, 8, 12, 16, 20, 24)]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "samples.png").is_file()
     assert (run_dir / "export" / "ema.safetensors").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["images_per_s"] > 0 and len(summary["loss_curve"]) >= 4
-    state = json.loads((ckpt.latest_checkpoint(run_dir) / "state.json").read_text())
+    state = json.loads((RunDir(run_dir).latest_checkpoint() / "state.json").read_text())
     assert state["step"] == 24 and "loader" in state
     from PIL import Image
     assert Image.open(run_dir / "samples.png").size[0] > 28 * 4  # a grid, not one image
@@ -71,14 +71,14 @@ def test_sigkill_then_resume_is_bitwise_equal(reference_run, tmp_path):
     target = random.Random(os.getpid()).choice([4, 8, 12])
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        last = ckpt.latest_checkpoint(run_dir)
+        last = RunDir(run_dir).latest_checkpoint()
         if last is not None and int(last.name.split("_")[1]) >= target:
             break
         time.sleep(0.05)
     time.sleep(random.Random(1).random() * 0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert ckpt.latest_checkpoint(run_dir) is not None
+    assert RunDir(run_dir).latest_checkpoint() is not None
     r = subprocess.run(train_cmd(run_dir, overrides, resume="auto"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     model_a, ema_a, last_a = final_weights(run_dir_ref)
@@ -99,7 +99,7 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(reference_run, tmp_path):
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_REQUEUE, err[-3000:]
-    stopped = ckpt.latest_checkpoint(run_dir)
+    stopped = RunDir(run_dir).latest_checkpoint()
     assert stopped is not None and 0 < int(stopped.name.split("_")[1]) < 24
     assert "stop requested" in err
     r = subprocess.run(train_cmd(run_dir, overrides, resume="auto"), capture_output=True, text=True, timeout=600)
@@ -119,7 +119,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tiny_overrides, tmp_path, poison_
     run_dir = tmp_path / "run"
     code = train(cfg, run_dir, progress=False)
     assert code == EXIT_NONFINITE
-    last = ckpt.latest_checkpoint(run_dir)
+    last = RunDir(run_dir).latest_checkpoint()
     state = ckpt.load_checkpoint(last)
     # the checkpoint kept is the last one from before the streak (none is written during it)
     assert last.name == "step_00000002" and state["state"]["counters"]["consecutive_nonfinite"] == 0
@@ -154,3 +154,22 @@ def test_compiled_dsm_path_trains_with_the_regularizer(tiny_overrides, tmp_path)
                                               "training.compile=true", "training.compile_backend=aot_eager"])
     assert train(cfg, tmp_path / "run", progress=False) == 0
     assert isinstance(_logged(tmp_path / "run")[0]["loss/fpe"], float)
+
+
+def test_sample_every_writes_grids_and_leaves_training_unchanged(tiny_overrides, tmp_path):
+    """training.sample_every=2 draws a grid at steps 2 and 4 of a 5-step run (the end has its
+    own samples.png); the weights and losses are bitwise those of the run without it (the grids
+    leave the global RNG streams alone)."""
+    common = tiny_overrides + ["training.n_steps=5", "training.log_every=1", "training.ckpt_every=5",
+                               "sampling.num_samples=4", "sampling.num_steps=3"]
+    for every in (0, 2):
+        cfg = load_config(TINY, common + [f"training.sample_every={every}"])
+        assert train(cfg, tmp_path / f"every{every}", progress=False) == 0
+    grids = sorted(p.name for p in (tmp_path / "every2" / "samples").glob("*.png"))
+    assert grids == ["step_00000002.png", "step_00000004.png"]
+    assert not (tmp_path / "every0" / "samples").exists()
+    losses = [[r["loss/total"] for r in _logged(tmp_path / f"every{e}")] for e in (0, 2)]
+    assert len(losses[0]) == 5 and losses[0] == losses[1]
+    a, b = final_weights(tmp_path / "every0"), final_weights(tmp_path / "every2")
+    assert_bitwise(a[0], b[0])
+    assert_bitwise(a[1], b[1])

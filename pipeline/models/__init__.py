@@ -3,11 +3,10 @@
 Forward signature ``model(x, labels)``: labels = σ(t) for the VE SDE (Fourier embedding
 of log σ; output divided by σ when ``model.scale_by_sigma``), 999·t for VP / sub-VP
 (positional embedding; the network predicts noise). ``pipeline.score`` turns outputs into
-scores; ``pipeline.score_sde_import`` loads score_sde_pytorch checkpoints into these networks.
+scores; ``pipeline.publish.score_sde_import`` loads score_sde_pytorch checkpoints into these networks.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from ..config import Config, ConfigError

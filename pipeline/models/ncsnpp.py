@@ -8,7 +8,7 @@ progressive input/output pyramids (Song et al. 2021, Appendix H).
 
 All submodules with weights sit in one ``all_modules`` ModuleList in the order
 score_sde_pytorch's ``NCSNpp`` creates them, so its released checkpoints load by key (see
-``pipeline.score_sde_import``). As there, the parameter-free pyramid resamplers of
+``pipeline.publish.score_sde_import``). As there, the parameter-free pyramid resamplers of
 ``progressive='output_skip'`` / ``progressive_input='input_skip'`` are single attributes
 outside the list (they take no index), while the convolutional ``residual`` ones are list
 entries. ``forward`` walks the list in the order it was built.

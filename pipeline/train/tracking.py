@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.atomic import atomic_write_text
+from pipeline.rundir import RunDir
+
 logger = logging.getLogger(__name__)
 
-RUN_ID_FILE = "wandb_run_id.txt"
-METRICS_FILE = "metrics.jsonl"
 MAX_WANDB_ERRORS = 5
 
 
@@ -75,6 +76,11 @@ def last_logged_step(metrics_path: str | Path) -> int | None:
     return best
 
 
+def _aside(path: Path, stamp: str) -> Path:
+    """Where an earlier run's file is set aside: metrics.jsonl -> metrics.<stamp>.jsonl."""
+    return path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+
+
 class Tracker:
     """Main-process metric logging to wandb and ``run_dir/metrics.jsonl``."""
 
@@ -93,7 +99,8 @@ class Tracker:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / METRICS_FILE
+        self.metrics_path = RunDir(self.run_dir).metrics_log
+        self.id_file = RunDir(self.run_dir).wandb_id
         if resumed is False:
             self._start_fresh()
         # a resumed job continues after the last step it already logged
@@ -108,14 +115,13 @@ class Tracker:
         (``metrics.<time>.jsonl``) and forget the old wandb run id, so nothing is dropped."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if self.metrics_path.is_file() and self.metrics_path.stat().st_size:
-            os.replace(self.metrics_path, self.run_dir / f"metrics.{stamp}.jsonl")
-        id_file = self.run_dir / RUN_ID_FILE
-        if id_file.is_file():
-            os.replace(id_file, self.run_dir / f"wandb_run_id.{stamp}.txt")
+            os.replace(self.metrics_path, _aside(self.metrics_path, stamp))
+        if self.id_file.is_file():
+            os.replace(self.id_file, _aside(self.id_file, stamp))
 
     # ------------------------------------------------------------------ wandb
     def _init_wandb(self, config_dict: dict) -> None:
-        id_file = self.run_dir / RUN_ID_FILE
+        id_file = self.id_file
         try:
             import wandb
 
@@ -123,9 +129,7 @@ class Tracker:
                 run_id = id_file.read_text().strip()
             else:
                 run_id = secrets.token_hex(6)  # wandb ids: [a-z0-9]
-                tmp = id_file.with_suffix(".tmp")
-                tmp.write_text(run_id + "\n")
-                os.replace(tmp, id_file)
+                atomic_write_text(id_file, run_id + "\n")
             name = self.cfg.run_name or config_dict.get("name") or None
             self.run = wandb.init(
                 project=self.cfg.project or None,
@@ -140,7 +144,7 @@ class Tracker:
             )
             self.run_id = self.run.id
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
-            self._disable_wandb(f"wandb init failed ({type(e).__name__}: {e}); logging to {METRICS_FILE} only")
+            self._disable_wandb(f"wandb init failed ({type(e).__name__}: {e}); logging to {self.metrics_path.name} only")
 
     def _disable_wandb(self, message: str) -> None:
         logger.warning(message)
@@ -156,7 +160,7 @@ class Tracker:
         self._wandb_errors += 1
         if self._wandb_errors >= MAX_WANDB_ERRORS:
             self._disable_wandb(f"wandb {what} failed {self._wandb_errors} times in a row "
-                                f"({type(exc).__name__}: {exc}); wandb switched off, {METRICS_FILE} continues")
+                                f"({type(exc).__name__}: {exc}); wandb switched off, {self.metrics_path.name} continues")
         else:
             logger.warning("wandb %s failed (%s: %s)", what, type(exc).__name__, exc)
 

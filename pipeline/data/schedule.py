@@ -1,6 +1,6 @@
-"""The deterministic sample schedule of ``pipeline.data.ShardLoader``: which samples each reader
+"""The deterministic sample schedule of ``pipeline.data.loader.ShardLoader``: which samples each reader
 gets in each epoch and in which order, as a pure function of ``(seed, epoch, reader)`` (the
-design is described in ``pipeline.data``'s docstring)."""
+design is described in ``pipeline.data.loader``'s docstring)."""
 from __future__ import annotations
 
 import logging
@@ -8,9 +8,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .shard_io import ShardSet, _iter_groups
+from pipeline.data.reader import ShardSet, read_shard
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger("pipeline.data.loader")
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -129,7 +129,7 @@ class Schedule:
             errors: list = []
             got = 0
             last_key = None
-            for i, key, files in _iter_groups(url, first, b, errors):
+            for i, key, files in read_shard(url, first, b, errors):
                 got += 1
                 last_key = key
                 yield base + (i - a), url, key, files

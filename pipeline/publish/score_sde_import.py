@@ -32,6 +32,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from pipeline.rundir import MODEL_WEIGHTS, RunDir, save_weights
+
 EXIT_BAD = 2
 
 # --------------------------------------------------------------------------- score_sde configs
@@ -106,7 +108,7 @@ class ImportFailure(ValueError):
 
 def fpdiff_config(name: str, overrides: list[str] | None = None):
     """The fpdiff ``Config`` of score_sde config NAME (dotted ``overrides`` applied on top)."""
-    from .config import _build, _set_dotted, parse_overrides, Config
+    from pipeline.config import _build, _set_dotted, parse_overrides, Config
 
     if name not in SCORE_SDE_CONFIGS:
         raise ImportFailure(f"--config {name!r}: unknown score_sde config (known: {', '.join(SCORE_SDE_CONFIGS)})")
@@ -207,7 +209,7 @@ def ema_state(ckpt: Mapping, name: str, model: torch.nn.Module, weights: Mapping
 
 def convert(ckpt: Mapping, cfg, name: str) -> tuple[dict, dict]:
     """(model weights, EMA weights) as fpdiff state dicts for ``cfg``; ImportFailure on any mismatch."""
-    from .models import build_model
+    from pipeline.models import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
@@ -219,26 +221,26 @@ def convert(ckpt: Mapping, cfg, name: str) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------- run directory
 def write_run(out: str | Path, cfg, weights: dict, ema: dict, info: dict) -> Path:
     """Write the run directory atomically (staging folder, then one rename)."""
-    from safetensors.torch import save_file
-
-    from .config import save_config
-    from .export import _cpu_tensors, atomic_directory, write_export
+    from pipeline.atomic import atomic_directory
+    from pipeline.config import save_config
+    from pipeline.publish.export import write_export
 
     out = Path(out)
     with atomic_directory(out) as tmp:
-        save_config(cfg, tmp / "config.yaml")
-        (tmp / "imported").mkdir()
-        save_file(_cpu_tensors(weights), str(tmp / "imported" / "model.safetensors"),
-                  metadata={"format": "pt", "producer": "fpdiff import score-sde"})
-        (tmp / "imported" / "import.json").write_text(json.dumps(info, indent=1))
-        write_export(tmp / "export", ema, cfg.to_dict(), metrics={"step": info.get("step"), "imported_from": info["source"]})
+        run = RunDir(tmp)
+        save_config(cfg, run.config)
+        run.imported.mkdir()
+        save_weights(run.imported / MODEL_WEIGHTS, weights,
+                     metadata={"format": "pt", "producer": "fpdiff import score-sde"})
+        (run.imported / "import.json").write_text(json.dumps(info, indent=1))
+        write_export(run.export, ema, cfg.to_dict(), metrics={"step": info.get("step"), "imported_from": info["source"]})
     return out
 
 
 def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrides: list[str] | None = None) -> Path:
     """Check everything, then write the run directory; ImportFailure (nothing written) otherwise."""
-    from .config import ConfigError
-    from .shards import _sha256
+    from pipeline.config import ConfigError
+    from pipeline.data.shards import _sha256
 
     out = Path(out)
     if out.exists():
@@ -274,7 +276,7 @@ def import_main(argv: list[str] | None = None) -> int:
     except ImportFailure as e:
         print(f"fpdiff import: {e}", file=sys.stderr)
         return EXIT_BAD
-    print(f"[fpdiff] imported {args.checkpoint} ({args.config}) -> {out} (EMA weights in {out / 'export'})")
+    print(f"[fpdiff] imported {args.checkpoint} ({args.config}) -> {out} (EMA weights in {RunDir(out).export})")
     return 0
 
 

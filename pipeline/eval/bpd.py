@@ -1,5 +1,5 @@
 """Negative log-likelihood in bits/dim on test images via the probability-flow ODE,
-distributed over ranks (scheme in ``pipeline.evaluate``)."""
+distributed over ranks (scheme in ``pipeline.eval``)."""
 from __future__ import annotations
 
 import math
@@ -8,18 +8,10 @@ from typing import Optional
 
 import torch
 
-from .eval_common import LEVELS, _device, _rank_world, eval_pass, rank_test_batches, to_model_space
-from .fid import gather_by_index, seed_for
-
-
-def bpd_offset(centered: bool, levels: int = LEVELS) -> float:
-    """Bits added per dimension: log2(levels) − log2(scale from [0, 1] to model space).
-
-    Data in [0, 1] (``centered: false``): 8 bits; in [-1, 1] (``centered: true``, scale 2): 7.
-    Same as score_sde's ``7 - inverse_scaler(-1)`` (``pipeline.likelihood.data_bpd_offset``).
-    """
-    from .likelihood import data_bpd_offset
-    return data_bpd_offset(centered, levels)
+from pipeline.eval.common import _device, _rank_world, eval_pass, rank_test_batches
+from pipeline.images import to_model_space
+from pipeline.collectives import gather_by_index, seed_for
+from pipeline.likelihood import data_bpd_offset
 
 
 def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shards: Optional[str] = None,
@@ -39,10 +31,10 @@ def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shar
     number of global batches (the trainer's quick eval: cfg.eval.bpd_num_batches per rank),
     ``max_samples`` the number of test images; otherwise every test image counts.
     Returns {"metric": "bpd", "value" (mean), "stderr", "N", "passes", "pass_means", "nfe", ...}.
-    bpd = -log p(x) / (D ln 2) + offset, offset = log2(256) - log2(scale) (see ``bpd_offset``).
+    bpd = -log p(x) / (D ln 2) + offset, offset = log2(256) - log2(scale) (``pipeline.likelihood.data_bpd_offset``).
     """
-    from .likelihood import bits_per_dim, log_likelihood
-    from .score import get_score_fn
+    from pipeline.likelihood import bits_per_dim, log_likelihood
+    from pipeline.score import get_score_fn
 
     state = state if state is not None else accelerator
     rank, world = _rank_world(state)
@@ -58,7 +50,7 @@ def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shar
     dequantize = ec.dequantize if dequantize is None else dequantize
     if images is None and not shards:
         shards = cfg.data.test_shards
-    offset = bpd_offset(cfg.data.centered)
+    offset = data_bpd_offset(cfg.data.centered)
     score_fn = get_score_fn(model, sde)
     t0 = time.time()
     idx_rows, bpd_rows, nfe_rows = [], [], []

@@ -1,4 +1,4 @@
-"""FID / KID of a model's samples, distributed over ranks (scheme in ``pipeline.evaluate``), and
+"""FID / KID of a model's samples, distributed over ranks (scheme in ``pipeline.eval``), and
 feature statistics of reference shards (``fpdiff eval ref-stats``)."""
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .eval_common import _device, _rank_world, eval_pass
-from .fid import (FeatureExtractor, FeatureStats, all_reduce_sum, batched, broadcast_float, ceil_div,
-                  check_ref_stats, frechet_distance, iter_shard_images, kernel_distance, load_ref_stats,
-                  seed_for)
+from pipeline.eval.common import _device, _rank_world, eval_pass
+from pipeline.data.reader import iter_images
+from pipeline.eval.features import FeatureExtractor, FeatureStats, batched, ceil_div, check_ref_stats, frechet_distance, kernel_distance, load_ref_stats
+from pipeline.collectives import broadcast_float
+from pipeline.collectives import all_reduce_sum, seed_for
 
 
 def _sampling_cfg(cfg, sampler: Optional[str]):
@@ -23,8 +24,8 @@ def _sampling_cfg(cfg, sampler: Optional[str]):
 
 def make_generate_fn(model, cfg, sde, sampler: Optional[str] = None, device="cpu"):
     """generate(n, generator) -> (x model space (n,C,H,W), nfe) with the config's sampler."""
-    from .sampling import sample
-    from .score import get_score_fn
+    from pipeline.sampling import sample
+    from pipeline.score import get_score_fn
 
     scfg = _sampling_cfg(cfg, sampler)
     score_fn = get_score_fn(model, sde)
@@ -75,16 +76,18 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     reference the dict has the sample statistics' n and NFE but no "value".
     generate_fn(n, generator) -> (x, nfe) replaces the sampler (tests). from_samples: folders of
     PNG samples saved earlier (``--save-samples``): scored as they are (all of them, N = their
-    count), nothing is sampled; e.g. to pool sample sets of several seeds or to score them with
+    count, or the first ``num_samples`` of them), nothing is sampled; e.g. to pool sample sets of several seeds or to score them with
     another feature network.
     Returns {"metric": "fid", "value", "kid", "N", "sampler", "nfe", "seconds", ...} on every rank.
     """
-    from .images import save_grid, to_uint8
+    from pipeline.images import save_grid, to_uint8
 
     state = state if state is not None else accelerator
     rank, world = _rank_world(state)
     dev = _device(state, device)
     pngs = saved_sample_files(from_samples) if from_samples else None
+    if pngs is not None and num_samples:
+        pngs = pngs[:int(num_samples)]  # the first N of the saved samples
     n_total = len(pngs) if pngs is not None else int(num_samples or cfg.eval.fid_num_samples)
     bs = int(batch_size or cfg.eval.batch_size)
     seed = cfg.eval.seed if seed is None else seed
@@ -157,7 +160,8 @@ def saved_sample_files(folders) -> list[Path]:
     folder is an error (a FID of fewer samples than meant would pass unnoticed)."""
     files = []
     for folder in map(Path, folders):
-        found = sorted(folder.glob("*.png")) if folder.is_dir() else []
+        # hidden names are temporaries of a killed writer (pipeline.atomic), not samples
+        found = sorted(f for f in folder.glob("*.png") if not f.name.startswith(".")) if folder.is_dir() else []
         if not found:
             raise FileNotFoundError(f"--from-samples: {folder} holds no .png samples")
         files += found
@@ -186,10 +190,14 @@ def _read_samples_fn(files: list[Path], bs: int, cfg):
 
 
 def _save_pngs(u8: torch.Tensor, index: torch.Tensor, folder: Path) -> None:
+    """One PNG per sample; a killed run leaves whole files only (``--from-samples`` reads them)."""
     from PIL import Image
+
+    from pipeline.atomic import atomic_path
     arr = u8.permute(0, 2, 3, 1).numpy()
     for a, i in zip(arr, index.tolist()):
-        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / f"{i:06d}.png")
+        with atomic_path(folder / f"{i:06d}.png") as tmp:
+            Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(tmp, format="PNG")
 
 
 def compute_ref_stats(urls: list[str], feature_extractor, *, channels: int = 3, batch_size: int = 100,
@@ -205,8 +213,8 @@ def compute_ref_stats(urls: list[str], feature_extractor, *, channels: int = 3, 
         from tqdm import tqdm
         bar = tqdm(desc=f"reference features (rank 0 of {world})", unit="img", dynamic_ncols=True)
     count = 0
-    for chunk in batched(iter_shard_images(urls[rank::world], channels), batch_size):
-        u8 = torch.from_numpy(np.stack([a for _, a in chunk])).permute(0, 3, 1, 2).contiguous()
+    for chunk in batched(iter_images(urls[rank::world], channels), batch_size):
+        u8 = torch.from_numpy(np.stack([a for _, a, _ in chunk])).permute(0, 3, 1, 2).contiguous()
         idx = torch.arange(count, count + len(chunk)) * world + rank
         stats.update(feature_extractor(u8), idx)
         count += len(chunk)

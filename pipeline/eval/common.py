@@ -1,20 +1,18 @@
-"""Shared pieces of the evaluation stage (``pipeline.evaluate``): process state, rank / device,
-main-rank-first file checks, uint8 -> model space, and the test set cut into global batches."""
+"""Shared pieces of the evaluation stage (``pipeline.eval``): process state, rank / device,
+main-rank-first file checks, and the test set cut into global uint8 batches (read with
+``pipeline.data.reader``, the reader training uses; scale with ``pipeline.images.to_model_space``)."""
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from .fid import (MissingFileError, batched, broadcast_float, ceil_div, dist_rank_world, expand_shards,
-                  iter_shard_images)
-
-LEVELS = 256
-
+from pipeline.data.reader import iter_images, shard_urls
+from pipeline.eval.features import MissingFileError, batched, ceil_div
+from pipeline.collectives import broadcast_float
+from pipeline.collectives import dist_rank_world
 
 # --------------------------------------------------------------------------- helpers
 def get_state():
@@ -41,13 +39,6 @@ def _device(state, device=None) -> torch.device:
     return torch.device("cpu")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _main_first(state, fn: Callable[[bool], object]):
     """Run ``fn(download=True)`` on the main rank, then ``fn(download=False)`` elsewhere.
 
@@ -71,25 +62,15 @@ def _main_first(state, fn: Callable[[bool], object]):
     return out
 
 
-def to_model_space(images_u8: torch.Tensor, centered: bool, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """uint8 -> model space. With ``noise`` ~ U[0,1): (u8 + noise)/256 (uniform
-    dequantisation as score_sde); without: u8/255. Then [-1, 1] if centered."""
-    x = images_u8.float()
-    x = (x + noise) / LEVELS if noise is not None else x / (LEVELS - 1)
-    return x * 2.0 - 1.0 if centered else x
-
-
 def _test_batches(images: Optional[torch.Tensor], shards: Optional[str], channels: int, bs: int):
     """Global batches (k, uint8 (n,C,H,W)) of the test set in a fixed order."""
     if images is not None:
         for k in range(ceil_div(images.shape[0], bs)):
             yield k, images[k * bs:(k + 1) * bs]
         return
-    urls = expand_shards(shards or "")
-    if not urls:
-        raise FileNotFoundError(f"no test shards match {shards!r}")
-    for k, chunk in enumerate(batched(iter_shard_images(urls, channels), bs)):
-        yield k, torch.from_numpy(np.stack([a for _, a in chunk])).permute(0, 3, 1, 2).contiguous()
+    urls = shard_urls(shards or "", key="test shards (--shards / data.test_shards)")
+    for k, chunk in enumerate(batched(iter_images(urls, channels), bs)):
+        yield k, torch.from_numpy(np.stack([a for _, a, _ in chunk])).permute(0, 3, 1, 2).contiguous()
 
 
 def rank_test_batches(images, shards, channels: int, bs: int, rank: int, world: int,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError
+from pipeline.config import Config, ConfigError
 
 
 class AccelerateBackend:

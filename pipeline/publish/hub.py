@@ -1,7 +1,9 @@
-"""Hugging Face Hub: export folder, background push, and loading a model back.
+"""Hugging Face Hub: background push of a run's export folder, and loading a model back.
 
-The export folder and loading live in ``pipeline.export`` (re-exported here); this module holds
-the uploader (``HubPusher``) and ``fpdiff push``.
+The export folder is written by ``pipeline.publish.export``; this module holds the uploader
+(``HubPusher``), ``fpdiff push``, and loading from a local folder or a Hub repo id
+(``load_pretrained``, ``load_weights_into`` for ``training.init_from``). Which file of a folder
+holds the weights is ``pipeline.rundir``'s job.
 
 ``HubPusher`` uploads such a folder in a background thread (training never waits on the
 network): ``push()`` snapshots the folder (hard links) and returns at once, failed uploads are
@@ -22,15 +24,13 @@ import threading
 import time
 from pathlib import Path
 
-# re-exported: the export / loading API has always been importable from pipeline.hub
-from .export import (CARD_NAME, CONFIG_NAME, EXPORT_FILES, EXPORT_SUBDIR, METRICS_NAME,  # noqa: F401
-                     WEIGHTS_NAME, find_export, load_pretrained, load_state_into, load_weights_into,
-                     model_card, write_export)
+from pipeline.rundir import (CONFIG, EMA_WEIGHTS, EXPORT_FILES, EXPORT_METRICS, SAMPLES_PNG, RunDir, find_weights,
+                             load_state_into, read_weights)
 
 logger = logging.getLogger(__name__)
 
 # what an upload takes from an export folder, nothing else (no symlinks, no stray files)
-EXPORT_UPLOADS = EXPORT_FILES + ("samples.png",)
+EXPORT_UPLOADS = EXPORT_FILES + (SAMPLES_PNG,)
 
 
 # ============================================================================ push
@@ -274,16 +274,16 @@ def push_main(argv: list[str] | None = None) -> int:
     if not run_dir.is_dir():
         print(f"fpdiff push: run directory not found: {run_dir}", file=sys.stderr)
         return 1
-    export = find_export(run_dir)
+    export = RunDir(run_dir).find_export()
     if export is None:
-        print(f"fpdiff push: no export in {run_dir} (expected {run_dir / EXPORT_SUBDIR}/{WEIGHTS_NAME} and "
-              f"{CONFIG_NAME}; the trainer writes it at the end of training and every hub.push_every steps)",
+        print(f"fpdiff push: no export in {run_dir} (expected {RunDir(run_dir).export}/{EMA_WEIGHTS} and "
+              f"{CONFIG}; the trainer writes it at the end of training and every hub.push_every steps)",
               file=sys.stderr)
         return 1
     message = args.commit_message
     if message is None:
         try:
-            step = json.loads((export / METRICS_NAME).read_text()).get("step")
+            step = json.loads((export / EXPORT_METRICS).read_text()).get("step")
         except (OSError, ValueError):
             step = None
         message = f"fpdiff export, step {step}" if step is not None else "fpdiff export"
@@ -297,3 +297,65 @@ def push_main(argv: list[str] | None = None) -> int:
         return 1
     print(f"pushed {export} to {args.repo_id}: {st['last_commit_url']}")
     return 0
+
+
+# ============================================================================ loading back
+def _export_folder(path_or_repo_id: str | Path, *, revision: str | None = None, token: str | None = None,
+                   endpoint: str | None = None, cache_dir: str | None = None) -> Path:
+    """A local folder (its export/ when it has one) or the export files of a Hub repo, downloaded."""
+    p = Path(path_or_repo_id).expanduser()
+    if p.is_dir():
+        return RunDir(p).find_export() or p
+    if p.exists() or str(path_or_repo_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path_or_repo_id}: not an export folder (need {EMA_WEIGHTS} and {CONFIG})")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(str(path_or_repo_id), revision=revision, token=token, endpoint=endpoint,
+                                  cache_dir=cache_dir, allow_patterns=list(EXPORT_FILES))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise FileNotFoundError(f"{path_or_repo_id}: not a local folder, and loading it as a Hub repo id failed "
+                                f"({type(e).__name__}: {first})") from e
+    return Path(local)
+
+
+def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revision: str | None = None,
+                    token: str | None = None, endpoint: str | None = None, cache_dir: str | None = None):
+    """Load ``(model, cfg)`` from an export folder, a run dir holding ``export/``, or a Hub repo id.
+
+    The model is built with ``pipeline.models.build_model(cfg)``, loaded with the EMA weights and
+    put in eval mode on ``device``.
+    """
+    import yaml
+
+    from pipeline.config import config_from_dict, strip_shell_urls
+    from pipeline.models import build_model
+
+    folder = _export_folder(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
+                            cache_dir=cache_dir)
+    cfg_path, w_path = folder / CONFIG, folder / EMA_WEIGHTS
+    for f in (cfg_path, w_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{path_or_repo_id}: missing {f.name}")
+    cfg = strip_shell_urls(config_from_dict(yaml.safe_load(cfg_path.read_text()) or {}), cfg_path)
+    model = build_model(cfg)
+    load_state_into(model, read_weights(w_path), source=str(path_or_repo_id))
+    return model.to(device).eval(), cfg
+
+
+def load_weights_into(model, source: str | Path, *, token: str | None = None,
+                      endpoint: str | None = None) -> Path:
+    """Initialise ``model`` from EMA weights (``training.init_from``): a weights file, an export
+    folder, a checkpoint folder, a run dir (its ``export/``, else its newest checkpoint:
+    ``find_weights(prefer_export=True)``), or a Hub repo id. Returns the weights file used."""
+    p = Path(source).expanduser()
+    if p.exists():
+        try:
+            w = find_weights(p, prefer_export=True, need_config=False).file
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"training.init_from: {e}") from None
+    else:
+        w = _export_folder(str(source), token=token, endpoint=endpoint) / EMA_WEIGHTS
+    load_state_into(model, read_weights(w), source=str(source))
+    return w

@@ -1,7 +1,7 @@
 """Evaluation stage: distributed FID / KID (clean-fid), bits/dim, reference statistics, FPE residual.
 
-    python -m pipeline.evaluate {fid,bpd,ref-stats,fpe} ...       (one process)
-    accelerate launch --multi_gpu --num_processes K -m pipeline.evaluate fid RUN ...
+    python -m pipeline.eval {fid,bpd,ref-stats,fpe} ...       (one process)
+    accelerate launch --multi_gpu --num_processes K -m pipeline.eval fid RUN ...
     fpdiff eval {fid,bpd,ref-stats,fpe} ...                       (``evaluate_main(argv)``)
 
 Work is split by GLOBAL batch index: the N samples (or test images) are cut into batches of
@@ -18,8 +18,8 @@ The trainer calls ``evaluate_fid`` / ``evaluate_bpd`` (every rank, they are coll
 ``check_eval_inputs`` once at start-up.
 
 This module holds the stage entry (CLI) and the trainer hooks; the metrics are in
-``pipeline.eval_fid`` and ``pipeline.eval_bpd``, model loading in ``pipeline.eval_runs``, shared
-helpers in ``pipeline.eval_common`` (all re-exported here).
+``pipeline.eval.fid``, ``pipeline.eval.bpd`` and ``pipeline.eval.fpe``, finding and loading the model in ``pipeline.rundir``, shared
+helpers in ``pipeline.eval.common`` (all re-exported here).
 """
 from __future__ import annotations
 
@@ -31,18 +31,16 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
-# the pieces live in these modules; their names have always been importable from here
-from .eval_bpd import bpd_offset, evaluate_bpd  # noqa: F401
-from .eval_common import (LEVELS, _atomic_write_text, _device, _is_main, _main_first,  # noqa: F401
-                          _rank_world, eval_pass, get_state, rank_test_batches, to_model_space)
-from .eval_fid import compute_ref_stats, evaluate_fid, make_generate_fn  # noqa: F401
-from .eval_runs import load_for_eval, resolve_eval_source  # noqa: F401
-from .fid import (FeatureExtractor, FeatureStats, MissingFileError, all_reduce_sum, barrier,  # noqa: F401
-                  batched, broadcast_float, check_feature_extractor, check_ref_stats, ceil_div,
-                  dist_rank_world, expand_shards, frechet_distance, gather_by_index, iter_shard_images,
-                  kernel_distance, load_ref_stats, save_stats, seed_for)
+from pipeline.atomic import atomic_path, atomic_write_json
+from pipeline.rundir import RunDir, find_weights, load_for_eval
+from pipeline.eval.bpd import evaluate_bpd
+from pipeline.eval.fpe import evaluate_fpe
+from pipeline.eval.common import _device, _is_main, _main_first, _rank_world, get_state
+from pipeline.data.reader import shard_urls
+from pipeline.eval.fid import compute_ref_stats, evaluate_fid
+from pipeline.eval.features import FeatureExtractor, MissingFileError, check_feature_extractor, check_ref_stats, load_ref_stats, save_stats
+from pipeline.collectives import barrier
 
 
 # --------------------------------------------------------------------------- in-training / library API
@@ -86,7 +84,7 @@ def evaluate_in_training(model, cfg, sde, accelerator=None, *, step: int,
         out["eval/bpd_n"] = r["N"]
     out["eval/seconds"] = time.time() - t0
     if run_dir is not None and _is_main(accelerator):
-        f = Path(run_dir) / "eval" / "metrics.jsonl"
+        f = RunDir(run_dir).eval_log
         f.parent.mkdir(parents=True, exist_ok=True)
         with open(f, "a") as fh:
             fh.write(json.dumps({"step": step, **out}) + "\n")
@@ -94,16 +92,14 @@ def evaluate_in_training(model, cfg, sde, accelerator=None, *, step: int,
 
 
 # --------------------------------------------------------------------------- results
-def write_result(result: dict, out: Path, run_dir: Optional[Path], state=None, extra_line: str = "") -> None:
-    """Main rank: results JSON (atomic) and a line appended to RUN_DIR/summary.txt."""
+def write_result(result: dict, out: Path, run: Optional[RunDir], state=None, extra_line: str = "") -> None:
+    """Main rank: results JSON (atomic) and a line appended to the run's summary.txt."""
     if not _is_main(state):
         return
     clean = {k: v for k, v in result.items() if not isinstance(v, np.ndarray) and k not in ("features", "mu", "sigma")}
-    _atomic_write_text(out, json.dumps(clean, indent=1) + "\n")
-    if run_dir is not None and run_dir.is_dir():
-        line = _summary_line(clean) + (f" {extra_line}" if extra_line else "") + f" -> {out}\n"
-        with open(run_dir / "summary.txt", "a") as fh:
-            fh.write(line)
+    atomic_write_json(out, clean)
+    if run is not None and run.path.is_dir():
+        run.add_summary_line(_summary_line(clean) + (f" {extra_line}" if extra_line else "") + f" -> {out}")
 
 
 def _summary_line(r: dict) -> str:
@@ -125,7 +121,7 @@ def _summary_line(r: dict) -> str:
 def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=(
         "Evaluate a run (FID/KID with clean-fid, bits/dim), or make FID reference statistics. "
-        "Distributed with `accelerate launch --multi_gpu --num_processes K -m pipeline.evaluate ...`."))
+        "Distributed with `accelerate launch --multi_gpu --num_processes K -m pipeline.eval ...`."))
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, run=True):
@@ -148,7 +144,7 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     f.add_argument("--grid", default=None, nargs="?", const="", help="write a grid of the first 64 samples (default path RUN/eval/fid-grid-step<S>.png)")
     f.add_argument("--no-kid", action="store_true", help="skip KID even if the reference holds features")
     f.add_argument("--from-samples", nargs="+", default=None, metavar="DIR",
-                   help="score PNG samples saved earlier (--save-samples) instead of sampling; N = their count")
+                   help="score PNG samples saved earlier (--save-samples) instead of sampling; N = their count (or the first --num-samples of them)")
     f.add_argument("--save-features", default=None, help="write the N gathered features (sample order) to this .npy")
 
     b = sub.add_parser("bpd", help="negative log-likelihood in bits/dim on the test shards")
@@ -165,21 +161,18 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
 
     r = sub.add_parser("ref-stats", help="reference feature statistics of shards -> .npz")
     common(r, run=False)
-    r.add_argument("--shards", required=True, help="shard pattern (brace / glob / folder / pipe: URLs)")
+    r.add_argument("--shards", required=True, help="shards as data.shards takes them: brace patterns or "
+                   "globs joined by '::', a folder, an index .json, file:// or pipe: URLs")
     r.add_argument("--channels", type=int, default=3, choices=[1, 3], help="decode images as 1 or 3 channels")
     r.add_argument("--feature-extractor", default=None, help="local TorchScript file (default: clean-fid Inception)")
     r.add_argument("--keep-features", type=int, default=10000, help="features stored for KID (0: none)")
 
-    e = sub.add_parser("fpe", help="FPE residual norm over a grid of times on test images")
+    e = sub.add_parser("fpe", help="FPE residual norm over a grid of times on test images, estimated as the run's fpe.* config says (dt_method, probe, n_probes, fused; override e.g. fpe.n_probes=8)")
     common(e)
     e.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
     e.add_argument("--num-times", type=int, default=20, help="points of the t-grid in [fpe.t_min, fpe.t_max]")
     e.add_argument("--max-samples", type=int, default=256)
     return p
-
-
-def _default_out(run_dir: Path, metric: str, step) -> Path:
-    return run_dir / "eval" / f"{metric}-step{step if step is not None else 'unknown'}.json"
 
 
 def _print_err(state, msg: str) -> None:
@@ -188,9 +181,9 @@ def _print_err(state, msg: str) -> None:
 
 
 def evaluate_main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of ``fpdiff eval`` and ``python -m pipeline.evaluate``; returns an exit code
+    """Entry point of ``fpdiff eval`` and ``python -m pipeline.eval``; returns an exit code
     (0 ok, 2 bad input: missing file, bad config, no data)."""
-    from .config import ConfigError
+    from pipeline.config import ConfigError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -213,9 +206,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
 
 def _cmd_ref_stats(args, state) -> int:
     out = Path(args.out or "ref_stats.npz")
-    urls = expand_shards(args.shards)
-    if not urls:
-        raise FileNotFoundError(f"no shards match {args.shards!r}")
+    urls = shard_urls(args.shards, key="--shards")
     fe_path = _main_first(state, lambda dl: check_feature_extractor(args.feature_extractor, download=dl))
     dev = _device(state, args.device)
     fe = FeatureExtractor(str(fe_path) if args.feature_extractor else None, device=dev, download=False)
@@ -232,27 +223,27 @@ def _cmd_ref_stats(args, state) -> int:
 
 
 def _cmd_run(args, state) -> int:
-    from .sde import build_sde
+    from pipeline.sde import build_sde
 
     rank, world = _rank_world(state)
     dev = _device(state, args.device)
-    _, _, run_dir = resolve_eval_source(args.run)
-    if run_dir is None and not args.out:  # results go beside the weights' run, never into the folder above
-        from .config import ConfigError
+    weights = find_weights(args.run)
+    run = weights.run
+    if run is None and not args.out:  # results go beside the weights' run, never into the folder above
+        from pipeline.config import ConfigError
         raise ConfigError(f"--out: {args.run} is an export folder outside a run dir; name the results file with --out")
     # start-up checks before anything is loaded or written
     fe_path = ref_path = None
     if args.cmd == "fid":
-        from .config import load_saved_config
-        _, cfg_path, _ = resolve_eval_source(args.run)
-        cfg0 = load_saved_config(cfg_path, args.overrides)
+        from pipeline.config import load_saved_config
+        cfg0 = load_saved_config(weights.config, args.overrides)
         fe_spec = args.feature_extractor or cfg0.eval.feature_extractor or None
         fe_path = _main_first(state, lambda dl: check_feature_extractor(fe_spec, download=dl))
         ref_path = _main_first(state, lambda dl: check_ref_stats(args.ref_stats or cfg0.eval.ref_stats,
                                                                    cfg0.data.image_size, download=dl))
-    model, cfg, step = load_for_eval(args.run, device=dev, overrides=args.overrides)
+    model, cfg, step = load_for_eval(weights, device=dev, overrides=args.overrides)
     sde = build_sde(cfg.sde)
-    out = Path(args.out) if args.out else _default_out(run_dir, args.cmd, step)
+    out = Path(args.out) if args.out else run.eval_result(args.cmd, step)
     progress = not args.no_progress
     if args.cmd == "fid":
         fe = FeatureExtractor(str(fe_path) if fe_spec else None, device=dev, download=False)
@@ -266,8 +257,8 @@ def _cmd_run(args, state) -> int:
                            return_features=bool(args.save_features), from_samples=args.from_samples)
         if args.save_features and rank == 0:
             feats_out = Path(args.save_features)
-            feats_out.parent.mkdir(parents=True, exist_ok=True)
-            np.save(feats_out, res["features"])
+            with atomic_path(feats_out) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, res["features"])
             res["features_file"] = str(feats_out)
         res["ref_stats"] = str(ref_path)
         if grid is not None:
@@ -290,51 +281,11 @@ def _cmd_run(args, state) -> int:
         raise ValueError(args.cmd)
     res["checkpoint_step"] = step
     res["checkpoint"] = str(args.run)
-    write_result(res, out, run_dir, state)
+    write_result(res, out, run, state)
     if rank == 0:
         print(f"[fpdiff] {_summary_line(res)} -> {out}", flush=True)
     barrier()
     return 0
-
-
-# --------------------------------------------------------------------------- FPE residual (optional)
-def evaluate_fpe(model, cfg, sde, *, shards: Optional[str] = None, images: Optional[torch.Tensor] = None,
-                 state=None, batch_size: Optional[int] = None, num_times: int = 20,
-                 max_samples: int = 256, seed: Optional[int] = None, device=None) -> dict:
-    """FPE residual over a t-grid on test images (``pipeline.fpe.fpe_residual_by_t``).
-
-    Global batch k (rank k mod W) uses a generator seeded by (seed, k). Returns the mean
-    ‖r‖²/D² per t (unbiased, two probes) summed over ranks, its square root, and the mean over t.
-    """
-    from .fpe import fpe_residual_by_t
-
-    rank, world = _rank_world(state)
-    dev = _device(state, device)
-    bs = int(batch_size or cfg.eval.batch_size)
-    seed = cfg.eval.seed if seed is None else seed
-    t_grid = torch.linspace(cfg.fpe.t_min, cfg.fpe.t_max, num_times)
-    sq_sum = torch.zeros(num_times, dtype=torch.float64)
-    per_sum = torch.zeros(num_times, dtype=torch.float64)
-    n_local = 0
-    with eval_pass(model):
-        for k, u8 in rank_test_batches(images, shards, cfg.data.num_channels, bs, rank, world, max_samples):
-            x0 = to_model_space(u8.to(dev), cfg.data.centered)
-            g = torch.Generator(device=dev).manual_seed(seed_for(seed, k))
-            r = fpe_residual_by_t(model, sde, x0, t_grid.to(dev), n_probes=2, probe=cfg.fpe.probe,
-                                  dt_method=cfg.fpe.dt_method, fd_step=cfg.fpe.fd_step,
-                                  div_method=cfg.fpe.div_method, generator=g)
-            sq_sum += r["sq_norm"].detach().double().cpu() * u8.shape[0]
-            per_sum += r["norm_per_sample"].detach().double().cpu() * u8.shape[0]
-            n_local += u8.shape[0]
-    sq_sum, per_sum = all_reduce_sum(sq_sum), all_reduce_sum(per_sum)
-    n = int(all_reduce_sum(torch.tensor([n_local], dtype=torch.int64)).item())
-    if n == 0:
-        raise RuntimeError("fpe: no test samples were read")
-    sq = sq_sum / n
-    norm = sq.clamp_min(0).sqrt()
-    return {"metric": "fpe", "value": float(norm.mean()), "t": t_grid.tolist(),
-            "sq_norm": sq.tolist(), "norm": norm.tolist(), "norm_per_sample": (per_sum / n).tolist(),
-            "N": n, "seed": seed, "world_size": world}
 
 
 if __name__ == "__main__":

@@ -18,21 +18,17 @@ with one line naming the file and where to put it, before anything is written.
 """
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 import urllib.request
 import warnings
-from glob import glob
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 
-# re-exported: the distributed helpers have always been importable from pipeline.fid
-from .collectives import (all_reduce_max_int, all_reduce_sum, barrier, broadcast_float,  # noqa: F401
-                          dist_rank_world, gather_by_index, gather_rows, seed_for)
+from pipeline.atomic import atomic_path
+from pipeline.collectives import (all_reduce_max_int, all_reduce_sum, dist_rank_world, gather_by_index, gather_rows, seed_for)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -53,23 +49,13 @@ def inception_path() -> Path:
 
 
 def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
-    """Download to a temp file beside ``dest`` and rename (never leaves a partial file)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=str(dest.parent))
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-            while True:
-                chunk = r.read(1 << 20)
-                if not chunk:
-                    break
-                f.write(chunk)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Download ``url`` to ``dest`` atomically (never leaves a partial file)."""
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+        while True:
+            chunk = r.read(1 << 20)
+            if not chunk:
+                break
+            f.write(chunk)
 
 
 def downloads_allowed() -> bool:
@@ -275,20 +261,13 @@ def save_stats(path: str | Path, stats: FeatureStats, *, feats: Optional[np.ndar
     """Write mu, sigma, n (and feats for KID) to an .npz, atomically."""
     mu, sigma = stats.mean_cov()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"mu": mu, "sigma": sigma, "n": np.array(stats.n)}
     if feats is not None and len(feats):
         arrays["feats"] = np.asarray(feats, dtype=np.float32)
     for k, v in (meta or {}).items():
         arrays[f"meta_{k}"] = np.array(str(v))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=str(path.parent))
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: np.savez adds no ".npz" to it
+        np.savez(fh, **arrays)
     return path
 
 
@@ -339,59 +318,7 @@ def load_ref_stats(path: str | Path) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- shards (uint8, in order)
-def expand_shards(pattern: str) -> list[str]:
-    """Brace / glob patterns, a directory of .tar files, or space-separated URLs -> URL list."""
-    from braceexpand import braceexpand
-    urls: list[str] = []
-    for part in pattern.split():
-        if os.path.isdir(part):
-            urls += sorted(glob(os.path.join(part, "*.tar")))
-            continue
-        for u in braceexpand(part):
-            if any(c in u for c in "*?[") and not u.startswith(("pipe:", "http:", "https:")):
-                urls += sorted(glob(u))
-            else:
-                urls.append(u)
-    return urls
-
-
-IMAGE_EXTS = ("png", "jpg", "jpeg", "ppm", "webp", "bmp")
-
-
-def _decode(sample: dict, channels: int) -> Optional[np.ndarray]:
-    from PIL import Image
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            img = Image.open(io.BytesIO(sample[ext]))
-            img = img.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(img, dtype=np.uint8)
-            if arr.ndim == 2:
-                arr = arr[:, :, None]
-            return arr
-    return None
-
-
-def iter_shard_images(urls: Iterable[str], channels: int = 3) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, uint8 HWC image) from tar shards in the given order; bad samples are skipped
-    with a warning."""
-    import webdataset as wds
-    urls = list(urls)
-    if not urls:
-        return
-    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.warn_and_continue))
-    for sample in pipe:
-        key = sample.get("__key__", "?")
-        try:
-            arr = _decode(sample, channels)
-        except Exception as e:  # undecodable image
-            warnings.warn(f"skipping undecodable sample {key} in {sample.get('__url__', '?')}: {e}")
-            continue
-        if arr is None:
-            continue
-        yield key, arr
-
-
+# --------------------------------------------------------------------------- batching
 def batched(it: Iterable, n: int) -> Iterator[list]:
     buf = []
     for x in it:
@@ -411,5 +338,5 @@ __all__ = [
     "MissingFileError", "FeatureExtractor", "FeatureStats", "check_feature_extractor",
     "check_ref_stats", "load_ref_stats", "save_stats", "frechet_distance", "kernel_distance",
     "gather_rows", "gather_by_index", "all_reduce_sum", "dist_rank_world", "seed_for",
-    "expand_shards", "iter_shard_images", "inception_path", "clean_resize",
+    "inception_path", "clean_resize",
 ]

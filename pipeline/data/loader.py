@@ -8,8 +8,9 @@ Design (all of it is a pure function of ``(seed, epoch, reader)``; nothing depen
   or one header scan at start-up); reader ``j`` owns the contiguous slice
   ``[floor(jN/P), floor((j+1)N/P))`` of that sequence. Splitting is at the **sample** level, so
   any number of shards of any sizes gives every sample to exactly one reader, and reader
-  lengths differ by at most one. A reader opens only the shards its slice touches (a local
-  shard is skipped into by tar headers, without reading image bytes).
+  lengths differ by at most one. A reader opens only the shards its slice touches, once per
+  epoch, and reads them with ``pipeline.data.reader.read_shard`` (webdataset's tar iteration;
+  the samples before its slice are skipped by their tar headers, not decoded).
 * **Shuffle buffer.** Within its slice a reader emits samples in the order a sliding shuffle
   buffer of ``data.shuffle_buffer`` would, but the permutation is computed on positions from
   ``(seed, epoch, reader)`` up front, so the stream can be restarted at any offset.
@@ -29,6 +30,8 @@ Design (all of it is a pure function of ``(seed, epoch, reader)``; nothing depen
   counting every slot (also corrupt ones), plus the round-robin position and counters.
   A loader built with ``state=`` continues the identical stream (same keys in the same order,
   same flips and dequantisation noise: augmentation is seeded per batch from its position).
+* **Pixels.** ``pipeline.data.reader.decode_sample`` (the decoder evaluation uses too), then
+  flip on uint8 and ``pipeline.images.to_model_space`` (the one uint8 -> model space scaling).
 * **Faults.** A sample whose image cannot be decoded or has the wrong size, and every sample
   lost from a truncated / unreadable shard, is skipped with a warning naming shard and key and
   counted in ``corrupt_count``. Start-up problems (no shard spec, missing directory or files,
@@ -37,7 +40,6 @@ Design (all of it is a pure function of ``(seed, epoch, reader)``; nothing depen
 """
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from typing import Optional
@@ -45,12 +47,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-# re-exported: these names have always been importable from pipeline.data
-from .schedule import Schedule, _rng, shuffle_order  # noqa: F401
-from .shard_io import (_IMAGE_EXTS, DataError, ShardSet, _iter_groups, decode_sample,  # noqa: F401
-                       resolve_shards)
+from pipeline.data.schedule import Schedule, _rng
+from pipeline.data.reader import DataError, decode_sample, read_shard, resolve_shards
+from pipeline.images import to_model_space
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger("pipeline.data.loader")
 
 STATE_VERSION = 1
 
@@ -104,19 +105,15 @@ class _Stream(torch.utils.data.IterableDataset):
     def _batch(self, imgs, labels, keys, j, first):
         H, W, C = self.shape
         n = len(imgs)
-        x = np.stack(imgs) if n else np.zeros((0, H, W, C), np.uint8)
-        x = x.transpose(0, 3, 1, 2).astype(np.float32)  # [B,C,H,W], values 0..255
-        rng = _rng(self.sched.seed, 0xA06, j, first[0], first[1])
+        u8 = np.stack(imgs) if n else np.zeros((0, H, W, C), np.uint8)
+        u8 = u8.transpose(0, 3, 1, 2)  # [B,C,H,W]
+        rng = _rng(self.sched.seed, 0xA06, j, first[0], first[1])  # augmentation seeded by position
         if self.flip and n:
             f = rng.random(n) < 0.5
-            x[f] = x[f, :, :, ::-1]
-        if self.dequant:
-            x = (x + rng.random(x.shape, dtype=np.float32)) / 256.0
-        else:
-            x = x / 255.0
-        if self.centered:
-            x = x * 2.0 - 1.0
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64), list(keys)
+            u8[f] = u8[f, :, :, ::-1]
+        noise = torch.from_numpy(rng.random(u8.shape, dtype=np.float32)) if self.dequant else None
+        x = to_model_space(torch.from_numpy(np.ascontiguousarray(u8)), self.centered, noise)
+        return x, torch.tensor(labels, dtype=torch.int64), list(keys)
 
 
 # --------------------------------------------------------------------------- the loader
@@ -170,20 +167,13 @@ class ShardLoader:
     def _check_shape(self, key: str) -> None:
         s, cfg = self.shardset, self.cfg
         h, w, c = s.height, s.width, s.channels
-        if h is None:  # no index: look at the first sample
-            errors: list = []
+        if h is None:  # no index: look at the first decodable sample
             for url in s.urls:
-                for _, k, files in _iter_groups(url, 0, 1, errors):
+                for _, _, files in read_shard(url, 0, 1):
                     try:
-                        from PIL import Image
-
-                        ext = next(e for e in _IMAGE_EXTS if e in files)
-                        with Image.open(io.BytesIO(files[ext])) as im:
-                            w, h = im.size
-                            c = {"L": 1, "RGB": 3, "RGBA": 4}.get(im.mode, 3)
-                    except Exception:  # noqa: BLE001
-                        continue
-                    break
+                        h, w, c = decode_sample(files)[0].shape
+                    except ValueError:
+                        pass
                 if h is not None:
                     break
             if h is None:

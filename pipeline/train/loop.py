@@ -13,7 +13,6 @@ Exit codes: 0 finished, 75 stopped by SIGUSR1/SIGTERM after a checkpoint (requeu
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import time
@@ -24,12 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_config, save_config
-from .ema import EMA
-from .images import save_grid, to_uint8
-from .score import get_score_fn
-from .sde import build_sde
+from pipeline.atomic import atomic_path, atomic_write_json
+from pipeline.train import checkpoint as ckpt
+from pipeline.config import Config, ConfigError, load_config, save_config
+from pipeline.collectives import seed_for
+from pipeline.ema import EMA
+from pipeline.images import save_grid, to_uint8
+from pipeline.rundir import SAMPLES_PNG, RunDir
+from pipeline.score import get_score_fn
+from pipeline.sde import build_sde
 
 EXIT_OK, EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE = 0, 2, 3, 75
 
@@ -39,17 +41,12 @@ def say(msg: str) -> None:
     print(f"[fpdiff] {msg}", file=sys.stderr, flush=True)
 
 
-def stream_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. seed, step, shard)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
 class StopRequest:
     """SIGUSR1 / SIGTERM (or a STOP file in the run dir) ask the loop to checkpoint and exit."""
 
     def __init__(self, run_dir: Path):
         self.flag = False
-        self.stop_file = run_dir / "STOP"
+        self.stop_file = RunDir(run_dir).stop_file
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -86,14 +83,19 @@ def set_base_lr(optimizer, scheduler, lr: float) -> None:
 
 
 def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, progress: bool = True) -> Path:
-    from .sampling import sample
+    from pipeline.sampling import sample
 
     g = torch.Generator(device=device).manual_seed(seed)
     n = cfg.sampling.num_samples
     shape = (n, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
-    x, _ = sample(cfg.sampling, cfg.sde.sampling_eps, get_score_fn(ema_model, sde), sde, shape,
-                  device=device, generator=g, progress=progress)
-    np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(x, cfg.data.centered).cpu().numpy())
+    # the global RNG streams are left as they were: a grid drawn mid-run (training.sample_every)
+    # must not change the training that follows
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        x, _ = sample(cfg.sampling, cfg.sde.sampling_eps, get_score_fn(ema_model, sde), sde, shape,
+                      device=device, generator=g, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path.with_suffix(".npz")) as tmp:
+        np.savez_compressed(tmp, images=to_uint8(x, cfg.data.centered).cpu().numpy())
     return save_grid(x, path, centered=cfg.data.centered)
 
 
@@ -101,15 +103,16 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
           deepspeed_config: str | None = None, overwrite: bool = False) -> int:
     from tqdm.auto import tqdm
 
-    from .backends import build_backend
-    from .data import build_train_loader, gather_state
-    from .fpe import FPERegularizer, mean_by_t_bucket
-    from .losses import DSMLoss
-    from .models import build_model
-    from .tracking import Tracker
+    from pipeline.train.backends import build_backend
+    from pipeline.data.loader import build_train_loader, gather_state
+    from pipeline.fpe import FPERegularizer, mean_by_t_bucket
+    from pipeline.losses import DSMLoss
+    from pipeline.models import build_model
+    from pipeline.train.tracking import Tracker
 
     run_dir = Path(run_dir)
-    ckpt.check_run_dir_free(run_dir, resume, overwrite)
+    run = RunDir(run_dir)
+    run.check_free(resume, overwrite)
     stop = StopRequest(run_dir)  # first: a preemption signal during start-up must not kill the job
     backend = build_backend(cfg, deepspeed_config)
     rank, world, is_main, device = backend.rank, backend.world, backend.is_main, backend.device
@@ -123,14 +126,14 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             f"regularizing all {micro_bs}")
     dist_state = SimpleNamespace(process_index=rank, num_processes=world, device=device)
     if cfg.eval.every:
-        from .evaluate import check_eval_inputs, evaluate_in_training
+        from pipeline.eval.cli import check_eval_inputs, evaluate_in_training
         check_eval_inputs(cfg, dist_state)  # a missing Inception / reference file fails now, not mid-run
     # ---- model, EMA, optimizer, schedule
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     sde = build_sde(cfg.sde)
     model = build_model(cfg).to(device)
     if tc.init_from:
-        from .hub import load_weights_into
+        from pipeline.publish.hub import load_weights_into
         load_weights_into(model, tc.init_from)
     ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
@@ -177,9 +180,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     # the run is known to start: only now is anything written into the run dir
     if is_main:
         if overwrite and resume is None:
-            ckpt.clear_run_outputs(run_dir)
+            run.clear_outputs()
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run.config)
     backend.barrier()
 
     def loader_state_all_ranks() -> dict:
@@ -193,12 +196,12 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     tracker = Tracker(cfg.logging, run_dir, cfg.to_dict(), is_main, resumed=resume_from is not None)
     pusher = None
     if is_main and cfg.hub.repo_id:
-        from .hub import HubPusher
+        from pipeline.publish.hub import HubPusher
         pusher = HubPusher.from_config(cfg.hub)  # uploads on a background thread, retries, never fatal
 
     def save(step: int) -> None:
         loader_state_now = loader_state_all_ranks()
-        staging = ckpt.staging_dir(run_dir, step)
+        staging = run.staging(step)
         if is_main:
             ckpt.clear_staging(staging)
         backend.barrier()
@@ -223,7 +226,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         stats = {"dsm": 0.0, "fpe": 0.0, "residual": 0.0}
         for micro in range(tc.grad_accum):
             x0 = next(streams[micro])[0].to(device, non_blocking=True)
-            seed = stream_seed(tc.seed, step, rank * tc.grad_accum + micro)
+            seed = seed_for(tc.seed, step, rank * tc.grad_accum + micro)
             torch.manual_seed(seed)  # dropout masks
             gen = torch.Generator(device=device).manual_seed(seed)
             with backend.micro_step_context(micro):
@@ -288,6 +291,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             eval_metrics = evaluate_in_training(ema.model, cfg, sde, dist_state, step=step, run_dir=run_dir)
             tracker.log(eval_metrics, step=step)
             last_metrics.update(eval_metrics)
+        if tc.sample_every and step % tc.sample_every == 0 and step < tc.n_steps and is_main:
+            grid = sample_grid(ema.model, cfg, sde, device, run.sample_grid(step),
+                               seed=tc.seed, progress=False)
+            tracker.log_image("samples", str(grid), step=step)
         stop_now = backend.any(stop.requested())
         # no checkpoint during a non-finite streak: it may hold weights that diverged before it
         if (step % tc.ckpt_every == 0 or step == tc.n_steps or stop_now) and not counters.consecutive_nonfinite:
@@ -307,10 +314,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     summary = None
     if exit_code == EXIT_OK and is_main:
         elapsed = time.time() - t_start
-        grid = sample_grid(ema.model, cfg, sde, device, run_dir / "samples.png", seed=tc.seed,
+        grid = sample_grid(ema.model, cfg, sde, device, run.samples_png, seed=tc.seed,
                            progress=progress)
         tracker.log_image("samples", str(grid), step=step)
-        export_dir = export(run_dir, cfg, ema, step, counters, last_metrics, images={"samples.png": grid})
+        export_dir = export(run_dir, cfg, ema, step, counters, last_metrics, images={SAMPLES_PNG: grid})
         if pusher:
             pusher.push(export_dir, f"final: step {step}")
         summary = {"steps": step, "images_per_s": images_seen / max(elapsed, 1e-9), "seconds": elapsed,
@@ -321,10 +328,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         pusher.close(timeout=600 if exit_code == EXIT_OK else 30)
     if summary is not None:
         summary["hub"] = pusher.status() if pusher else None
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        with open(run_dir / "summary.txt", "a") as fh:
-            fh.write(f"train: {step} steps in {summary['seconds']:.0f}s ({summary['images_per_s']:.1f} img/s), "
-                     f"final loss {summary['final_loss']}, samples {summary['samples']}\n")
+        atomic_write_json(run.summary_json, summary)
+        run.add_summary_line(f"train: {step} steps in {summary['seconds']:.0f}s ({summary['images_per_s']:.1f} img/s), "
+                             f"final loss {summary['final_loss']}, samples {summary['samples']}")
         tracker.summary({k: v for k, v in summary.items() if k not in ("loss_curve", "hub")})
     tracker.finish()
     backend.barrier()
@@ -335,10 +341,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
 def export(run_dir: Path, cfg: Config, ema: EMA, step: int, counters: Counters, metrics: dict,
            images: dict | None = None) -> Path:
     """EMA weights + config + metrics + model card in RUN/export (what `fpdiff push` uploads)."""
-    from .hub import write_export
+    from pipeline.publish.export import write_export
 
     card = {"step": step, "skipped_steps": counters.skipped_steps, **metrics}
-    return write_export(run_dir / "export", ema.state_dict(), cfg.to_dict(), card, repo_id=cfg.hub.repo_id or None,
+    return write_export(RunDir(run_dir).export, ema.state_dict(), cfg.to_dict(), card, repo_id=cfg.hub.repo_id or None,
                         images=images)
 
 
@@ -358,7 +364,7 @@ def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .fid import MissingFileError
+    from pipeline.eval.features import MissingFileError
 
     args = build_parser("python -m pipeline.train").parse_args(argv)
     try:

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fpe import mean_by_t_bucket
-from .models.layers import timestep_embedding
-from .sde import SDE, _bcast
+from pipeline.fpe import mean_by_t_bucket
+from pipeline.models.layers import timestep_embedding
+from pipeline.sde import SDE, _bcast
 
 WEIGHTS, META = "model.safetensors", "classifier.json"
 
@@ -94,12 +94,11 @@ def classifier_loss(clf, sde: SDE, x0: torch.Tensor, y: torch.Tensor, eps: float
 # --------------------------------------------------------------------------- save / load
 def save_classifier(folder: str | Path, clf: NoiseConditionalClassifier, meta: dict) -> Path:
     """Atomically write ``folder`` (weights + JSON); an existing folder is replaced whole."""
-    from safetensors.torch import save_file
-
-    from .export import atomic_directory
+    from pipeline.atomic import atomic_directory
+    from pipeline.rundir import save_weights
 
     with atomic_directory(folder) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(tmp / WEIGHTS))
+        save_weights(tmp / WEIGHTS, clf.state_dict())
         (tmp / META).write_text(json.dumps({**meta, "settings": clf.settings}, indent=1))
     return Path(folder)
 
@@ -122,7 +121,7 @@ def load_classifier(folder: str | Path, device="cpu") -> tuple[NoiseConditionalC
 def accuracy_by_t(clf, sde: SDE, cfg, eps: float, *, max_samples: int, batch_size: int, device,
                   n_buckets: int = 4, seed: int = 0) -> dict:
     """Test accuracy of ``clf`` on x_t, per t-bucket of [eps, 1] and overall."""
-    from .data import build_eval_loader
+    from pipeline.data.loader import build_eval_loader
 
     g = torch.Generator(device=device).manual_seed(seed)
     ts, hits, seen = [], [], 0
@@ -145,8 +144,8 @@ def train_classifier(cfg, out: Path, *, steps: int, batch_size: int, lr: float, 
                      device, seed: int = 0, eval_samples: int = 1000, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from .data import build_train_loader
-    from .sde import build_sde
+    from pipeline.data.loader import build_train_loader
+    from pipeline.sde import build_sde
 
     sde = build_sde(cfg.sde)
     eps = cfg.training.eps
@@ -178,7 +177,7 @@ def train_classifier(cfg, out: Path, *, steps: int, batch_size: int, lr: float, 
 
 
 def classifier_main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError, load_saved_config
+    from pipeline.config import ConfigError, load_saved_config
 
     p = argparse.ArgumentParser(prog="fpdiff classifier", description=(
         "Train a time-dependent classifier p_t(y|x_t) on a run's shards (for `fpdiff sample --class-label`)."))
@@ -194,15 +193,17 @@ def classifier_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.shards=...")
     args = p.parse_args(argv)
-    run = Path(args.run_dir)
+    from pipeline.rundir import RunDir
+
+    run = RunDir(args.run_dir)
     try:
-        if not (run / "config.yaml").is_file():
-            raise FileNotFoundError(f"--run-dir {run}: no config.yaml there")
-        cfg = load_saved_config(run / "config.yaml", args.overrides)
+        if not run.config.is_file():
+            raise FileNotFoundError(f"--run-dir {run.path}: no {run.config.name} there")
+        cfg = load_saved_config(run.config, args.overrides)
         for name in ("steps", "batch_size", "nf", "num_classes", "eval_samples"):
             if getattr(args, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")
-        out = Path(args.out or run / "classifier")
+        out = Path(args.out or run.classifier)
         meta = train_classifier(cfg, out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, nf=args.nf,
                                 num_classes=args.num_classes, device=args.device, seed=args.seed,
                                 eval_samples=args.eval_samples)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.atomic import atomic_path, atomic_write_text
+
 CONFIDENT = 0.9  # a sample is "legible" when the judge's softmax max is at least this
 
 
@@ -154,11 +156,9 @@ def cached_digit_net(data_path: Optional[str | os.PathLike] = None, cache_dir: O
         t0 = time.time()
         data = load_mnist_arrays(data_path)
         net, acc = train_digit_net(data, progress=progress)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.jit.save(torch.jit.script(net), str(tmp))
-        os.replace(tmp, path)
-        acc_path.write_text(f"{acc}\n")
+        with atomic_path(path) as tmp:
+            torch.jit.save(torch.jit.script(net), str(tmp))
+        atomic_write_text(acc_path, f"{acc}\n")
         if progress:
             print(f"[fpdiff] digit net: test accuracy {acc:.4f} ({time.time() - t0:.0f}s), cached at {path}")
     net = torch.jit.load(str(path)).eval()

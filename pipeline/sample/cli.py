@@ -5,7 +5,6 @@ versions (``pipeline.controllable``)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -13,14 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_path, atomic_write_json
+from pipeline.rundir import RunDir
+
 
 def sample_main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError, parse_overrides
-    from .evaluate import load_for_eval
-    from .images import save_grid, to_uint8
-    from .sampling import sample
-    from .score import get_score_fn
-    from .sde import build_sde
+    from pipeline.config import ConfigError, parse_overrides
+    from pipeline.rundir import load_for_eval
+    from pipeline.images import save_grid, to_uint8
+    from pipeline.sampling import sample
+    from pipeline.score import get_score_fn
+    from pipeline.sde import build_sde
 
     p = argparse.ArgumentParser(prog="fpdiff sample", description="Draw samples from a trained run (EMA weights).")
     p.add_argument("--run-dir", required=True, help="run directory, its export/ folder, or a checkpoint directory")
@@ -57,7 +59,7 @@ def sample_main(argv: list[str] | None = None) -> int:
             cfg.sampling.method = args.method
         cfg.sampling.validate("sampling")
         if args.inpaint is not None:
-            from .controllable import MASKS
+            from pipeline.controllable import MASKS
             if args.inpaint not in MASKS:
                 raise ConfigError(f"--inpaint: unknown mask {args.inpaint!r} (choose from {', '.join(MASKS)})")
             if cfg.sampling.method != "pc":
@@ -80,7 +82,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"fpdiff sample: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out or Path(args.run_dir) / "samples")
+    out = Path(args.out or RunDir(args.run_dir).samples_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     shape = (args.num_samples, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
@@ -99,7 +101,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     record = {"num_samples": args.num_samples, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
     if labels is not None:
-        from .classifier import input_scale
+        from pipeline.train.classifier import input_scale
         t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
         with torch.no_grad():
             logp = torch.log_softmax(clf(x, t_end, input_scale(sde, t_end)).float(), 1)
@@ -107,18 +109,19 @@ def sample_main(argv: list[str] | None = None) -> int:
                       classifier_agrees=float((logp.argmax(1) == labels).float().mean()),
                       classifier_log_prob=float(logp.gather(1, labels[:, None]).mean()))
         arrays["labels"] = labels.cpu().numpy()
-    np.savez_compressed(out / "samples.npz", **arrays)
-    (out / "samples.json").write_text(json.dumps(record, indent=1))
+    with atomic_path(out / "samples.npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+    atomic_write_json(out / "samples.json", record)
     print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
     return 0
 
 
 def _guided(args, score_fn, sde):
     """(guided score, labels (n,), classifier) for --class-label."""
-    from .classifier import load_classifier, log_prob_fn
-    from .controllable import classifier_guided_score
+    from pipeline.train.classifier import load_classifier, log_prob_fn
+    from pipeline.controllable import classifier_guided_score
 
-    folder = Path(args.classifier) if args.classifier else Path(args.run_dir) / "classifier"
+    folder = Path(args.classifier) if args.classifier else RunDir(args.run_dir).classifier
     clf, _ = load_classifier(folder, args.device)
     k = clf.settings["num_classes"]
     n = args.num_samples
@@ -138,15 +141,14 @@ def _guided(args, score_fn, sde):
 
 def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     """--inpaint / --colorize on the first ``--num-samples`` test images."""
-    from .controllable import colorize, inpaint, make_mask
-    from .eval_common import expand_shards, rank_test_batches, to_model_space
-    from .images import save_grid, to_uint8
-    from .score import get_score_fn
+    from pipeline.controllable import colorize, inpaint, make_mask
+    from pipeline.data.reader import shard_urls
+    from pipeline.eval.common import rank_test_batches
+    from pipeline.images import save_grid, to_model_space, to_uint8
+    from pipeline.score import get_score_fn
 
     spec = args.data or cfg.data.test_shards or cfg.data.shards
-    missing = [u for u in expand_shards(spec or "") if "://" not in u and not Path(u).is_file()]
-    if missing:
-        raise FileNotFoundError(f"--data {spec}: shard {missing[0]} does not exist")
+    shard_urls(spec or "", key="--data")  # a missing shard: one line naming it, before any sampling
     n = args.num_samples
     batches = [u8 for _, u8 in rank_test_batches(None, spec, cfg.data.num_channels, n, 0, 1, max_samples=n)]
     u8 = torch.cat(batches) if batches else torch.zeros(0)
@@ -188,11 +190,11 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     cols = [data, shown, x] if kind == "inpaint" else [shown, x, data]
     rows = torch.stack(cols, 1).flatten(0, 1)
     grid = save_grid(rows, out / f"{kind}.png", centered=cfg.data.centered, nrow=3 * min(4, data.shape[0]))
-    np.savez_compressed(out / f"{kind}.npz", images=to_uint8(x, cfg.data.centered).cpu().numpy(),
-                        originals=u8.numpy(), **extra)
+    with atomic_path(out / f"{kind}.npz") as tmp:
+        np.savez_compressed(tmp, images=to_uint8(x, cfg.data.centered).cpu().numpy(), originals=u8.numpy(), **extra)
     record = {"num_samples": int(data.shape[0]), **record, "nfe": int(nfe), "data": spec,
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
-    (out / f"{kind}.json").write_text(json.dumps(record, indent=1))
+    atomic_write_json(out / f"{kind}.json", record)
     print(f"[fpdiff] {what}, {nfe} score evaluations, {seconds:.1f}s: {grid}")
     return 0
 

@@ -1,0 +1,338 @@
+"""The run directory: its layout, where its weights are, and reading / writing weight files.
+
+Every module that reads or writes a run goes through ``RunDir``; no other module spells a file
+name of this layout::
+
+    RUN/
+        config.yaml                 the full experiment config (``pipeline.config``)
+        checkpoints/step_XXXXXXXX/  model.safetensors, ema.safetensors, optimizer.pt, state.json
+                                    (last: marks it complete) and, under DeepSpeed, deepspeed/
+        checkpoints/.tmp-step_*     a checkpoint being written (``pipeline.train.checkpoint``)
+        export/                     ema.safetensors, config.yaml, metrics.json, README.md (model
+                                    card), samples.png: what is pushed (``pipeline.publish``)
+        metrics.jsonl               training metrics, one JSON object a line; wandb_run_id.txt, wandb/
+        eval/                       metrics.jsonl (in-training evaluation), <metric>-step<S>.json
+        samples.png, samples.npz    the final samples; samples/ (grids during training, ``fpdiff sample``)
+        summary.json, summary.txt   the end of training (and one line per ``fpdiff eval``)
+        STOP                        asks a running trainer to checkpoint and exit
+        classifier/                 ``fpdiff classifier``;  imported/: ``fpdiff import``
+
+``find_weights(path)`` resolves what a person may pass for "a trained model" (a run dir, its
+export/, an export on its own, a checkpoint folder, a weights file) to ``Weights`` (file, its
+config, its run); ``load_for_eval`` builds the EMA model from it. Uses ``pipeline.config``,
+``pipeline.models`` and safetensors.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, NamedTuple, Optional
+
+# file names of a run (and of its export folder and checkpoints)
+CONFIG = "config.yaml"
+EMA_WEIGHTS = "ema.safetensors"
+MODEL_WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+CHECKPOINT_STATE = "state.json"
+EXPORT_METRICS = "metrics.json"
+MODEL_CARD = "README.md"
+EXPORT_FILES = (EMA_WEIGHTS, CONFIG, EXPORT_METRICS, MODEL_CARD)
+SAMPLES_PNG = "samples.png"
+STEP_PREFIX = "step_"
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory (nothing is created by asking)."""
+
+    path: Path
+
+    def __init__(self, path):
+        object.__setattr__(self, "path", Path(path))
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"{STEP_PREFIX}{step:08d}"
+
+    def staging(self, step: int) -> Path:
+        """Where checkpoint ``step`` is assembled (by every rank, for DeepSpeed) before its rename."""
+        return self.checkpoints / f".tmp-{STEP_PREFIX}{step:08d}"
+
+    def stale_staging(self) -> list[Path]:
+        """Checkpoint staging folders left by a save that did not finish."""
+        return list(self.checkpoints.glob(".tmp-*"))
+
+    @property
+    def export(self) -> Path:
+        return self.path / "export"
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.path / "wandb_run_id.txt"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def eval_log(self) -> Path:
+        return self.eval / "metrics.jsonl"
+
+    def eval_result(self, metric: str, step: Optional[int]) -> Path:
+        return self.eval / f"{metric}-step{step if step is not None else 'unknown'}.json"
+
+    @property
+    def samples_png(self) -> Path:
+        return self.path / SAMPLES_PNG
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    def sample_grid(self, step: int) -> Path:
+        return self.samples_dir / f"{STEP_PREFIX}{step:08d}.png"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def summary_txt(self) -> Path:
+        return self.path / "summary.txt"
+
+    @property
+    def stop_file(self) -> Path:
+        return self.path / "STOP"
+
+    @property
+    def classifier(self) -> Path:
+        return self.path / "classifier"
+
+    @property
+    def imported(self) -> Path:
+        return self.path / "imported"
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """What a training run writes (what ``--overwrite`` removes; other files are left)."""
+        return (self.checkpoints, self.export, self.metrics_log, self.eval, self.summary_json, self.summary_txt,
+                self.samples_png, self.samples_png.with_suffix(".npz"), self.samples_dir, self.stop_file)
+
+    def add_summary_line(self, line: str) -> None:
+        """Append one line to summary.txt (the run's human-readable record)."""
+        with open(self.summary_txt, "a") as fh:
+            fh.write(line.rstrip("\n") + "\n")
+
+    # ------------------------------------------------------------------ an earlier run in it
+    def check_free(self, resume: Optional[str], overwrite: bool) -> None:
+        """Refuse to start a fresh run over an earlier one: its checkpoints would count as newer,
+        its metrics be cut and its export replaced by a different model."""
+        from pipeline.config import ConfigError
+
+        if resume or overwrite:
+            return
+        found = [p.name for p in (self.checkpoints, self.export, self.metrics_log) if p.exists()]
+        if found:
+            raise ConfigError(f"{self.path}: holds an earlier run ({', '.join(found)}); continue it with --resume "
+                              f"auto, train into a new --run-dir, or replace it with --overwrite")
+
+    def clear_outputs(self) -> None:
+        """``--overwrite``: remove an earlier run's outputs (other files in the run dir are left)."""
+        for target in self.outputs:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+
+    # ------------------------------------------------------------------ where the weights are
+    def list_checkpoints(self) -> list[Path]:
+        """Complete checkpoints (``state.json`` written), oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        done = [p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+                and p.name[len(STEP_PREFIX):].isdigit() and (p / CHECKPOINT_STATE).is_file()]
+        return sorted(done, key=checkpoint_step)
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        ckpts = self.list_checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def find_export(self) -> Optional[Path]:
+        """``RUN/export``, or the folder itself when it is an export (``ema.safetensors`` + ``config.yaml``)."""
+        for cand in (self.export, self.path):
+            if (cand / EMA_WEIGHTS).is_file() and (cand / CONFIG).is_file():
+                return cand
+        return None
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a ``checkpoints/step_XXXXXXXX`` folder, from its name."""
+    return int(Path(folder).name[len(STEP_PREFIX):])
+
+
+class Weights(NamedTuple):
+    """EMA weights found by ``find_weights``: the file, the config.yaml that describes them (None:
+    not known) and the run dir they belong to (None: an export or file on its own, whose results
+    must not land in the folder above it)."""
+
+    file: Path
+    config: Optional[Path]
+    run: Optional[RunDir]
+
+    @property
+    def step(self) -> Optional[int]:
+        """The training step of the weights, from the JSON files beside them or the folder's name."""
+        folder = self.file.parent
+        for name in (CHECKPOINT_STATE, EXPORT_METRICS, "metadata.json", "export.json"):
+            f = folder / name
+            if f.is_file():
+                try:
+                    d = json.loads(f.read_text())
+                except (OSError, ValueError):
+                    continue
+                for key in ("step", "checkpoint_step", "steps"):
+                    if isinstance(d.get(key), int):
+                        return d[key]
+                if isinstance(d.get("metrics"), dict) and isinstance(d["metrics"].get("step"), int):
+                    return d["metrics"]["step"]
+        if folder.name.startswith(STEP_PREFIX) and folder.name[len(STEP_PREFIX):].isdigit():
+            return checkpoint_step(folder)
+        return None
+
+
+def _run_of_export(export: Path) -> Optional[RunDir]:
+    """The run an export folder belongs to (``RUN/export``), or None for one on its own (a Hub
+    download in a cache, a copied folder)."""
+    run = RunDir(export.parent)
+    if export.name == run.export.name and (run.config.is_file() or run.checkpoints.is_dir()):
+        return run
+    return None
+
+
+def find_weights(path, *, prefer_export: bool = False, need_config: bool = True) -> Weights:
+    """The EMA weights of a run dir, its export/, an export folder on its own, a checkpoint folder
+    or (``need_config=False``) a weights file or a folder holding just ``ema.safetensors``.
+
+    A run dir gives its newest complete checkpoint, else its export/ (evaluation, sampling:
+    the newest weights); ``prefer_export`` turns that round (``training.init_from``: the export
+    first). Raises FileNotFoundError with one line.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"no run, export or checkpoint at {p}")
+    if p.is_file():
+        if not need_config:
+            return Weights(p, None, None)
+        if p.suffix == ".safetensors":
+            p = p.parent
+    run = RunDir(p)
+    if prefer_export and run.find_export() == run.export:
+        return Weights(run.export / EMA_WEIGHTS, run.export / CONFIG, run)
+    if (p / EMA_WEIGHTS).is_file():
+        if (p / CONFIG).is_file():  # an export folder
+            return Weights(p / EMA_WEIGHTS, p / CONFIG, _run_of_export(p))
+        owner = RunDir(p.parents[1]) if len(p.parents) > 1 else None
+        if p.parent.name == run.checkpoints.name and owner is not None and owner.config.is_file():
+            return Weights(p / EMA_WEIGHTS, owner.config, owner)
+        if not need_config:
+            return Weights(p / EMA_WEIGHTS, None, None)
+        raise FileNotFoundError(f"{p}: EMA weights found but no {CONFIG} beside them or in the run dir")
+    ckpt = run.latest_checkpoint()
+    if ckpt is not None and (ckpt / EMA_WEIGHTS).is_file() and (run.config.is_file() or not need_config):
+        return Weights(ckpt / EMA_WEIGHTS, run.config if run.config.is_file() else None, run)
+    if not prefer_export and (run.export / EMA_WEIGHTS).is_file():
+        return Weights(run.export / EMA_WEIGHTS, run.export / CONFIG, run)
+    if prefer_export:
+        raise FileNotFoundError(f"no {EMA_WEIGHTS} in {p} (nor its export/ or checkpoints/)")
+    raise FileNotFoundError(f"{p}: no checkpoints/{STEP_PREFIX}*/{EMA_WEIGHTS} (with {CONFIG}) "
+                            f"and no export/{EMA_WEIGHTS}")
+
+
+# ============================================================================ weight files
+def cpu_tensors(state_dict: Mapping) -> dict:
+    """A state dict as contiguous CPU tensors that own their memory (safetensors refuses tensors
+    that share storage); entries that are not tensors are left out."""
+    import torch
+
+    return {str(k): v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def save_weights(path, state_dict: Mapping, metadata: Optional[dict] = None) -> Path:
+    """``state_dict`` as a safetensors file. Not atomic on its own: written into a staging folder
+    (``pipeline.atomic.atomic_directory``) by every caller."""
+    from safetensors.torch import save_file
+
+    save_file(cpu_tensors(state_dict), str(path), metadata=metadata)
+    return Path(path)
+
+
+def read_weights(path) -> dict:
+    """A safetensors file on CPU; an unreadable one (truncated, not safetensors) is a one-line
+    ConfigError naming it."""
+    from safetensors.torch import load_file
+
+    from pipeline.config import ConfigError
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - truncated or not a safetensors file
+        raise ConfigError(f"{path}: unreadable weights file ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:200]})") from None
+
+
+def _clean_keys(state: Mapping) -> dict:
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for pre in _STRIP_PREFIXES:
+                if k.startswith(pre):
+                    k, changed = k[len(pre):], True
+        out[k] = v
+    return out
+
+
+def load_state_into(model, state: Mapping, *, source: str = "weights") -> None:
+    """``model.load_state_dict`` (strict) after stripping ``module.`` / ``_orig_mod.`` prefixes,
+    with a one-line error naming the first missing / unexpected keys."""
+    state = _clean_keys(state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the model built from its config "
+                         f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
+                         f"e.g. {unexpected[:3]})")
+    model.load_state_dict(state, strict=True)
+
+
+def load_for_eval(source, device="cpu", overrides: Optional[list[str]] = None):
+    """(EMA model in eval mode on ``device``, Config, step or None) from a run dir, its export/
+    folder, an export on its own or a checkpoint folder (``find_weights``), or ``Weights`` found
+    before. ``overrides``: dotted config overrides applied to the saved config."""
+    from pipeline.config import load_saved_config
+    from pipeline.models import build_model
+
+    weights = source if isinstance(source, Weights) else find_weights(source)
+    cfg = load_saved_config(weights.config, overrides)
+    model = build_model(cfg)
+    load_state_into(model, read_weights(weights.file), source=str(weights.file))
+    model.to(device).eval().requires_grad_(False)
+    return model, cfg, weights.step
