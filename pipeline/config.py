@@ -113,6 +113,7 @@ class TrainingConfig:
     n_steps: int = 1000
     lr: float = 2e-4
     warmup: int = 0
+    lr_decay: Literal["none", "cosine"] = "none"  # cosine: from lr after the warm-up to 0 at n_steps
     grad_clip: float = 1.0  # <= 0 disables clipping
     weight_decay: float = 0.0
     adam_beta1: float = 0.9

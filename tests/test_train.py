@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint as ckpt
-from pipeline.config import CONFIG_DIR, load_config
+from pipeline.config import CONFIG_DIR, ConfigError, load_config
 from pipeline.train.loop import EXIT_NONFINITE, EXIT_REQUEUE, train
 
 TINY = str(CONFIG_DIR / "mnist_tiny.yaml")
@@ -173,3 +173,19 @@ def test_sample_every_writes_grids_and_leaves_training_unchanged(tiny_overrides,
     a, b = final_weights(tmp_path / "every0"), final_weights(tmp_path / "every2")
     assert_bitwise(a[0], b[0])
     assert_bitwise(a[1], b[1])
+
+
+def test_lr_cosine_decay_after_warmup():
+    """training.lr_decay=cosine: linear warm-up, then half a cosine from lr to 0 at n_steps; a resumed
+    LambdaLR (which calls the factor with its step count) continues the same curve."""
+    import math
+
+    from pipeline.train.loop import lr_lambda
+
+    f = lr_lambda(10, "cosine", 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
+    assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert all(lr_lambda(10)(s) == 1.0 for s in (10, 60, 110))  # the default keeps a constant lr
+    with pytest.raises(ConfigError, match=r"training.lr_decay: must be one of"):
+        load_config(TINY, ["training.lr_decay=linear"])

@@ -13,6 +13,7 @@ Exit codes: 0 finished, 75 stopped by SIGUSR1/SIGTERM after a checkpoint (requeu
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -70,8 +71,16 @@ class Counters:
     loss_curve: list = field(default_factory=list)
 
 
-def lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_lambda(warmup: int, decay: str = "none", n_steps: int = 0):
+    """Factor on training.lr at a step: a linear warm-up, then constant or a cosine to 0 at
+    n_steps (a short run ends at a low learning rate instead of wherever Adam's noise leaves it)."""
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if decay == "cosine" and n_steps > warmup:
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (n_steps - warmup))))
+        return 1.0
+    return factor
 
 
 def set_base_lr(optimizer, scheduler, lr: float) -> None:
@@ -139,7 +148,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
                                  eps=tc.adam_eps, weight_decay=tc.weight_decay)
     # stepped by hand once per optimizer step (through prepare it steps once per process)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup, tc.lr_decay, tc.n_steps))
     dsm_loss = DSMLoss(sde, eps=tc.eps, likelihood_weighting=tc.likelihood_weighting, reduce_mean=tc.reduce_mean)
     regularizer = FPERegularizer(cfg.fpe, sde) if cfg.fpe.enabled else None
 
