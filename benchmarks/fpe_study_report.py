@@ -157,10 +157,11 @@ def reading(rows: dict, setup: dict) -> str:
         if not math.isfinite(d):
             continue
         rel = d / a[key][0] if a[key][0] else float("nan")
-        verdict = "beyond" if beyond else "within"
         dg = 5 if key == "bpd" else 3
+        spread = (f"{'beyond' if beyond else 'within'} two standard errors of the difference ({se:.2g})"
+                  if math.isfinite(se) else "one seed each, no error bar")
         out.append(f"- {what}: (a) {fmt(*a[key][:2], dg)} vs best (b) {fmt(*b[key][:2], dg)}: change {d:+.3g} "
-                   f"({rel:+.1%}), {verdict} two standard errors of the difference ({se:.2g}).")
+                   f"({rel:+.1%}), {spread}.")
     ra = b["s_per_step"][0] / a["s_per_step"][0] if a["s_per_step"][0] else float("nan")
     out.append(f"- Cost: {b['s_per_step'][0]:.3f} s/step vs {a['s_per_step'][0]:.3f} s/step for DSM only ({ra:.2f}×).")
     abl = [(g, r) for g, r in rows.items() if best is not None and g.startswith(f"fpe_a{best:g}_sub")]
