@@ -301,6 +301,10 @@ def test_fid_from_saved_samples_equals_fid_while_sampling(tmp_path):
                              "--out", str(tmp_path / "pooled.json"), "--save-features", str(tmp_path / "pooled.npy")], 1, env)
     pooled = json.loads((tmp_path / "pooled.json").read_text())
     assert pooled["N"] == 14
+    run_eval(worker, base + ["--from-samples", str(tmp_path / "png0"), str(tmp_path / "png1"), "--num-samples", "9",
+                             "--out", str(tmp_path / "first9.json"), "--save-features", str(tmp_path / "first9.npy")], 1, env)
+    assert json.loads((tmp_path / "first9.json").read_text())["N"] == 9  # --num-samples: the first N files
+    np.testing.assert_allclose(np.load(tmp_path / "first9.npy"), np.load(tmp_path / "pooled.npy")[:9], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.load(tmp_path / "pooled.npy"),  # other batch make-up: float32 rounding only
                                np.concatenate([np.load(tmp_path / "s0.npy"), np.load(tmp_path / "s1.npy")]), rtol=1e-5, atol=1e-7)
     (tmp_path / "empty").mkdir()

@@ -80,7 +80,7 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     another feature network.
     Returns {"metric": "fid", "value", "kid", "N", "sampler", "nfe", "seconds", ...} on every rank.
     """
-    from pipeline.images import save_grid, to_uint8
+    from pipeline.images import save_grid
 
     state = state if state is not None else accelerator
     rank, world = _rank_world(state)
@@ -99,10 +99,10 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
         ref = _as_ref(ref_stats, cfg)
     want_feats = return_features or (kid and ref is not None and "feats" in ref)
     if pngs is not None:
-        generate_fn = _read_samples_fn(pngs, bs, cfg)
-    elif generate_fn is None:
-        generate_fn = make_generate_fn(model, cfg, sde, sampler, dev)
-    method = getattr(generate_fn, "method", sampler or "custom")
+        batch_u8 = _read_samples_fn(pngs, bs, cfg)
+    else:
+        batch_u8 = _sampled_batches(generate_fn or make_generate_fn(model, cfg, sde, sampler, dev), seed, dev, cfg)
+    method = getattr(batch_u8, "method", sampler or "custom")
     n_batches = ceil_div(n_total, bs)
     mine = list(range(rank, n_batches, world))
     # features kept for KID in float32; in float64 when returned (exact check against np.cov)
@@ -115,10 +115,7 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
                    desc=f"FID sampling, rank 0 of {world} ({n_total} in all)") as bar:
         for k in mine:
             n = min(bs, n_total - k * bs)
-            g = torch.Generator(device=dev).manual_seed(seed_for(seed, k))
-            with torch.no_grad():
-                x, nfe = generate_fn(n, g) if pngs is None else generate_fn(k, n)
-            u8 = x if x.dtype == torch.uint8 else to_uint8(x.detach().float(), cfg.data.centered).cpu()
+            u8, nfe = batch_u8(k, n)
             index = torch.arange(k * bs, k * bs + n, dtype=torch.int64)
             stats.update(fe(u8), index)
             nfe_sum += float(nfe)
@@ -166,6 +163,22 @@ def saved_sample_files(folders) -> list[Path]:
             raise FileNotFoundError(f"--from-samples: {folder} holds no .png samples")
         files += found
     return files
+
+
+def _sampled_batches(generate_fn, seed: int, dev, cfg):
+    """batch(k, n) -> (uint8 (n, C, H, W) on the CPU, NFE): batch k drawn with a generator seeded
+    by (seed, k), so a sample does not depend on the number of ranks."""
+    from pipeline.images import to_uint8
+
+    def batch(k: int, n: int):
+        g = torch.Generator(device=dev).manual_seed(seed_for(seed, k))
+        with torch.no_grad():
+            x, nfe = generate_fn(n, g)
+        return to_uint8(x.detach().float(), cfg.data.centered).cpu(), nfe
+
+    if hasattr(generate_fn, "method"):
+        batch.method = generate_fn.method
+    return batch
 
 
 def _read_samples_fn(files: list[Path], bs: int, cfg):
