@@ -60,11 +60,12 @@ def main(argv: list[str]) -> int:
     try:
         from pipeline.data.shards import ensure_mnist_shards
 
-        overrides = (DEMO_QUICK if args.quick else []) + list(args.overrides)
+        quick, user = (DEMO_QUICK if args.quick else []), list(args.overrides)
         # the DSM phase's own grid is a 16-sample preview (dsm/samples.png)
-        cfg = load_config(CONFIG_DIR / "demo.yaml", overrides + ["fpe.enabled=false", "sampling.num_samples=16"])
+        cfg = load_config(CONFIG_DIR / "demo.yaml", quick + user + ["fpe.enabled=false", "sampling.num_samples=16"])
         fpe_steps = args.fpe_steps if args.fpe_steps is not None else max(1, round(0.15 * cfg.training.n_steps))
-        finetune = load_config(CONFIG_DIR / "demo.yaml", overrides + DEMO_FINETUNE + [
+        # the fine-tune's own settings first, so that the user's overrides (e.g. training.lr) reach it too
+        finetune = load_config(CONFIG_DIR / "demo.yaml", quick + DEMO_FINETUNE + user + [
             f"training.n_steps={fpe_steps}", f"training.init_from={dsm_dir}"])
         train_pattern, test_pattern = ensure_mnist_shards(args.data_dir)
         for c in (cfg, finetune):
