@@ -123,6 +123,7 @@ class TrainingConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (score_sde)
     seed: int = 0
     likelihood_weighting: bool = False
+    min_snr_gamma: float = 0.0  # > 0: min-SNR-γ loss weighting (Hang et al. 2023; 5 in the paper); 0: off
     reduce_mean: bool = True
     eps: float = 1e-5  # smallest t drawn by the DSM loss
     grad_accum: int = 1
@@ -148,6 +149,10 @@ class TrainingConfig:
         if self.warmup < 0:
             raise ConfigError(f"{path}.warmup: must be >= 0, got {self.warmup}")
         _positive(self.eps, f"{path}.eps")
+        if self.min_snr_gamma < 0:
+            raise ConfigError(f"{path}.min_snr_gamma: must be >= 0 (0: off), got {self.min_snr_gamma}")
+        if self.min_snr_gamma > 0 and self.likelihood_weighting:
+            raise ConfigError(f"{path}.min_snr_gamma: cannot be combined with likelihood_weighting (both set the weight)")
         _positive(self.log_every, f"{path}.log_every")
         _positive(self.ckpt_every, f"{path}.ckpt_every")
         _positive(self.keep_last, f"{path}.keep_last")

@@ -7,6 +7,11 @@ per-sample loss is, with the reduction over the data dimensions (mean or sum),
 * likelihood weighting λ(t) = g(t)² (Song, Durkan, Murray & Ermon, NeurIPS 2021,
   "Maximum likelihood training of score-based diffusion models"):
   g(t)² · reduce(‖s_θ(x_t, t) + z / σ(t)‖²)
+* min-SNR-γ (Hang et al., ICCV 2023, "Efficient diffusion training via min-SNR weighting"):
+  the default weighting times min(SNR(t), γ) / SNR(t), SNR = a(t)² / σ(t)². It lowers the weight of
+  the nearly clean times (SNR > γ), whose easy detail gradients otherwise crowd out the times where
+  the digit's shape is decided; any positive λ(t) keeps the same minimiser, only the use of a
+  small model's capacity changes.
 
 and the loss is the mean over the batch. Both are score_sde_pytorch's continuous
 ``get_sde_loss_fn`` (no importance sampling of t). The perturbed batch, times and noise
@@ -36,14 +41,17 @@ class DSMOutput:
 
 
 class DSMLoss:
-    """``DSMLoss(sde, eps, likelihood_weighting, reduce_mean)(score_fn, x0, generator)``."""
+    """``DSMLoss(sde, eps, likelihood_weighting, reduce_mean, min_snr_gamma)(score_fn, x0, generator)``."""
 
     def __init__(self, sde: SDE, eps: float = 1e-5, likelihood_weighting: bool = False,
-                 reduce_mean: bool = True):
+                 reduce_mean: bool = True, min_snr_gamma: float = 0.0):
         if not 0.0 < eps < sde.T:
             raise ValueError(f"DSMLoss: eps must be in (0, T={sde.T}), got {eps}")
+        if min_snr_gamma < 0 or (min_snr_gamma > 0 and likelihood_weighting):
+            raise ValueError("DSMLoss: min_snr_gamma must be >= 0 (0: off) and cannot be combined with likelihood_weighting")
         self.sde, self.eps = sde, eps
         self.likelihood_weighting, self.reduce_mean = likelihood_weighting, reduce_mean
+        self.min_snr_gamma = min_snr_gamma
 
     def sample_t(self, batch: int, device, dtype, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         u = torch.rand(batch, device=device, dtype=dtype, generator=generator)
@@ -61,6 +69,10 @@ class DSMLoss:
         per = sq.mean(1) if self.reduce_mean else sq.sum(1)
         if self.likelihood_weighting:
             per = per * self.sde.diffusion(t) ** 2
+        if self.min_snr_gamma > 0:
+            a, _ = self.sde.marginal_prob(torch.ones_like(t), t)
+            snr = (a / std).square()
+            per = per * torch.clamp(snr, max=self.min_snr_gamma) / snr
         return per
 
     def __call__(self, score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,

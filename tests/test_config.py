@@ -34,6 +34,7 @@ def test_overrides_are_typed():
     ("data.image_size=30", "data.image_size: 30 is not divisible"),
     ("fpe.subsample=1.5", "fpe.subsample: a fraction must be <= 1"),
     ("model.ch_mult=[1,x]", "model.ch_mult[1]: expected an integer"),
+    ("training.min_snr_gamma=-1", "training.min_snr_gamma: must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError) as e:

@@ -7,9 +7,15 @@ from pipeline.losses import DSMLoss
 from pipeline.sde import VPSDE, _bcast
 
 
-@pytest.mark.parametrize("lw", [False, True], ids=["sigma2", "g2"])
+def snr_closed_form(sde, t):
+    """a(t)² / σ(t)² from the SDE's own coefficients: a = 1 for VE, exp(∫-β/2) for VP / sub-VP."""
+    a = torch.exp(sde.log_mean_coeff(t)) if hasattr(sde, "log_mean_coeff") else torch.ones_like(t)
+    return (a / sde.marginal_std(t)) ** 2
+
+
+@pytest.mark.parametrize("weighting", ["sigma2", "g2", "minsnr"])
 @pytest.mark.parametrize("name", list(SDES))
-def test_dsm_loss_is_minimal_at_the_true_score(name, lw):
+def test_dsm_loss_is_minimal_at_the_true_score(name, weighting):
     """With common random numbers (same x0, t, z) the empirical DSM loss of the exact score is
     below that of perturbed scores, for both weightings.
 
@@ -25,13 +31,17 @@ def test_dsm_loss_is_minimal_at_the_true_score(name, lw):
     n = 100_000
     g = torch.Generator().manual_seed(3)
     x0 = data.sample(n, generator=g, shape=(1, 3))
-    loss = DSMLoss(sde, eps=1e-5, likelihood_weighting=lw)
+    lw = weighting == "g2"
+    loss = DSMLoss(sde, eps=1e-5, likelihood_weighting=lw, min_snr_gamma=5.0 if weighting == "minsnr" else 0.0)
     t = loss.sample_t(n, "cpu", torch.float64, g)
     z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     true = data.score_fn(sde)
     c = torch.tensor([1.0, -0.5, 0.8], dtype=torch.float64).reshape(1, 1, 3)
 
     def sqrt_w(tt):
+        if weighting == "minsnr":
+            snr = snr_closed_form(sde, tt)
+            return torch.sqrt(snr.clamp(max=5.0) / snr)
         return sde.diffusion(tt) / sde.marginal_std(tt) if lw else torch.ones_like(tt)
 
     def additive(d):
@@ -72,6 +82,23 @@ def test_likelihood_weighting_is_g2_weighting(name):
     torch.testing.assert_close(lw.per_sample, direct)
     torch.testing.assert_close(summed.per_sample, plain.per_sample * 4)
     torch.testing.assert_close(plain.loss, plain.per_sample.mean())
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_min_snr_weighting_caps_the_nearly_clean_times(name):
+    """min-SNR-γ: per sample the λ = σ² loss times min(SNR, γ) / SNR, i.e. unchanged where SNR <= γ
+    and γ / SNR below 1 at the nearly clean times; with likelihood weighting it is refused."""
+    sde = SDES[name]()
+    data = GaussianData.random(4, seed=1)
+    x0 = data.sample(512, generator=torch.Generator().manual_seed(0), shape=(1, 2, 2))
+    score = lambda x, t: data.score(sde, x, t) * 0.9 + 0.1
+    plain = DSMLoss(sde, eps=1e-5)(score, x0, generator=torch.Generator().manual_seed(5))
+    capped = DSMLoss(sde, eps=1e-5, min_snr_gamma=5.0)(score, x0, generator=torch.Generator().manual_seed(5))
+    snr = snr_closed_form(sde, plain.t)
+    assert (snr > 5).any() and (snr < 5).any()  # both regimes are exercised
+    torch.testing.assert_close(capped.per_sample, plain.per_sample * torch.where(snr > 5, 5 / snr, torch.ones_like(snr)))
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        DSMLoss(sde, min_snr_gamma=5.0, likelihood_weighting=True)
 
 
 @pytest.mark.parametrize("name", list(SDES))
