@@ -45,9 +45,12 @@ class ModelConfig:
     scale_by_sigma: bool = False  # VE models divide their output by sigma(t)
     # attention heads: the math SDPA kernel is forced inside the regularizer
     num_heads: int = 1
+    # > 1: the UNet sees non-overlapping p x p patches as channels (pixel unshuffle), p x smaller images
+    patch_size: int = 1
 
     def validate(self, path: str) -> None:
         _positive(self.nf, f"{path}.nf")
+        _positive(self.patch_size, f"{path}.patch_size")
         _positive(self.num_res_blocks, f"{path}.num_res_blocks")
         if not self.ch_mult:
             raise ConfigError(f"{path}.ch_mult: must not be empty")
@@ -305,11 +308,12 @@ class Config:
             if dataclasses.is_dataclass(section):
                 section.validate(f.name)
         # cross-section checks
-        down = 2 ** (len(self.model.ch_mult) - 1)
+        down = 2 ** (len(self.model.ch_mult) - 1) * self.model.patch_size
         if self.data.image_size % down:
             raise ConfigError(
                 f"data.image_size: {self.data.image_size} is not divisible by the UNet's "
-                f"down-sampling factor {down} (model.ch_mult has {len(self.model.ch_mult)} levels)")
+                f"down-sampling factor {down} (model.ch_mult has {len(self.model.ch_mult)} levels, "
+                f"model.patch_size {self.model.patch_size})")
         if self.model.embedding_type == "fourier" and self.sde.type != "ve":
             raise ConfigError("model.embedding_type: 'fourier' (log-sigma labels) needs sde.type 've'")
 

@@ -173,6 +173,21 @@ def test_uncentered_data_is_mapped_inside():
     torch.testing.assert_close(a(x, sig), b(2 * x - 1, sig))
 
 
+@pytest.mark.parametrize("sde", ["vp", "ve"])
+def test_patch_size_is_the_unet_on_unshuffled_patches(sde):
+    """model.patch_size p: the same UNet built for C p² channels at H / p, between a pixel unshuffle
+    and a pixel shuffle; same parameters, same values (so its derivatives are the UNet's)."""
+    net = randomize_(build_model(tiny_cfg(sde, ch_mult=[1, 2], patch_size=2, attn_resolutions=[7]))).eval()
+    inner = build_model(tiny_cfg(sde, image_size=14, channels=4, ch_mult=[1, 2], attn_resolutions=[7])).eval()
+    inner.load_state_dict(net.state_dict())
+    x, lab = torch.randn(3, 1, 28, 28), labels_for(sde, 3)
+    # each 2x2 patch becomes one pixel's 4 channels
+    torch.testing.assert_close(F.pixel_unshuffle(x, 2)[:, :, 3, 5], x[:, 0, 6:8, 10:12].reshape(3, 4))
+    torch.testing.assert_close(net(x, lab), F.pixel_shuffle(inner(F.pixel_unshuffle(x, 2), lab), 2))
+    with pytest.raises(ConfigError, match="data.image_size: 28 is not divisible .* model.patch_size 2"):
+        tiny_cfg(sde, ch_mult=[1, 2, 2], patch_size=2)
+
+
 def test_bad_model_configs_fail_with_key():
     with pytest.raises(ConfigError, match="model.scale_by_sigma"):
         build_model(tiny_cfg("vp", scale_by_sigma=True))

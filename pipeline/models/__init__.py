@@ -45,7 +45,7 @@ def build_model(cfg: Config) -> nn.Module:
         resamp_with_conv=m.resamp_with_conv, skip_rescale=m.skip_rescale, fir=m.fir,
         fir_kernel=tuple(m.fir_kernel), progressive=m.progressive, progressive_input=m.progressive_input,
         progressive_combine=m.progressive_combine, init_scale=m.init_scale,
-        scale_by_sigma=m.scale_by_sigma, num_heads=m.num_heads,
+        scale_by_sigma=m.scale_by_sigma, num_heads=m.num_heads, patch_size=m.patch_size,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import layers
 
@@ -36,8 +37,15 @@ class NCSNpp(nn.Module):
                  skip_rescale: bool = True, fir: bool = False, fir_kernel: Sequence[int] = (1, 3, 3, 1),
                  progressive: str = "none", progressive_input: str = "none",
                  progressive_combine: str = "sum", init_scale: float = 0.0,
-                 scale_by_sigma: bool = False, num_heads: int = 1, centered: bool = True):
+                 scale_by_sigma: bool = False, num_heads: int = 1, centered: bool = True, patch_size: int = 1):
         super().__init__()
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} must be >= 1 and divide image_size {image_size}")
+        # patch_size p > 1: the UNet runs on (C p²) x (H / p) x (W / p) (pixel unshuffle in, pixel shuffle
+        # out), so at a given cost its first level has p x the channels (cheap width for small images)
+        self.patch_size = patch_size
+        self.input_image_size, self.input_channels = image_size, num_channels
+        image_size, num_channels = image_size // patch_size, num_channels * patch_size ** 2
         if embedding_type not in ("fourier", "positional"):
             raise ValueError(f"embedding_type {embedding_type!r} unknown")
         if resblock_type not in ("biggan", "ddpm"):
@@ -182,6 +190,8 @@ class NCSNpp(nn.Module):
 
         if not self.centered:  # data in [0, 1]: the network sees 2x - 1 (score_sde convention)
             x = 2 * x - 1.0
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
 
         # ---- down path
         input_pyramid = x if self.progressive_input != "none" else None
@@ -239,6 +249,8 @@ class NCSNpp(nn.Module):
         else:
             h = self._norm_act_conv(mods, h)
         assert next(mods, None) is None, "forward did not use every module"
+        if self.patch_size > 1:
+            h = F.pixel_shuffle(h, self.patch_size)
 
         if self.scale_by_sigma:
             h = h / labels.reshape((-1,) + (1,) * (h.dim() - 1))
