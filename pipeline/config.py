@@ -139,6 +139,9 @@ class TrainingConfig:
     sample_every: int = 0  # also a grid every N steps in RUN/samples/step_XXXXXXXX.png (0: only at the end)
     max_nonfinite: int = 10  # consecutive non-finite steps before stopping
     init_from: str = ""  # checkpoint dir to fine-tune from (FP-Diffusion fine-tunes a DSM model)
+    # the EMA warm-up position a run starts at: 0 restarts score_sde's warm-up (right for random weights);
+    # a fine-tune from an EMA can continue its source's schedule with the source's step count
+    init_ema_updates: int = 0
 
     def validate(self, path: str) -> None:
         _positive(self.batch_size, f"{path}.batch_size")
@@ -152,6 +155,8 @@ class TrainingConfig:
         if self.warmup < 0:
             raise ConfigError(f"{path}.warmup: must be >= 0, got {self.warmup}")
         _positive(self.eps, f"{path}.eps")
+        if self.init_ema_updates < 0:
+            raise ConfigError(f"{path}.init_ema_updates: must be >= 0, got {self.init_ema_updates}")
         if self.min_snr_gamma < 0:
             raise ConfigError(f"{path}.min_snr_gamma: must be >= 0 (0: off), got {self.min_snr_gamma}")
         if self.min_snr_gamma > 0 and self.likelihood_weighting:

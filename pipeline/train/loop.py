@@ -154,7 +154,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     regularizer = FPERegularizer(cfg.fpe, sde) if cfg.fpe.enabled else None
 
     # ---- resume (weights before wrapping; optimizer state after, DeepSpeed's is partitioned)
-    start_step, counters, loader_state = 0, Counters(), None
+    # a fine-tune may continue its source's EMA schedule (training.init_ema_updates) instead of
+    # restarting the warm-up meant for random weights, which would make its EMA the raw weights
+    start_step, counters, loader_state = 0, Counters(ema_updates=tc.init_ema_updates), None
     resume_from, state = ckpt.load_for_resume(run_dir, resume)
     if resume_from is not None:
         try:
