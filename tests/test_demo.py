@@ -64,3 +64,21 @@ def test_demo_draws_legible_digits(mnist_shards, tmp_path, digit_judge):
     assert verdict["legible_share"] >= 0.50, verdict
     assert verdict["digits_present"] >= 9, verdict
 
+
+
+def test_demo_falls_back_to_fp32_without_native_bf16(mnist_shards, tmp_path, monkeypatch, capsys):
+    """configs/demo.yaml trains the DSM path in bf16; on a CPU without native bf16 (emulated, slow)
+    the demo says so in one line and trains both phases in fp32; a user's override still wins."""
+    import yaml
+
+    from pipeline import demo
+
+    monkeypatch.setattr(demo, "_cpu_has_native_bf16", lambda: False)
+    data_dir = str(Path(mnist_shards[0]).parent)
+    assert demo.main(["--quick", "--run-dir", str(tmp_path / "fp32"), "--data-dir", data_dir]) == 0
+    assert "no native bf16; training in fp32" in capsys.readouterr().out
+    for phase in (tmp_path / "fp32" / "dsm", tmp_path / "fp32"):
+        assert yaml.safe_load((phase / "config.yaml").read_text())["training"]["mixed_precision"] == "no"
+    assert demo.main(["--quick", "--run-dir", str(tmp_path / "bf16"), "--data-dir", data_dir,
+                      "training.mixed_precision=bf16"]) == 0
+    assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["training"]["mixed_precision"] == "bf16"
