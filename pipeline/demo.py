@@ -70,15 +70,16 @@ def main(argv: list[str]) -> int:
     try:
         from pipeline.data.shards import ensure_mnist_shards
 
-        quick, user = (DEMO_QUICK if args.quick else []), list(args.overrides)
+        # the demo's own settings come first, the user's overrides after them (so they win)
+        base, user = (DEMO_QUICK if args.quick else []), list(args.overrides)
         if not _cpu_has_native_bf16():  # configs/demo.yaml trains the DSM path under bf16 autocast
             print("[fpdiff] demo: this CPU has no native bf16; training in fp32 (slower: fewer steps fit 10 minutes)")
-            quick = ["training.mixed_precision=no"] + quick
+            base = ["training.mixed_precision=no"] + base
         # the DSM phase's own grid is a 16-sample preview (dsm/samples.png)
-        cfg = load_config(CONFIG_DIR / "demo.yaml", quick + user + ["fpe.enabled=false", "sampling.num_samples=16"])
+        cfg = load_config(CONFIG_DIR / "demo.yaml", base + user + ["fpe.enabled=false", "sampling.num_samples=16"])
         fpe_steps = args.fpe_steps if args.fpe_steps is not None else max(1, round(0.07 * cfg.training.n_steps))
         # the fine-tune's own settings first, so that the user's overrides (e.g. training.lr) reach it too
-        finetune = load_config(CONFIG_DIR / "demo.yaml", quick + DEMO_FINETUNE + user + [
+        finetune = load_config(CONFIG_DIR / "demo.yaml", base + DEMO_FINETUNE + user + [
             f"training.n_steps={fpe_steps}", f"training.init_from={dsm_dir}",
             f"training.init_ema_updates={cfg.training.n_steps}"])
         train_pattern, test_pattern = ensure_mnist_shards(args.data_dir)

@@ -70,8 +70,7 @@ class DSMLoss:
         if self.likelihood_weighting:
             per = per * self.sde.diffusion(t) ** 2
         if self.min_snr_gamma > 0:
-            a, _ = self.sde.marginal_prob(torch.ones_like(t), t)
-            snr = (a / std).square()
+            snr = (self.sde.mean_coeff(t) / std).square()
             per = per * torch.clamp(snr, max=self.min_snr_gamma) / snr
         return per
 

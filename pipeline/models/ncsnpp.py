@@ -44,7 +44,6 @@ class NCSNpp(nn.Module):
         # patch_size p > 1: the UNet runs on (C p²) x (H / p) x (W / p) (pixel unshuffle in, pixel shuffle
         # out), so at a given cost its first level has p x the channels (cheap width for small images)
         self.patch_size = patch_size
-        self.input_image_size, self.input_channels = image_size, num_channels
         image_size, num_channels = image_size // patch_size, num_channels * patch_size ** 2
         if embedding_type not in ("fourier", "positional"):
             raise ValueError(f"embedding_type {embedding_type!r} unknown")
