@@ -65,7 +65,6 @@ def test_demo_draws_legible_digits(mnist_shards, tmp_path, digit_judge):
     assert verdict["digits_present"] >= 9, verdict
 
 
-
 def test_demo_falls_back_to_fp32_without_native_bf16(mnist_shards, tmp_path, monkeypatch, capsys):
     """configs/demo.yaml trains the DSM path in bf16; on a CPU without native bf16 (emulated, slow)
     the demo says so in one line and trains both phases in fp32; a user's override still wins."""
