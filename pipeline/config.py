@@ -129,6 +129,9 @@ class TrainingConfig:
     min_snr_gamma: float = 0.0  # > 0: min-SNR-γ loss weighting (Hang et al. 2023; 5 in the paper); 0: off
     reduce_mean: bool = True
     eps: float = 1e-5  # smallest t drawn by the DSM loss
+    # how a batch's times are drawn: i.i.d. U(eps, T), or stratified (one per 1/B of the range, a shared
+    # random offset: Kingma et al. 2021's low-discrepancy sampler; same expected loss, lower variance)
+    t_sampling: Literal["uniform", "stratified"] = "uniform"
     grad_accum: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     compile: bool = False  # torch.compile the DSM path (the regularizer cannot be compiled)

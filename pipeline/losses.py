@@ -14,7 +14,10 @@ per-sample loss is, with the reduction over the data dimensions (mean or sum),
   small model's capacity changes.
 
 and the loss is the mean over the batch. Both are score_sde_pytorch's continuous
-``get_sde_loss_fn`` (no importance sampling of t). The perturbed batch, times and noise
+``get_sde_loss_fn`` (no importance sampling of t). With ``t_sampling="stratified"`` a batch's times
+are u_i = (u + i / B) mod 1 mapped to (eps, T) (Kingma et al., NeurIPS 2021, "Variational diffusion
+models", App. I.1): each time is still U(eps, T), so the expected loss is unchanged, but a batch
+covers the whole range and the loss's variance across batches drops. The perturbed batch, times and noise
 are returned so that the training loop can reuse them for the FPE regularizer.
 """
 from __future__ import annotations
@@ -41,20 +44,26 @@ class DSMOutput:
 
 
 class DSMLoss:
-    """``DSMLoss(sde, eps, likelihood_weighting, reduce_mean, min_snr_gamma)(score_fn, x0, generator)``."""
+    """``DSMLoss(sde, eps, likelihood_weighting, reduce_mean, min_snr_gamma, t_sampling)(score_fn, x0, generator)``."""
 
     def __init__(self, sde: SDE, eps: float = 1e-5, likelihood_weighting: bool = False,
-                 reduce_mean: bool = True, min_snr_gamma: float = 0.0):
+                 reduce_mean: bool = True, min_snr_gamma: float = 0.0, t_sampling: str = "uniform"):
         if not 0.0 < eps < sde.T:
             raise ValueError(f"DSMLoss: eps must be in (0, T={sde.T}), got {eps}")
         if min_snr_gamma < 0 or (min_snr_gamma > 0 and likelihood_weighting):
             raise ValueError("DSMLoss: min_snr_gamma must be >= 0 (0: off) and cannot be combined with likelihood_weighting")
         self.sde, self.eps = sde, eps
         self.likelihood_weighting, self.reduce_mean = likelihood_weighting, reduce_mean
-        self.min_snr_gamma = min_snr_gamma
+        if t_sampling not in ("uniform", "stratified"):
+            raise ValueError(f"DSMLoss: t_sampling must be 'uniform' or 'stratified', got {t_sampling!r}")
+        self.min_snr_gamma, self.t_sampling = min_snr_gamma, t_sampling
 
     def sample_t(self, batch: int, device, dtype, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        u = torch.rand(batch, device=device, dtype=dtype, generator=generator)
+        if self.t_sampling == "stratified":
+            u0 = torch.rand(1, device=device, dtype=dtype, generator=generator)
+            u = torch.remainder(u0 + torch.arange(batch, device=device, dtype=dtype) / batch, 1.0)
+        else:
+            u = torch.rand(batch, device=device, dtype=dtype, generator=generator)
         return u * (self.sde.T - self.eps) + self.eps
 
     def per_sample_loss(self, score: torch.Tensor, z: torch.Tensor, t: torch.Tensor,

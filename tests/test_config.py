@@ -35,6 +35,7 @@ def test_overrides_are_typed():
     ("fpe.subsample=1.5", "fpe.subsample: a fraction must be <= 1"),
     ("model.ch_mult=[1,x]", "model.ch_mult[1]: expected an integer"),
     ("training.min_snr_gamma=-1", "training.min_snr_gamma: must be >= 0"),
+    ("training.t_sampling=sobol", "training.t_sampling"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError) as e:

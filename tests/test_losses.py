@@ -101,6 +101,28 @@ def test_min_snr_weighting_caps_the_nearly_clean_times(name):
         DSMLoss(sde, min_snr_gamma=5.0, likelihood_weighting=True)
 
 
+def test_stratified_times_cover_the_range_with_the_same_marginal():
+    """t_sampling="stratified": in every batch the B times sit one per 1/B of (eps, T); over many batches
+    each time is still U(eps, T) (KS distance to the uniform CDF), and the batch mean of a smooth
+    function of t varies far less than with i.i.d. times (here by more than 10x in variance)."""
+    sde, B, eps = VPSDE(), 16, 1e-3
+    strat, iid = DSMLoss(sde, eps=eps, t_sampling="stratified"), DSMLoss(sde, eps=eps)
+    g = torch.Generator().manual_seed(0)
+    ts = torch.stack([strat.sample_t(B, "cpu", torch.float64, g) for _ in range(2000)])
+    u = (ts - eps) / (sde.T - eps)
+    assert (torch.floor(u * B).sort(1).values == torch.arange(B, dtype=u.dtype)).all()
+    flat = u.flatten().sort().values
+    ks = (flat - torch.arange(1, flat.numel() + 1, dtype=u.dtype) / flat.numel()).abs().max()
+    assert ks < 0.02
+    f = lambda t: sde.marginal_std(t)  # a smooth function of t, as the loss is in expectation
+    var_strat = f(ts.flatten()).reshape(ts.shape).mean(1).var()
+    ti = torch.stack([iid.sample_t(B, "cpu", torch.float64, g) for _ in range(2000)])
+    var_iid = f(ti.flatten()).reshape(ti.shape).mean(1).var()
+    assert var_strat < var_iid / 10
+    with pytest.raises(ValueError, match="t_sampling"):
+        DSMLoss(sde, t_sampling="sobol")
+
+
 @pytest.mark.parametrize("name", list(SDES))
 def test_outputs_are_the_perturbation_kernel(name):
     sde = SDES[name]()

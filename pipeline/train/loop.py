@@ -150,7 +150,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     # stepped by hand once per optimizer step (through prepare it steps once per process)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup, tc.lr_decay, tc.n_steps))
     dsm_loss = DSMLoss(sde, eps=tc.eps, likelihood_weighting=tc.likelihood_weighting, reduce_mean=tc.reduce_mean,
-                       min_snr_gamma=tc.min_snr_gamma)
+                       min_snr_gamma=tc.min_snr_gamma, t_sampling=tc.t_sampling)
     regularizer = FPERegularizer(cfg.fpe, sde) if cfg.fpe.enabled else None
 
     # ---- resume (weights before wrapping; optimizer state after, DeepSpeed's is partitioned)
