@@ -90,13 +90,11 @@ def conv_downsample_2d(x: torch.Tensor, weight: torch.Tensor, taps: Sequence[flo
 
 
 def naive_upsample_2d(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
-    """Nearest-neighbour upsampling (pixel repeat)."""
-    n, c, h, w = x.shape
-    x = x.reshape(n, c, h, 1, w, 1).expand(n, c, h, factor, w, factor)
-    return x.reshape(n, c, h * factor, w * factor)
+    """Nearest-neighbour upsampling (pixel repeat). ATen's kernel, not a reshape of an expand: the
+    expand's backward is a strided sum that took 15% of a small UNet's bf16 step on a CPU."""
+    return F.interpolate(x, scale_factor=factor, mode="nearest")
 
 
 def naive_downsample_2d(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
     """Average pooling over factor x factor blocks."""
-    n, c, h, w = x.shape
-    return x.reshape(n, c, h // factor, factor, w // factor, factor).mean(dim=(3, 5))
+    return F.avg_pool2d(x, factor)
