@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run-dir", default=None, help="output directory (default runs/demo-<timestamp>)")
     p.add_argument("--data-dir", default="data/mnist", help="where the MNIST shards are built once and reused")
     p.add_argument("--fpe-steps", type=int, default=None,
-                   help="steps of the fine-tuning phase with the regularizer (default 7%% of the DSM steps)")
+                   help="steps of the fine-tuning phase with the regularizer (default 5%% of the DSM steps)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for both phases, e.g. training.n_steps=200 "
                                                 "(the DSM phase's length)")
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
             base = ["training.mixed_precision=no"] + base
         # the DSM phase's own grid is a 16-sample preview (dsm/samples.png)
         cfg = load_config(CONFIG_DIR / "demo.yaml", base + user + ["fpe.enabled=false", "sampling.num_samples=16"])
-        fpe_steps = args.fpe_steps if args.fpe_steps is not None else max(1, round(0.07 * cfg.training.n_steps))
+        fpe_steps = args.fpe_steps if args.fpe_steps is not None else max(1, round(0.05 * cfg.training.n_steps))
         # the fine-tune's own settings first, so that the user's overrides (e.g. training.lr) reach it too
         finetune = load_config(CONFIG_DIR / "demo.yaml", base + DEMO_FINETUNE + user + [
             f"training.n_steps={fpe_steps}", f"training.init_from={dsm_dir}",
