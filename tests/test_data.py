@@ -94,6 +94,24 @@ def test_exactly_once_every_epoch_and_topology(tmp_path):
         assert orders[0] != orders[1]  # reshuffled per epoch
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_one_loader_worker_streams_what_the_in_process_loader_does(tmp_path):
+    """A rank has max(1, num_workers) readers, so num_workers=1 moves the one reader into a process
+    without changing the stream (2+ readers interleave shards: another, equally valid order). The demo
+    uses one loader process for speed, and its samples must stay those of the in-process loader:
+    same images, labels, keys and augmentation, batch for batch, across an epoch boundary."""
+    pattern, _ = _write_uneven(tmp_path / "sh")
+    streams = []
+    for workers in (0, 1):
+        cfg = _cfg(pattern, num_workers=workers, random_flip=True, uniform_dequantization=True, centered=True)
+        it = iter(ShardLoader(cfg, batch_size=4, rank=0, world_size=1, seed=3))
+        streams.append([next(it) for _ in range(20)])  # 80 images: past the 55-image epoch
+    for other in streams[1:]:
+        for (x0, y0, k0), (x, y, k) in zip(streams[0], other):
+            assert list(k) == list(k0)
+            assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
 def test_endless_stream_full_batches_and_epochs_exactly_once(tmp_path):
     pattern, truth = _write_uneven(tmp_path / "sh")
     cfg = _cfg(pattern, num_workers=0)
