@@ -52,10 +52,10 @@ class DSMLoss:
             raise ValueError(f"DSMLoss: eps must be in (0, T={sde.T}), got {eps}")
         if min_snr_gamma < 0 or (min_snr_gamma > 0 and likelihood_weighting):
             raise ValueError("DSMLoss: min_snr_gamma must be >= 0 (0: off) and cannot be combined with likelihood_weighting")
-        self.sde, self.eps = sde, eps
-        self.likelihood_weighting, self.reduce_mean = likelihood_weighting, reduce_mean
         if t_sampling not in ("uniform", "stratified"):
             raise ValueError(f"DSMLoss: t_sampling must be 'uniform' or 'stratified', got {t_sampling!r}")
+        self.sde, self.eps = sde, eps
+        self.likelihood_weighting, self.reduce_mean = likelihood_weighting, reduce_mean
         self.min_snr_gamma, self.t_sampling = min_snr_gamma, t_sampling
 
     def sample_t(self, batch: int, device, dtype, generator: Optional[torch.Generator] = None) -> torch.Tensor:
