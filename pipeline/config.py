@@ -47,9 +47,14 @@ class ModelConfig:
     num_heads: int = 1
     # > 1: the UNet sees non-overlapping p x p patches as channels (pixel unshuffle), p x smaller images
     patch_size: int = 1
+    # > 0: class-conditional on K data labels (training.label_dropout trains the unconditional score
+    # beside it, for classifier-free guidance: sampling.guidance_weight); 0: unconditional
+    num_classes: int = 0
 
     def validate(self, path: str) -> None:
         _positive(self.nf, f"{path}.nf")
+        if self.num_classes < 0:
+            raise ConfigError(f"{path}.num_classes: must be >= 0 (0: unconditional), got {self.num_classes}")
         _positive(self.patch_size, f"{path}.patch_size")
         _positive(self.num_res_blocks, f"{path}.num_res_blocks")
         if not self.ch_mult:
@@ -145,6 +150,9 @@ class TrainingConfig:
     # the EMA warm-up position a run starts at: 0 restarts score_sde's warm-up (right for random weights);
     # a fine-tune from an EMA can continue its source's schedule with the source's step count
     init_ema_updates: int = 0
+    # class-conditional models: the share of samples trained with the "no class" label (the
+    # unconditional score); Ho & Salimans 2022 use 0.1-0.2
+    label_dropout: float = 0.1
 
     def validate(self, path: str) -> None:
         _positive(self.batch_size, f"{path}.batch_size")
@@ -158,6 +166,8 @@ class TrainingConfig:
         if self.warmup < 0:
             raise ConfigError(f"{path}.warmup: must be >= 0, got {self.warmup}")
         _positive(self.eps, f"{path}.eps")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"{path}.label_dropout: must be in [0, 1), got {self.label_dropout}")
         if self.init_ema_updates < 0:
             raise ConfigError(f"{path}.init_ema_updates: must be >= 0, got {self.init_ema_updates}")
         if self.min_snr_gamma < 0:
@@ -226,9 +236,15 @@ class SamplingConfig:
     batch_size: int = 64
     rtol: float = 1e-5
     atol: float = 1e-5
+    # class-conditional models (model.num_classes = K): samples take the labels 0..K-1 in turn and
+    # classifier-free guidance w (Ho & Salimans 2022, eq. 6 for scores): (1 + w) s(x,t|y) - w s(x,t);
+    # 0: the conditional score alone
+    guidance_weight: float = 0.0
 
     def validate(self, path: str) -> None:
         _positive(self.snr, f"{path}.snr")
+        if self.guidance_weight < 0:
+            raise ConfigError(f"{path}.guidance_weight: must be >= 0, got {self.guidance_weight}")
         _positive(self.num_samples, f"{path}.num_samples")
         if self.num_steps < 0:
             raise ConfigError(f"{path}.num_steps: must be >= 0 (0: sde.num_scales), got {self.num_steps}")
@@ -324,6 +340,12 @@ class Config:
                 f"model.patch_size {self.model.patch_size})")
         if self.model.embedding_type == "fourier" and self.sde.type != "ve":
             raise ConfigError("model.embedding_type: 'fourier' (log-sigma labels) needs sde.type 've'")
+        if self.sampling.guidance_weight and not self.model.num_classes:
+            raise ConfigError("sampling.guidance_weight: classifier-free guidance needs a class-conditional "
+                              "model (model.num_classes > 0)")
+        if self.sampling.guidance_weight and not self.training.label_dropout:
+            raise ConfigError("sampling.guidance_weight: needs training.label_dropout > 0 (the unconditional "
+                              "score it subtracts is only trained on dropped labels)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -401,7 +401,8 @@ class FPERegularizer:
     def estimator(self) -> ResidualEstimator:
         return ResidualEstimator.from_config(self.cfg, self.sde)
 
-    def __call__(self, model, x0, xt=None, t=None, *, step: int = 0, generator=None) -> Optional[FPEOutput]:
+    def __call__(self, model, x0, xt=None, t=None, *, step: int = 0, generator=None,
+                 class_labels: Optional[torch.Tensor] = None) -> Optional[FPEOutput]:
         c = self.cfg
         if not c.enabled or step % c.every:
             return None
@@ -411,7 +412,10 @@ class FPERegularizer:
         idx = torch.randperm(B, generator=generator, device=gdev)[:k].to(x0.device)
         with fpe_precision(x0.device):
             xs, ts = select_points(c, self.sde, x0, xt, t, idx, generator)
-            loss, sq = self.loss_at(get_score_fn(model, self.sde), xs, ts, generator=generator, batch_size=B)
+            # a conditional model: the residual of each sample's own (or the unconditional) score,
+            # which solves the score FPE as well (one density per class)
+            score_fn = get_score_fn(model, self.sde, None if class_labels is None else class_labels[idx])
+            loss, sq = self.loss_at(score_fn, xs, ts, generator=generator, batch_size=B)
         return FPEOutput(loss=loss, residual_norm=sq.detach().clamp_min(0).sqrt(), t=ts.detach(),
                          indices=idx, sq_norm=sq.detach())
 

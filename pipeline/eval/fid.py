@@ -25,10 +25,10 @@ def _sampling_cfg(cfg, sampler: Optional[str]):
 def make_generate_fn(model, cfg, sde, sampler: Optional[str] = None, device="cpu"):
     """generate(n, generator) -> (x model space (n,C,H,W), nfe) with the config's sampler."""
     from pipeline.sampling import sample
-    from pipeline.score import get_score_fn
+    from pipeline.score import sampling_score_fn
 
     scfg = _sampling_cfg(cfg, sampler)
-    score_fn = get_score_fn(model, sde)
+    score_fn, _ = sampling_score_fn(model, sde, cfg)  # conditional nets: guided, labels in turn
     shape_tail = (cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
 
     def generate(n: int, generator: torch.Generator):

@@ -1,6 +1,6 @@
 """Score networks: ``build_model(cfg)`` returns an NCSN++ / DDPM++ UNet.
 
-Forward signature ``model(x, labels)``: labels = σ(t) for the VE SDE (Fourier embedding
+Forward signature ``model(x, labels, class_labels=None)``: labels = σ(t) for the VE SDE (Fourier embedding
 of log σ; output divided by σ when ``model.scale_by_sigma``), 999·t for VP / sub-VP
 (positional embedding; the network predicts noise). ``pipeline.score`` turns outputs into
 scores; ``pipeline.publish.score_sde_import`` loads score_sde_pytorch checkpoints into these networks.
@@ -46,6 +46,7 @@ def build_model(cfg: Config) -> nn.Module:
         fir_kernel=tuple(m.fir_kernel), progressive=m.progressive, progressive_input=m.progressive_input,
         progressive_combine=m.progressive_combine, init_scale=m.init_scale,
         scale_by_sigma=m.scale_by_sigma, num_heads=m.num_heads, patch_size=m.patch_size,
+        num_classes=m.num_classes,
     )
 
 

@@ -37,8 +37,11 @@ class NCSNpp(nn.Module):
                  skip_rescale: bool = True, fir: bool = False, fir_kernel: Sequence[int] = (1, 3, 3, 1),
                  progressive: str = "none", progressive_input: str = "none",
                  progressive_combine: str = "sum", init_scale: float = 0.0,
-                 scale_by_sigma: bool = False, num_heads: int = 1, centered: bool = True, patch_size: int = 1):
+                 scale_by_sigma: bool = False, num_heads: int = 1, centered: bool = True, patch_size: int = 1,
+                 num_classes: int = 0):
         super().__init__()
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         if patch_size < 1 or image_size % patch_size:
             raise ValueError(f"patch_size {patch_size} must be >= 1 and divide image_size {image_size}")
         # patch_size p > 1: the UNet runs on (C p²) x (H / p) x (W / p) (pixel unshuffle in, pixel shuffle
@@ -96,6 +99,13 @@ class NCSNpp(nn.Module):
             embed_dim = nf
         modules.append(layers.dense(embed_dim, 4 * nf))
         modules.append(layers.dense(4 * nf, 4 * nf))
+        # class-conditional (num_classes = K > 0): a learned vector per class, plus one for "no class"
+        # (index K, the unconditional score that classifier-free guidance needs), added to the time
+        # embedding between the MLP's two layers so the second mixes them. Outside ``all_modules``:
+        # score_sde checkpoints (unconditional) keep loading by key.
+        self.num_classes = num_classes
+        if num_classes:
+            self.class_embed = nn.Embedding(num_classes + 1, 4 * nf)
 
         # ---- down path
         modules.append(layers.conv3x3(channels, nf))
@@ -176,8 +186,9 @@ class NCSNpp(nn.Module):
         conv = next(mods)
         return conv(self.act(norm(h)))
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W); labels: (B,) σ(t) (Fourier) or 999·t (positional)."""
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W); labels: (B,) σ(t) (Fourier) or 999·t (positional); class_labels: (B,)
+        integers in [0, K] for a class-conditional net (K or None: the unconditional score)."""
         mods = iter(self.all_modules)
         act = self.act
         if self.embedding_type == "fourier":
@@ -185,6 +196,12 @@ class NCSNpp(nn.Module):
         else:
             temb = layers.timestep_embedding(labels, self.nf)
         temb = next(mods)(temb)
+        if self.num_classes:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            temb = temb + self.class_embed(class_labels).to(temb.dtype)
+        elif class_labels is not None:
+            raise ValueError("class_labels given to an unconditional network (model.num_classes = 0)")
         temb = next(mods)(act(temb))
 
         if not self.centered:  # data in [0, 1]: the network sees 2x - 1 (score_sde convention)

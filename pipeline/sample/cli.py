@@ -21,7 +21,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     from pipeline.rundir import load_for_eval
     from pipeline.images import save_grid, to_uint8
     from pipeline.sampling import sample
-    from pipeline.score import get_score_fn
+    from pipeline.score import get_score_fn, sampling_score_fn
     from pipeline.sde import build_sde
 
     p = argparse.ArgumentParser(prog="fpdiff sample", description="Draw samples from a trained run (EMA weights).")
@@ -75,9 +75,11 @@ def sample_main(argv: list[str] | None = None) -> int:
             if args.class_label is not None:
                 raise ConfigError("--colorize and --class-label: choose one")
         sde = build_sde(cfg.sde)
-        score_fn, labels, clf = get_score_fn(model, sde), None, None
+        # a class-conditional model: labels 0..K-1 in turn, classifier-free guidance (sampling.guidance_weight)
+        score_fn, labels_for = sampling_score_fn(model, sde, cfg)
+        labels, clf = labels_for(args.num_samples, cfg.sampling.batch_size), None
         if args.class_label is not None:
-            score_fn, labels, clf = _guided(args, score_fn, sde)
+            score_fn, labels, clf = _guided(args, get_score_fn(model, sde), sde)
             cfg.sampling.batch_size = args.num_samples  # the labels go with the whole batch
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"fpdiff sample: {e}", file=sys.stderr)
@@ -100,7 +102,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     arrays = {"images": to_uint8(x, cfg.data.centered).cpu().numpy()}
     record = {"num_samples": args.num_samples, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
-    if labels is not None:
+    if clf is not None:
         from pipeline.train.classifier import input_scale
         t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
         with torch.no_grad():
@@ -108,6 +110,9 @@ def sample_main(argv: list[str] | None = None) -> int:
         record.update(class_labels=labels.tolist(), guidance_scale=args.guidance_scale,
                       classifier_agrees=float((logp.argmax(1) == labels).float().mean()),
                       classifier_log_prob=float(logp.gather(1, labels[:, None]).mean()))
+    elif labels is not None:
+        record.update(class_labels=labels.tolist(), guidance_weight=cfg.sampling.guidance_weight)
+    if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
     with atomic_path(out / "samples.npz") as tmp:
         np.savez_compressed(tmp, **arrays)

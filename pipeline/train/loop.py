@@ -31,7 +31,7 @@ from pipeline.collectives import seed_for
 from pipeline.ema import EMA
 from pipeline.images import save_grid, to_uint8
 from pipeline.rundir import SAMPLES_PNG, RunDir
-from pipeline.score import get_score_fn
+from pipeline.score import get_score_fn, sampling_score_fn
 from pipeline.sde import build_sde
 
 EXIT_OK, EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE = 0, 2, 3, 75
@@ -91,6 +91,18 @@ def set_base_lr(optimizer, scheduler, lr: float) -> None:
         group["initial_lr"], group["lr"] = lr, lr * factor
 
 
+def class_labels(y: torch.Tensor, num_classes: int, dropout: float, gen: torch.Generator, device) -> torch.Tensor:
+    """A conditional model's training labels: the data's, each replaced by "no class" (K) with
+    probability ``training.label_dropout`` so that one net learns both scores (classifier-free guidance)."""
+    bad = (y < 0) | (y >= num_classes)
+    if bool(bad.any()):
+        raise ConfigError(f"model.num_classes={num_classes}: the data has label {int(y[bad][0])} "
+                          f"(-1: a sample without .cls); labels must lie in [0, {num_classes})")
+    y = y.to(device)
+    drop = torch.rand(y.shape, generator=gen, device=gen.device).to(device) < dropout
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
 def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, progress: bool = True) -> Path:
     from pipeline.sampling import sample
 
@@ -99,12 +111,17 @@ def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, prog
     shape = (n, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
     # the global RNG streams are left as they were: a grid drawn mid-run (training.sample_every)
     # must not change the training that follows
+    score_fn, labels_for = sampling_score_fn(ema_model, sde, cfg)
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        x, _ = sample(cfg.sampling, cfg.sde.sampling_eps, get_score_fn(ema_model, sde), sde, shape,
+        x, _ = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, shape,
                       device=device, generator=g, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"images": to_uint8(x, cfg.data.centered).cpu().numpy()}
+    labels = labels_for(n, cfg.sampling.batch_size)
+    if labels is not None:  # a conditional model's samples: the class each was drawn for
+        arrays["labels"] = labels.numpy()
     with atomic_path(path.with_suffix(".npz")) as tmp:
-        np.savez_compressed(tmp, images=to_uint8(x, cfg.data.centered).cpu().numpy())
+        np.savez_compressed(tmp, **arrays)
     return save_grid(x, path, centered=cfg.data.centered)
 
 
@@ -181,7 +198,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         set_base_lr(optimizer, scheduler, tc.lr)
     # DSM through the wrapper (DDP syncs these gradients); torch.compile only here: compiled
     # modules have no double backward, so the regularizer keeps using the raw module
-    dsm_score_fn = get_score_fn(torch.compile(model, backend=tc.compile_backend) if tc.compile else model, sde)
+    dsm_model = torch.compile(model, backend=tc.compile_backend) if tc.compile else model
+    num_classes = cfg.model.num_classes
 
     # one reader per micro-shard m = rank * grad_accum + micro: the data a micro-batch sees, like its
     # randomness, depends only on m, so any ranks x accumulation split of a global batch is the same step
@@ -237,16 +255,18 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         # ---- one optimizer step over grad_accum micro-batches
         stats = {"dsm": 0.0, "fpe": 0.0, "residual": 0.0}
         for micro in range(tc.grad_accum):
-            x0 = next(streams[micro])[0].to(device, non_blocking=True)
+            x0, y = next(streams[micro])[:2]
+            x0 = x0.to(device, non_blocking=True)
             seed = seed_for(tc.seed, step, rank * tc.grad_accum + micro)
             torch.manual_seed(seed)  # dropout masks
             gen = torch.Generator(device=device).manual_seed(seed)
+            y = class_labels(y, num_classes, tc.label_dropout, gen, device) if num_classes else None
             with backend.micro_step_context(micro):
                 with backend.autocast():
-                    dsm = dsm_loss(dsm_score_fn, x0, generator=gen)
+                    dsm = dsm_loss(get_score_fn(dsm_model, sde, y), x0, generator=gen)
                 loss = dsm.loss.float()
                 fpe_out = regularizer(raw_model, x0, dsm.xt.detach(), dsm.t.detach(), step=step,
-                                      generator=gen) if regularizer else None
+                                      generator=gen, class_labels=y) if regularizer else None
                 if fpe_out is not None:
                     loss = loss + fpe_out.loss
                     stats["fpe"] += fpe_out.loss.item() / tc.grad_accum
