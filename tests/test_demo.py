@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.eval.digits import cached_digit_net, judge
+from pipeline.eval.digits import cached_digit_net, judge, predict
 
 pytestmark = pytest.mark.slow
 FULL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
@@ -47,23 +47,26 @@ def test_demo_draws_legible_digits(mnist_shards, tmp_path, digit_judge):
     # the one line a person reads: loss from A to B, the regularizer's part, how many samples, where
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("[fpdiff] demo finished")]
     assert len(line) == 1, r.stdout[-2000:]
-    assert re.search(r"DSM loss [\d.]+ -> [\d.]+", line[0]) and "64 samples" in line[0], line[0]
+    assert re.search(r"DSM loss [\d.]+ -> [\d.]+", line[0]) and "64 samples (labels 0-9 in turn" in line[0], line[0]
     assert str(run_dir / "samples.png") in line[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] > 0 and summary["fpe_steps"] > 0 and summary["fpe_residual_by_t"] is not None
 
     from PIL import Image
     assert Image.open(run_dir / "samples.png").size == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 grid, 2-pixel gaps
-    samples = np.load(run_dir / "samples.npz")["images"]
+    drawn = np.load(run_dir / "samples.npz")
+    samples, labels = drawn["images"], drawn["labels"]
     assert samples.shape == (64, 1, 28, 28) and samples.dtype == np.uint8
+    assert labels.tolist() == [i % 10 for i in range(64)]  # the digits it was asked for, in turn
     verdict = judge(digit_judge, samples[:, 0])
+    p = predict(digit_judge, samples[:, 0])
+    verdict["read_as_asked"] = float(((p.argmax(1) == labels) & (p.max(1) >= 0.9)).mean())
     print(json.dumps(verdict))
-    # issue 14 asks 75% legible and 9 digits; the demo as shipped reads 69% and 10 (64% over 256 samples of
-    # its model; benchmarks/RESULTS.md, "The demo"). The share's bound guards that figure (about 2.3 standard
-    # errors of 64 samples below the model's rate; earlier demos read 44%, the first one 11%); the digits
-    # bound is the issue's.
-    assert verdict["legible_share"] >= 0.50, verdict
+    # issue 14's bar: >= 75% read as a digit with confidence >= 0.9, >= 9 of the 10 digits among those;
+    # and the class-conditional model must draw the digit it was asked for, not just some digit
+    assert verdict["legible_share"] >= 0.75, verdict
     assert verdict["digits_present"] >= 9, verdict
+    assert verdict["read_as_asked"] >= 0.75, verdict
 
 
 def test_demo_falls_back_to_fp32_without_native_bf16(mnist_shards, tmp_path, monkeypatch, capsys):
