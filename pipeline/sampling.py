@@ -242,17 +242,21 @@ def ode_sample(score_fn: ScoreFn, sde: SDE, shape, *, rtol: float = 1e-5, atol: 
     return x, nfe
 
 
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The batches ``sample`` draws n samples in: full ``batch_size`` ones, then the rest."""
+    bs = max(1, min(batch_size, n))
+    return [min(bs, n - start) for start in range(0, n, bs)]
+
+
 def sample(cfg, eps: Optional[float], score_fn: ScoreFn, sde: SDE, shape, *, device=None,
            dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None,
            progress: bool = False) -> tuple[torch.Tensor, int]:
     """Sample ``shape`` with the sampler a ``SamplingConfig`` describes, in batches of at most
     ``cfg.batch_size``; returns (x, nfe) with nfe per sample trajectory (for the ODE sampler
     the mean over batches, rounded)."""
-    n = shape[0]
-    bs = max(1, min(cfg.batch_size, n))
     outs, nfes = [], []
-    for start in range(0, n, bs):
-        sub = (min(bs, n - start),) + tuple(shape[1:])
+    for size in batch_sizes(shape[0], cfg.batch_size):
+        sub = (size,) + tuple(shape[1:])
         if cfg.method == "pc":
             x, nfe = pc_sample(score_fn, sde, sub, predictor=cfg.predictor, corrector=cfg.corrector,
                                snr=cfg.snr, n_steps_each=cfg.n_steps_each, num_steps=cfg.num_steps or None,

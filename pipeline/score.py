@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.sampling import batch_sizes
 from pipeline.sde import SDE, VESDE, _bcast
 
 
@@ -75,7 +76,6 @@ def sampling_score_fn(model: torch.nn.Module, sde: SDE, cfg) -> tuple:
         return get_score_fn(model, sde), lambda n, batch_size: None
 
     def labels_for(n: int, batch_size: int) -> torch.Tensor:
-        bs = max(1, min(batch_size, n))
-        return torch.cat([cycled_labels(min(bs, n - i), k) for i in range(0, n, bs)])
+        return torch.cat([cycled_labels(size, k) for size in batch_sizes(n, batch_size)])
 
     return guided_score_fn(model, sde, k, cfg.sampling.guidance_weight), labels_for

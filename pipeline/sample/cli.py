@@ -125,13 +125,14 @@ def _guided(args, score_fn, sde):
     """(guided score, labels (n,), classifier) for --class-label."""
     from pipeline.train.classifier import load_classifier, log_prob_fn
     from pipeline.controllable import classifier_guided_score
+    from pipeline.score import cycled_labels
 
     folder = Path(args.classifier) if args.classifier else RunDir(args.run_dir).classifier
     clf, _ = load_classifier(folder, args.device)
     k = clf.settings["num_classes"]
     n = args.num_samples
     if args.class_label == "all":
-        labels = torch.arange(n) % k
+        labels = cycled_labels(n, k)
     else:
         try:
             y = int(args.class_label)
