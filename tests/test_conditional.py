@@ -161,9 +161,11 @@ def test_conditional_run_trains_resumes_and_samples_with_labels(tiny_overrides, 
     assert train(load_config(TINY, common), tmp_path / "a", progress=False) == 0
     assert train(load_config(TINY, common + ["training.n_steps=3"]), tmp_path / "b", progress=False) == 0
     assert train(load_config(TINY, common), tmp_path / "b", resume="auto", progress=False) == 0
-    wa = load_file(str(RunDir(tmp_path / "a").latest_checkpoint() / "model.safetensors"))
-    wb = load_file(str(RunDir(tmp_path / "b").latest_checkpoint() / "model.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa) and "class_embed.weight" in wa
+    for name in ("model", "ema"):
+        wa = load_file(str(RunDir(tmp_path / "a").latest_checkpoint() / f"{name}.safetensors"))
+        wb = load_file(str(RunDir(tmp_path / "b").latest_checkpoint() / f"{name}.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+        assert any(k.endswith("class_embed.weight") for k in wa), name
     assert np.load(tmp_path / "a" / "samples.npz")["labels"].tolist() == [i % 10 for i in range(12)]
     capsys.readouterr()
     assert sample_main(["--run-dir", str(tmp_path / "a"), "--num-samples", "5", "--out", str(tmp_path / "s"),

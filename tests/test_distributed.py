@@ -54,9 +54,11 @@ def weights(run_dir, name="model"):
 
 
 def max_rel_diff(a, b):
-    """Largest per-tensor ‖a−b‖/max(‖b‖, 1e-3): the floor keeps tensors that are still ~0 after
-    two steps (attention output biases of norm 1e-11) from turning float noise into a big ratio."""
-    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-3)).item() for k in a)
+    """Largest per-tensor ‖a−b‖/max(‖b‖, 1e-2): the floor keeps tensors that are still ~0 after
+    two steps (attention output biases of norm 1e-11; a conv bias of norm 3e-3 that ZeRO-2's
+    bucketed fp32 reduction moved by 4.8e-8, 1.6e-5 of it, on the conditional model) from turning
+    float noise into a big ratio."""
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-2)).item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +74,12 @@ def tiny_overrides_module(mnist_shards):
 
 def test_update_equivalence_across_backends(base, tmp_path):
     """2 regularized steps (FPE on every sample), same global batch of 8: 1 process with
-    gradient accumulation 2 == 2-process DDP == 2-process DeepSpeed ZeRO-2 (accumulation 1)."""
-    common = base + ["training.n_steps=2", "training.ckpt_every=2", "training.warmup=0", "training.lr=1e-3"]
+    gradient accumulation 2 == 2-process DDP == 2-process DeepSpeed ZeRO-2 (accumulation 1).
+    On a class-conditional model (label dropout 0.25): labels, their dropout and the regularizer's
+    labels must follow the micro-shard too, through the DDP and DeepSpeed wrappers (the
+    unconditional path is the same code without labels; the other tests here run it)."""
+    common = base + ["training.n_steps=2", "training.ckpt_every=2", "training.warmup=0", "training.lr=1e-3",
+                     "model.num_classes=10", "training.label_dropout=0.25"]
     runs = {
         "single_accum2": ("single", common + ["training.grad_accum=2"]),
         "ddp": ("ddp", common),
