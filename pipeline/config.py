@@ -146,10 +146,13 @@ class TrainingConfig:
     keep_last: int = 3
     sample_every: int = 0  # also a grid every N steps in RUN/samples/step_XXXXXXXX.png (0: only at the end)
     max_nonfinite: int = 10  # consecutive non-finite steps before stopping
-    init_from: str = ""  # checkpoint dir to fine-tune from (FP-Diffusion fine-tunes a DSM model)
-    # the EMA warm-up position a run starts at: 0 restarts score_sde's warm-up (right for random weights);
-    # a fine-tune from an EMA can continue its source's schedule with the source's step count
-    init_ema_updates: int = 0
+    # a fine-tune continues this source (run dir, checkpoint, imported score_sde run, export or Hub id):
+    # its raw weights, EMA, Adam state, step and data position, as FP-Diffusion's code does; the run
+    # then trains n_steps more (pipeline.train.init_source)
+    init_from: str = ""
+    # parts of the source to start fresh instead: optimizer, ema (warm-up restarts), schedule (step 0:
+    # lr warm-up, decay and seeds restart), data (the loader starts the shards anew)
+    init_fresh: list[str] = field(default_factory=list)
     # class-conditional models: the share of samples trained with the "no class" label (the
     # unconditional score); Ho & Salimans 2022 use 0.1-0.2
     label_dropout: float = 0.1
@@ -168,8 +171,10 @@ class TrainingConfig:
         _positive(self.eps, f"{path}.eps")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"{path}.label_dropout: must be in [0, 1), got {self.label_dropout}")
-        if self.init_ema_updates < 0:
-            raise ConfigError(f"{path}.init_ema_updates: must be >= 0, got {self.init_ema_updates}")
+        bad = [p for p in self.init_fresh if p not in ("optimizer", "ema", "schedule", "data")]
+        if bad:
+            raise ConfigError(f"{path}.init_fresh: unknown part {str(bad[0])[:40]!r} (choose from optimizer, ema, "
+                              f"schedule, data)")
         if self.min_snr_gamma < 0:
             raise ConfigError(f"{path}.min_snr_gamma: must be >= 0 (0: off), got {self.min_snr_gamma}")
         if self.min_snr_gamma > 0 and self.likelihood_weighting:

@@ -90,8 +90,7 @@ def main(argv: list[str]) -> int:
         fpe_steps = args.fpe_steps if args.fpe_steps is not None else max(1, round(0.05 * cfg.training.n_steps))
         # the fine-tune's own settings first, so that the user's overrides (e.g. training.lr) reach it too
         finetune = load_config(CONFIG_DIR / "demo.yaml", base + DEMO_FINETUNE + user + [
-            f"training.n_steps={fpe_steps}", f"training.init_from={dsm_dir}",
-            f"training.init_ema_updates={cfg.training.n_steps}"])
+            f"training.n_steps={fpe_steps}", f"training.init_from={dsm_dir}"])
         train_pattern, test_pattern = ensure_mnist_shards(args.data_dir)
         for c in (cfg, finetune):
             c.data.shards, c.data.test_shards = train_pattern, test_pattern

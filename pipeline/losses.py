@@ -1,7 +1,8 @@
 """Continuous-time denoising score matching (Song et al., ICLR 2021, eq. 7).
 
 For t ~ U(eps, T), z ~ N(0, I) and x_t = a(t) x_0 + σ(t) z (``sde.marginal_prob``) the
-per-sample loss is, with the reduction over the data dimensions (mean or sum),
+per-sample loss is, with reduce(v) over the D data dimensions the mean (``reduce_mean=True``) or
+HALF the sum (``reduce_mean=False``: score_sde's ``0.5 * torch.sum``, i.e. D/2 times the mean),
 
 * default weighting λ(t) = σ(t)²:   reduce(‖σ(t) s_θ(x_t, t) + z‖²)
 * likelihood weighting λ(t) = g(t)² (Song, Durkan, Murray & Ermon, NeurIPS 2021,
@@ -13,8 +14,9 @@ per-sample loss is, with the reduction over the data dimensions (mean or sum),
   the digit's shape is decided; any positive λ(t) keeps the same minimiser, only the use of a
   small model's capacity changes.
 
-and the loss is the mean over the batch. Both are score_sde_pytorch's continuous
-``get_sde_loss_fn`` (no importance sampling of t). With ``t_sampling="stratified"`` a batch's times
+and the loss is the mean over the batch. Without min-SNR this is exactly score_sde_pytorch's
+continuous ``get_sde_loss_fn`` (no importance sampling of t) for every SDE, reduction and
+weighting (tests/test_losses.py checks all 12 combinations against its formula). With ``t_sampling="stratified"`` a batch's times
 are u_i = (u + i / B) mod 1 mapped to (eps, T) (Kingma et al., NeurIPS 2021, "Variational diffusion
 models", App. I.1): each time is still U(eps, T), so the expected loss is unchanged, but a batch
 covers the whole range and the loss's variance across batches drops. The perturbed batch, times and noise
@@ -75,7 +77,8 @@ class DSMLoss:
         else:
             r = score * _bcast(std, z) + z
         sq = r.reshape(B, -1).pow(2)
-        per = sq.mean(1) if self.reduce_mean else sq.sum(1)
+        # score_sde: reduce_op = torch.mean, or 0.5 * torch.sum (so VE runs weigh DSM as the official ones)
+        per = sq.mean(1) if self.reduce_mean else 0.5 * sq.sum(1)
         if self.likelihood_weighting:
             per = per * self.sde.diffusion(t) ** 2
         if self.min_snr_gamma > 0:

@@ -16,6 +16,7 @@ name of this layout::
         summary.json, summary.txt   the end of training (and one line per ``fpdiff eval``)
         STOP                        asks a running trainer to checkpoint and exit
         classifier/                 ``fpdiff classifier``;  imported/: ``fpdiff import``
+        init_from.json              a fine-tune's source and what it continued (``training.init_from``)
 
 ``find_weights(path)`` resolves what a person may pass for "a trained model" (a run dir, its
 export/, an export on its own, a checkpoint folder, a weights file) to ``Weights`` (file, its
@@ -128,10 +129,16 @@ class RunDir:
         return self.path / "imported"
 
     @property
+    def init_source(self) -> Path:
+        """Where a fine-tune started (``training.init_from``) and what it continued."""
+        return self.path / "init_from.json"
+
+    @property
     def outputs(self) -> tuple[Path, ...]:
         """What a training run writes (what ``--overwrite`` removes; other files are left)."""
         return (self.checkpoints, self.export, self.metrics_log, self.eval, self.summary_json, self.summary_txt,
-                self.samples_png, self.samples_png.with_suffix(".npz"), self.samples_dir, self.stop_file)
+                self.samples_png, self.samples_png.with_suffix(".npz"), self.samples_dir, self.stop_file,
+                self.init_source)
 
     def add_summary_line(self, line: str) -> None:
         """Append one line to summary.txt (the run's human-readable record)."""

@@ -1,4 +1,6 @@
-"""DSM loss against the closed-form score of Gaussian data."""
+"""DSM loss against the closed-form score of Gaussian data and score_sde's formula."""
+import math
+
 import pytest
 import torch
 
@@ -65,7 +67,7 @@ def test_dsm_loss_is_minimal_at_the_true_score(name, weighting):
 @pytest.mark.parametrize("name", list(SDES))
 def test_likelihood_weighting_is_g2_weighting(name):
     """Per sample: λ = g² gives g² reduce(‖s + z/σ‖²) = (g²/σ²) times the λ = σ² loss;
-    reduce_mean=False sums (D times the mean)."""
+    reduce_mean=False halves the sum (D / 2 times the mean, score_sde's 0.5 * sum)."""
     sde = SDES[name]()
     data = GaussianData.random(4, seed=1)
     g = torch.Generator().manual_seed(0)
@@ -80,7 +82,7 @@ def test_likelihood_weighting_is_g2_weighting(name):
     torch.testing.assert_close(lw.per_sample, plain.per_sample * g2 / std ** 2)
     direct = g2 * (score(lw.xt, lw.t) + lw.z / _bcast(std, lw.z)).flatten(1).pow(2).mean(1)
     torch.testing.assert_close(lw.per_sample, direct)
-    torch.testing.assert_close(summed.per_sample, plain.per_sample * 4)
+    torch.testing.assert_close(summed.per_sample, plain.per_sample * 4 / 2)
     torch.testing.assert_close(plain.loss, plain.per_sample.mean())
 
 
@@ -145,3 +147,53 @@ def test_loss_backpropagates_to_parameters():
     out = DSMLoss(sde)(score, torch.randn(16, 8), generator=torch.Generator().manual_seed(0))
     out.loss.backward()
     assert net.weight.grad is not None and torch.isfinite(net.weight.grad).all()
+
+
+def score_sde_loss(kind, x0, t, z, score_fn, reduce_mean, likelihood_weighting,
+                   beta_min=0.1, beta_max=20.0, sigma_min=0.01, sigma_max=50.0):
+    """score_sde_pytorch's losses.get_sde_loss_fn (continuous) written out from its source:
+    its SDEs' marginal_prob and sde()[1], reduce_op = mean or 0.5 * sum, mean over the batch."""
+    if kind == "ve":
+        std = sigma_min * (sigma_max / sigma_min) ** t
+        mean = x0
+        g = std * math.sqrt(2 * (math.log(sigma_max) - math.log(sigma_min)))
+    else:
+        log_mean_coeff = -0.25 * t ** 2 * (beta_max - beta_min) - 0.5 * t * beta_min
+        mean = torch.exp(log_mean_coeff)[:, None, None, None] * x0
+        beta_t = beta_min + t * (beta_max - beta_min)
+        if kind == "vp":
+            std = torch.sqrt(1.0 - torch.exp(2.0 * log_mean_coeff))
+            g = torch.sqrt(beta_t)
+        else:  # subvp
+            std = 1.0 - torch.exp(2.0 * log_mean_coeff)
+            discount = 1.0 - torch.exp(-2 * beta_min * t - (beta_max - beta_min) * t ** 2)
+            g = torch.sqrt(beta_t * discount)
+    reduce_op = torch.mean if reduce_mean else (lambda *a, **k: 0.5 * torch.sum(*a, **k))
+    perturbed = mean + std[:, None, None, None] * z
+    score = score_fn(perturbed, t)
+    if not likelihood_weighting:
+        losses = torch.square(score * std[:, None, None, None] + z)
+        losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1)
+    else:
+        losses = torch.square(score + z / std[:, None, None, None])
+        losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1) * g ** 2
+    return torch.mean(losses)
+
+
+@pytest.mark.parametrize("likelihood_weighting", [False, True])
+@pytest.mark.parametrize("reduce_mean", [True, False])
+@pytest.mark.parametrize("name", list(SDES))
+def test_dsm_loss_is_score_sde_loss(name, reduce_mean, likelihood_weighting):
+    """All 12 combinations (3 SDEs x reduce_mean x likelihood weighting) equal score_sde's loss on
+    the same batch, times and noise, to float64 rounding."""
+    sde = SDES[name]()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(16, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    t = torch.rand(16, generator=g, dtype=torch.float64) * (1 - 1e-5) + 1e-5
+    z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    w = torch.randn(16, generator=g, dtype=torch.float64)
+    score_fn = lambda x, tt: -x * (1 + tt[:, None, None, None]) + w.reshape(1, 1, 4, 4)  # any smooth field
+    ours = DSMLoss(sde, eps=1e-5, reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting)(
+        score_fn, x0, t=t, z=z).loss
+    ref = score_sde_loss(name, x0, t, z, score_fn, reduce_mean, likelihood_weighting)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)

@@ -189,28 +189,3 @@ def test_lr_cosine_decay_after_warmup():
     assert all(lr_lambda(10)(s) == 1.0 for s in (10, 60, 110))  # the default keeps a constant lr
     with pytest.raises(ConfigError, match=r"training.lr_decay: must be one of"):
         load_config(TINY, ["training.lr_decay=linear"])
-
-
-def test_fine_tune_ema_starts_where_training_init_ema_updates_says(tiny_overrides, tmp_path):
-    """A fine-tune (training.init_from) starts its EMA at the source's EMA weights w0; after one step
-    to raw weights w1 it holds w0 + (1 - d)(w1 - w0) with d = min(decay, (1 + n) / (10 + n)) at
-    n = training.init_ema_updates: 0.1 when the warm-up restarts (the EMA is then 90% the raw
-    weights), 0.991 when it continues a 1,000-step source."""
-    common = tiny_overrides + ["fpe.enabled=false", "sampling.num_samples=4", "sampling.num_steps=3"]
-    src = tmp_path / "src"
-    assert train(load_config(TINY, common + ["training.n_steps=2"]), src, progress=False) == 0
-    w0 = load_file(str(src / "export" / "ema.safetensors"))
-    for init_ema_updates in (0, 1000):
-        ft = tmp_path / f"ft{init_ema_updates}"
-        cfg = load_config(TINY, common + ["training.n_steps=1", "training.ckpt_every=1", "training.warmup=0",
-                                          f"training.init_from={src}", f"training.init_ema_updates={init_ema_updates}"])
-        assert train(cfg, ft, progress=False) == 0
-        w1, ema, last = final_weights(ft)
-        d = min(cfg.training.ema_decay, (1 + init_ema_updates) / (10 + init_ema_updates))
-        moved = 0
-        for k in w0:
-            torch.testing.assert_close(ema[k], w0[k] + (1 - d) * (w1[k] - w0[k]), rtol=1e-5, atol=1e-7)
-            moved += int(not torch.equal(w1[k], w0[k]))
-        assert moved > 0  # the step changed the raw weights, so the two settings differ
-        state = json.loads((last / "state.json").read_text())
-        assert state["counters"]["ema_updates"] == init_ema_updates + 1

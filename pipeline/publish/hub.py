@@ -300,7 +300,7 @@ def push_main(argv: list[str] | None = None) -> int:
 
 
 # ============================================================================ loading back
-def _export_folder(path_or_repo_id: str | Path, *, revision: str | None = None, token: str | None = None,
+def export_folder(path_or_repo_id: str | Path, *, revision: str | None = None, token: str | None = None,
                    endpoint: str | None = None, cache_dir: str | None = None) -> Path:
     """A local folder (its export/ when it has one) or the export files of a Hub repo, downloaded."""
     p = Path(path_or_repo_id).expanduser()
@@ -332,7 +332,7 @@ def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revisio
     from pipeline.config import config_from_dict, strip_shell_urls
     from pipeline.models import build_model
 
-    folder = _export_folder(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
+    folder = export_folder(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
                             cache_dir=cache_dir)
     cfg_path, w_path = folder / CONFIG, folder / EMA_WEIGHTS
     for f in (cfg_path, w_path):
@@ -356,6 +356,6 @@ def load_weights_into(model, source: str | Path, *, token: str | None = None,
         except FileNotFoundError as e:
             raise FileNotFoundError(f"training.init_from: {e}") from None
     else:
-        w = _export_folder(str(source), token=token, endpoint=endpoint) / EMA_WEIGHTS
+        w = export_folder(str(source), token=token, endpoint=endpoint) / EMA_WEIGHTS
     load_state_into(model, read_weights(w), source=str(source))
     return w

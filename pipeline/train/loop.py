@@ -83,12 +83,23 @@ def lr_lambda(warmup: int, decay: str = "none", n_steps: int = 0):
     return factor
 
 
-def set_base_lr(optimizer, scheduler, lr: float) -> None:
-    """After a resume: the configured training.lr, not the one stored in the checkpoint (a run
-    stopped for non-finite steps is resumed with a smaller one)."""
-    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+def set_optimizer_settings(optimizer, scheduler, tc) -> None:
+    """The configured lr (at the schedule's position), betas, eps and weight decay, not those stored
+    with a loaded optimizer state (a run stopped for non-finite steps is resumed with a smaller lr;
+    a fine-tune may change any of them)."""
+    scheduler.base_lrs = [tc.lr] * len(optimizer.param_groups)
     for group, factor in zip(optimizer.param_groups, [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]):
-        group["initial_lr"], group["lr"] = lr, lr * factor
+        group["initial_lr"], group["lr"] = tc.lr, tc.lr * factor
+        group["betas"], group["eps"], group["weight_decay"] = (tc.adam_beta1, tc.adam_beta2), tc.adam_eps, tc.weight_decay
+
+
+def load_model_and_ema(model, ema: EMA, weights: dict, ema_weights: dict, source: Path) -> None:
+    try:
+        model.load_state_dict(weights)
+        ema.load_state_dict(ema_weights)
+    except RuntimeError as e:
+        raise ConfigError(f"model: {source} does not fit the model built from the config "
+                          f"({str(e).splitlines()[0][:200]})") from None
 
 
 def class_labels(y: torch.Tensor, num_classes: int, dropout: float, gen: torch.Generator, device) -> torch.Tensor:
@@ -134,6 +145,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     from pipeline.fpe import FPERegularizer, mean_by_t_bucket
     from pipeline.losses import DSMLoss
     from pipeline.models import build_model
+    from pipeline.train.init_source import load_init_source, plan_continuation
     from pipeline.train.tracking import Tracker
 
     run_dir = Path(run_dir)
@@ -158,44 +170,56 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     sde = build_sde(cfg.sde)
     model = build_model(cfg).to(device)
-    if tc.init_from:
-        from pipeline.publish.hub import load_weights_into
-        load_weights_into(model, tc.init_from)
     ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
                                  eps=tc.adam_eps, weight_decay=tc.weight_decay)
-    # stepped by hand once per optimizer step (through prepare it steps once per process)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup, tc.lr_decay, tc.n_steps))
     dsm_loss = DSMLoss(sde, eps=tc.eps, likelihood_weighting=tc.likelihood_weighting, reduce_mean=tc.reduce_mean,
                        min_snr_gamma=tc.min_snr_gamma, t_sampling=tc.t_sampling)
     regularizer = FPERegularizer(cfg.fpe, sde) if cfg.fpe.enabled else None
 
-    # ---- resume (weights before wrapping; optimizer state after, DeepSpeed's is partitioned)
-    # a fine-tune may continue its source's EMA schedule (training.init_ema_updates) instead of
-    # restarting the warm-up meant for random weights, which would make its EMA the raw weights
-    start_step, counters, loader_state = 0, Counters(ema_updates=tc.init_ema_updates), None
+    # ---- where the run starts: a resume (its own checkpoint), a fine-tune (training.init_from
+    # continues its source's weights, EMA, Adam state, step and data) or step 0. Weights go in
+    # before wrapping; optimizer state after (DeepSpeed's is partitioned).
+    start_step, origin_step, counters, loader_state = 0, 0, Counters(), None
     resume_from, state = ckpt.load_for_resume(run_dir, resume)
+    continuation = None
     if resume_from is not None:
-        try:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-        except RuntimeError as e:
-            raise ConfigError(f"model: {resume_from} does not fit the model built from the config "
-                              f"({str(e).splitlines()[0][:200]})") from None
-        scheduler.load_state_dict(state["scheduler"])
+        load_model_and_ema(model, ema, state["model"], state["ema"], resume_from)
         start_step = state["state"]["step"]
+        origin_step = state["state"].get("origin_step", 0)
         loader_state = state["state"].get("loader")
         c = state["state"].get("counters", {})
         counters = Counters(**{k: v for k, v in c.items() if k in Counters.__dataclass_fields__})
         ckpt.set_rng_state(state["rng"])
         if is_main:
             say(f"resumed from {resume_from} at step {start_step}")
+    elif tc.init_from:
+        continuation = plan_continuation(load_init_source(tc.init_from), cfg, backend.name == "deepspeed")
+        src = continuation.source
+        load_model_and_ema(model, ema, src.start_weights, src.ema, Path(src.path))
+        start_step = origin_step = continuation.step
+        counters.ema_updates = continuation.ema_updates
+        loader_state = continuation.loader
+        if continuation.rng is not None:
+            ckpt.set_rng_state(continuation.rng)
+        if is_main:
+            say(continuation.describe())
+    end_step = origin_step + tc.n_steps  # a fine-tune trains n_steps beyond its source's step
+    # stepped by hand once per optimizer step (through prepare it steps once per process)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup, tc.lr_decay, end_step))
+    if resume_from is not None or (continuation is not None and continuation.scheduler is not None):
+        scheduler.load_state_dict(state["scheduler"] if resume_from is not None else continuation.scheduler)
+    scheduler.last_epoch = start_step
     ema.model.to(device)
 
     model, raw_model = backend.prepare(model, optimizer)
     if resume_from is not None:
         backend.load_state(resume_from, state)
-        set_base_lr(optimizer, scheduler, tc.lr)
+    elif continuation is not None and continuation.optimizer:
+        src = continuation.source
+        backend.load_state(src.deepspeed_dir or src.path, {"optimizer": src.optimizer, "scaler": src.scaler})
+    # the configured optimizer settings win over those stored with a resumed or continued state
+    set_optimizer_settings(optimizer, scheduler, tc)
     # DSM through the wrapper (DDP syncs these gradients); torch.compile only here: compiled
     # modules have no double backward, so the regularizer keeps using the raw module
     dsm_model = torch.compile(model, backend=tc.compile_backend) if tc.compile else model
@@ -213,6 +237,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             run.clear_outputs()
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
+        if continuation is not None:
+            atomic_write_json(run.init_source, continuation.record())
     backend.barrier()
 
     def loader_state_all_ranks() -> dict:
@@ -242,16 +268,17 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
                 optimizer_state=backend.optimizer_state(),
                 extra_state={"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
                              "scaler": backend.scaler_state()},
-                json_state={"loader": loader_state_now, "counters": counters.__dict__},
+                json_state={"loader": loader_state_now, "counters": counters.__dict__,
+                            "origin_step": origin_step},
                 keep_last=tc.keep_last)
         backend.barrier()
 
-    bar = tqdm(total=tc.n_steps, initial=start_step, disable=not (is_main and progress), desc="train",
+    bar = tqdm(total=end_step, initial=start_step, disable=not (is_main and progress), desc="train",
                dynamic_ncols=True)
     t_start, images_seen, step, last_metrics = time.time(), 0, start_step, {}
     residual_t, residual_norm = [], []  # regularized (t, ‖r‖/D) since the last log line
     exit_code = EXIT_OK
-    while step < tc.n_steps:
+    while step < end_step:
         # ---- one optimizer step over grad_accum micro-batches
         stats = {"dsm": 0.0, "fpe": 0.0, "residual": 0.0}
         for micro in range(tc.grad_accum):
@@ -306,7 +333,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             break
 
         # ---- log, checkpoint, push, stop
-        if step % tc.log_every == 0 or step == tc.n_steps:
+        if step % tc.log_every == 0 or step == end_step:
             counters.corrupt_samples = sum(loader.corrupt_count for loader in loaders)  # this rank's
             metrics = {"loss/dsm": stats["dsm"], "loss/fpe": stats["fpe"], "loss/total": stats["dsm"] + stats["fpe"],
                        "fpe/residual": stats["residual"], "grad_norm": grad_norm,
@@ -319,21 +346,21 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             last_metrics = metrics
             tracker.log(metrics, step=step)
             bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < tc.n_steps:
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < end_step:
             eval_metrics = evaluate_in_training(ema.model, cfg, sde, dist_state, step=step, run_dir=run_dir)
             tracker.log(eval_metrics, step=step)
             last_metrics.update(eval_metrics)
-        if tc.sample_every and step % tc.sample_every == 0 and step < tc.n_steps and is_main:
+        if tc.sample_every and step % tc.sample_every == 0 and step < end_step and is_main:
             grid = sample_grid(ema.model, cfg, sde, device, run.sample_grid(step),
                                seed=tc.seed, progress=False)
             tracker.log_image("samples", str(grid), step=step)
         stop_now = backend.any(stop.requested())
         # no checkpoint during a non-finite streak: it may hold weights that diverged before it
-        if (step % tc.ckpt_every == 0 or step == tc.n_steps or stop_now) and not counters.consecutive_nonfinite:
+        if (step % tc.ckpt_every == 0 or step == end_step or stop_now) and not counters.consecutive_nonfinite:
             save(step)
-            if pusher and cfg.hub.push_every and step % cfg.hub.push_every == 0 and step < tc.n_steps:
+            if pusher and cfg.hub.push_every and step % cfg.hub.push_every == 0 and step < end_step:
                 pusher.push(export(run_dir, cfg, ema, step, counters, last_metrics), f"step {step}")
-        if stop_now and step < tc.n_steps:
+        if stop_now and step < end_step:
             if is_main:
                 stop.consume()
                 say(f"stop requested: checkpoint at step {step} "
