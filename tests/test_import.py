@@ -3,6 +3,7 @@
 with score_sde's forward pass layer by layer on random weights. Fast, CPU only."""
 from __future__ import annotations
 
+import json
 import pathlib
 
 import pytest
@@ -34,8 +35,13 @@ def write_checkpoint(path, cfg, seed=0, edit=None):
     g = torch.Generator().manual_seed(seed)
     state, trainable = ref.score_sde_state(cfg, g)
     shadow = [state[k] + 0.01 * torch.randn(state[k].shape, generator=g) for k in trainable]
-    opt = {"state": {}, "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0,
-                                          "amsgrad": False, "params": list(range(len(trainable)))}]}
+    # score_sde's Adam over model.parameters() (the frozen Fourier W included, without state)
+    params = [k for k in state if k != "module.sigmas"]
+    opt = {"state": {i: {"step": torch.tensor(7.0), "exp_avg": 0.01 * torch.randn(state[k].shape, generator=g),
+                         "exp_avg_sq": 1e-4 * torch.rand(state[k].shape, generator=g)}
+                     for i, k in enumerate(params) if k in trainable},
+           "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0,
+                             "amsgrad": False, "params": list(range(len(params)))}]}
     ckpt = {"optimizer": opt, "model": state, "ema": {"decay": 0.999, "num_updates": 7, "shadow_params": shadow},
             "step": 7}
     if edit:
@@ -208,3 +214,59 @@ def test_fine_tuning_recipe_runs_with_the_regularizer(tmp_path):
                 "sampling.num_steps=2", "sampling.num_samples=2", f"data.shards={tmp_path / 'shards' / 'x-000000.tar'}",
                 "logging.backend=none"]) == 0
     assert (ft / "export" / "ema.safetensors").is_file()
+    # it continued the checkpoint (step 7, its Adam state and EMA position) for 2 more steps
+    record = json.loads((ft / "init_from.json").read_text())
+    assert record["kind"] == "imported" and record["optimizer"] and record["start_step"] == 7
+    assert record["ema_updates"] == 7 and record["fresh"] == {"data": "the imported has no data position"}
+    last = sorted((ft / "checkpoints").glob("step_*"))[-1]
+    assert last.name == "step_00000009"
+    adam = torch.load(last / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    assert {float(st["step"]) for st in adam.values()} == {9.0}
+
+
+def test_import_keeps_the_optimizer_and_fine_tuning_continues_it(tmp_path, mnist_shards):
+    """imported/optimizer.pt holds the checkpoint's Adam moments mapped from score_sde's
+    model.parameters() order to fpdiff's trainable parameters; init_from on the imported run
+    continues them, its step (7) and EMA position (7 updates)."""
+    from pipeline.rundir import RunDir
+    from pipeline.train.init_source import load_init_source
+
+    name = "ve/cifar10_ncsnpp_continuous"
+    cfg = fpdiff_config(name, small_overrides(name))
+    write_checkpoint(tmp_path / "c.pth", cfg)
+    raw = torch.load(tmp_path / "c.pth", weights_only=True)
+    assert run_import(tmp_path, name, tmp_path / "c.pth") == 0
+    run = RunDir(tmp_path / "run")
+    saved = torch.load(run.imported / "optimizer.pt", weights_only=True)["optimizer"]
+    model = build_model(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) < len(names)  # the Fourier W is frozen: the two orders differ
+    for j, n in enumerate(trainable):
+        src = raw["optimizer"]["state"][names.index(n)]
+        assert torch.equal(saved["state"][j]["exp_avg"], src["exp_avg"]), n
+        assert torch.equal(saved["state"][j]["exp_avg_sq"], src["exp_avg_sq"]), n
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    opt.load_state_dict(saved)  # fits fpdiff's optimizer as built by the trainer
+    source = load_init_source(str(run.path))
+    assert source.kind == "imported" and source.step == 7 and source.ema_updates == 7
+    assert source.optimizer is not None and source.model is not None
+
+
+def test_import_without_optimizer_notes_it_and_bad_moments_are_refused(tmp_path, capsys):
+    name = "ve/cifar10_ncsnpp_continuous"
+    cfg = fpdiff_config(name, small_overrides(name))
+    write_checkpoint(tmp_path / "a.pth", cfg, edit=lambda c: c.pop("optimizer"))
+    assert run_import(tmp_path, name, tmp_path / "a.pth", out="a") == 0
+    out = capsys.readouterr().out
+    assert "has no optimizer entry; a fine-tune from it starts a fresh Adam" in out
+    assert not (tmp_path / "a" / "imported" / "optimizer.pt").exists()
+
+    def shrink(c):
+        first = min(c["optimizer"]["state"])
+        c["optimizer"]["state"][first]["exp_avg"] = c["optimizer"]["state"][first]["exp_avg"][:1]
+    write_checkpoint(tmp_path / "b.pth", cfg, edit=shrink)
+    assert run_import(tmp_path, name, tmp_path / "b.pth", out="b") == 2
+    err = capsys.readouterr().err
+    assert "optimizer: parameter" in err and "exp_avg: checkpoint shape" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()

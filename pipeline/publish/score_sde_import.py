@@ -16,8 +16,12 @@ line) before anything is written; the run directory appears whole (temp dir, the
 Written: ``RUN/config.yaml`` (fpdiff config: model, SDE, data, training as in score_sde),
 ``RUN/export/`` (``ema.safetensors`` + card: what ``fpdiff sample`` / ``eval`` / ``push`` and
 ``training.init_from`` read), ``RUN/imported/model.safetensors`` (the raw, non-EMA weights) and
-``RUN/imported/import.json`` (source, step, EMA decay and updates). The optimizer state is not
-imported (fine-tuning starts a fresh Adam, as FP-Diffusion's does).
+``RUN/imported/optimizer.pt`` (the checkpoint's Adam moments and step, mapped from score_sde's
+``model.parameters()`` order to fpdiff's trainable parameters, every shape checked) and
+``RUN/imported/import.json`` (source, step, EMA decay and updates). ``training.init_from=RUN``
+then continues the checkpoint as FP-Diffusion's fine-tune does (``pipeline.train.init_source``);
+a checkpoint without an ``optimizer`` entry imports with a one-line note (the fine-tune then
+starts a fresh Adam).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from pipeline.rundir import MODEL_WEIGHTS, RunDir, save_weights
+from pipeline.rundir import MODEL_WEIGHTS, OPTIMIZER, RunDir, save_weights
 
 EXIT_BAD = 2
 
@@ -207,19 +211,62 @@ def ema_state(ckpt: Mapping, name: str, model: torch.nn.Module, weights: Mapping
     return out
 
 
-def convert(ckpt: Mapping, cfg, name: str) -> tuple[dict, dict]:
-    """(model weights, EMA weights) as fpdiff state dicts for ``cfg``; ImportFailure on any mismatch."""
+def optimizer_state(ckpt: Mapping, name: str, model: torch.nn.Module) -> dict | None:
+    """score_sde's Adam state (built over ``model.parameters()``, frozen ones included) -> the state
+    dict of fpdiff's Adam (over the trainable parameters, same order); None when the checkpoint has
+    no ``optimizer`` entry. Every moment's shape is checked against its parameter."""
+    opt = ckpt.get("optimizer")
+    if opt is None:
+        return None
+    groups = opt.get("param_groups") if isinstance(opt, Mapping) else None
+    if not (isinstance(opt, Mapping) and isinstance(opt.get("state"), Mapping) and isinstance(groups, (list, tuple))
+            and len(groups) == 1 and isinstance(groups[0], Mapping)):
+        raise ImportFailure("optimizer: expected torch.optim.Adam's state dict with one param group")
+    params = dict(model.named_parameters())
+    names = list(params)
+    trainable = [n for n in names if params[n].requires_grad]
+    ids = list(groups[0].get("params", []))
+    if len(ids) != len(names):
+        raise ImportFailure(f"optimizer: its param group has {len(ids)} parameters; config {name} builds "
+                            f"{len(names)} (score_sde's optimizer takes model.parameters())")
+    state = {}
+    for pos, pid in enumerate(ids):
+        st = opt["state"].get(pid)
+        if st is None:  # a parameter that never had a gradient (score_sde's frozen Fourier W)
+            continue
+        n = names[pos]
+        if not params[n].requires_grad:
+            raise ImportFailure(f"optimizer: state for parameter {pos} ({n}), which config {name} keeps frozen")
+        for key in ("exp_avg", "exp_avg_sq"):
+            if _shape(st.get(key)) != tuple(params[n].shape):
+                raise ImportFailure(f"optimizer: parameter {pos} ({n}) {key}: checkpoint shape {_shape(st.get(key))}, "
+                                    f"config {name} expects {tuple(params[n].shape)}")
+        step = st.get("step")
+        if not isinstance(step, (int, float, torch.Tensor)) or _shape(step) not in ((), (1,)):
+            raise ImportFailure(f"optimizer: parameter {pos} ({n}) has no scalar 'step'")
+        state[trainable.index(n)] = {"step": torch.tensor(float(step), dtype=torch.float32),
+                                     "exp_avg": st["exp_avg"].float(), "exp_avg_sq": st["exp_avg_sq"].float()}
+    g = groups[0]
+    group = {"lr": float(g.get("lr", 0.0)), "betas": tuple(float(b) for b in g.get("betas", (0.9, 0.999))),
+             "eps": float(g.get("eps", 1e-8)), "weight_decay": float(g.get("weight_decay", 0.0)), "amsgrad": False,
+             "params": list(range(len(trainable)))}
+    return {"state": state, "param_groups": [group]}
+
+
+def convert(ckpt: Mapping, cfg, name: str) -> tuple[dict, dict, dict | None]:
+    """(model weights, EMA weights, Adam state or None) as fpdiff state dicts for ``cfg``;
+    ImportFailure on any mismatch."""
     from pipeline.models import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
     reference = model.state_dict()
     weights = model_state(ckpt, cfg, name, reference)
-    return weights, ema_state(ckpt, name, model, weights)
+    return weights, ema_state(ckpt, name, model, weights), optimizer_state(ckpt, name, model)
 
 
 # --------------------------------------------------------------------------- run directory
-def write_run(out: str | Path, cfg, weights: dict, ema: dict, info: dict) -> Path:
+def write_run(out: str | Path, cfg, weights: dict, ema: dict, info: dict, optimizer: dict | None = None) -> Path:
     """Write the run directory atomically (staging folder, then one rename)."""
     from pipeline.atomic import atomic_directory
     from pipeline.config import save_config
@@ -232,6 +279,8 @@ def write_run(out: str | Path, cfg, weights: dict, ema: dict, info: dict) -> Pat
         run.imported.mkdir()
         save_weights(run.imported / MODEL_WEIGHTS, weights,
                      metadata={"format": "pt", "producer": "fpdiff import score-sde"})
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer}, run.imported / OPTIMIZER)
         (run.imported / "import.json").write_text(json.dumps(info, indent=1))
         write_export(run.export, ema, cfg.to_dict(), metrics={"step": info.get("step"), "imported_from": info["source"]})
     return out
@@ -250,14 +299,15 @@ def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrid
     except ConfigError as e:
         raise ImportFailure(f"config error: {e}") from None
     ckpt = load_checkpoint(checkpoint)
-    weights, ema = convert(ckpt, cfg, name)
+    weights, ema, optimizer = convert(ckpt, cfg, name)
     e = ckpt["ema"]
     step = ckpt.get("step")
     info = {"source": str(checkpoint), "sha256": _sha256(Path(checkpoint)), "score_sde_config": name,
             "overrides": list(overrides or []), "step": int(step) if isinstance(step, (int, torch.Tensor)) else None,
             "ema_decay": float(e["decay"]) if "decay" in e else None,
-            "ema_num_updates": int(e["num_updates"]) if e.get("num_updates") is not None else None}
-    return write_run(out, cfg, weights, ema, info)
+            "ema_num_updates": int(e["num_updates"]) if e.get("num_updates") is not None else None,
+            "optimizer": optimizer is not None}
+    return write_run(out, cfg, weights, ema, info, optimizer)
 
 
 def import_main(argv: list[str] | None = None) -> int:
@@ -276,6 +326,8 @@ def import_main(argv: list[str] | None = None) -> int:
     except ImportFailure as e:
         print(f"fpdiff import: {e}", file=sys.stderr)
         return EXIT_BAD
+    if not (RunDir(out).imported / OPTIMIZER).is_file():
+        print(f"[fpdiff] note: {args.checkpoint} has no optimizer entry; a fine-tune from it starts a fresh Adam")
     print(f"[fpdiff] imported {args.checkpoint} ({args.config}) -> {out} (EMA weights in {RunDir(out).export})")
     return 0
 
