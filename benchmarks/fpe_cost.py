@@ -1,7 +1,9 @@
 """Cost of the FPE regularizer per training step (issue 3, check 6).
 
-Variants, all measured side by side in one process (round-robin repetitions, median time):
-  (a) dsm            DSM loss on the batch + backward
+Variants, all measured side by side in one process (round-robin repetitions, median time), each one
+optimizer step of the trainer's own step (pipeline.train.step.TrainStep: DSM, backward, clip, Adam,
+EMA) with the variant in its regularizer slot:
+  (a) dsm            the DSM step alone
   (b) reference      (a) + the residual computed the way sony/fp-diffusion does it on k samples:
                      s, then s recomputed inside a one-Gaussian-probe Hutchinson VJP
                      (create_graph), the x-gradient of (div + ‖s‖² + ⟨x,s⟩) and the reference's
@@ -38,35 +40,20 @@ warnings.filterwarnings("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import pipeline.fused  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.fpe import FPERegularizer, _flat_dot, fpe_precision  # noqa: E402
+from pipeline.fpe import FPEOutput, FPERegularizer, _flat_dot, fpe_precision  # noqa: E402
 from pipeline.score import get_score_fn  # noqa: E402
-from pipeline.sde import build_sde  # noqa: E402
+from pipeline.train.step import TrainStep  # noqa: E402
 
 
 # --------------------------------------------------------------------------- models
-def build(name: str, overrides=None):
-    if name == "standin":
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from mixture import TinyUNet
-        cfg = load_config(os.path.join(ROOT, "configs", "mnist_tiny.yaml"), overrides)
-        return TinyUNet(channels=1, nf=16, dropout=0.0), cfg
-    from pipeline.models import build_model
+def load(name: str, overrides=None):
     path = {"tiny": "mnist_tiny.yaml", "cifar": "cifar10_ddpmpp.yaml"}[name]
-    cfg = load_config(os.path.join(ROOT, "configs", path), overrides)
-    return build_model(cfg), cfg
+    return load_config(os.path.join(ROOT, "configs", path), overrides)
 
 
-# --------------------------------------------------------------------------- the losses
-def dsm_loss(model, sde, x0, g):
-    t = (torch.rand(x0.shape[0], generator=g) * (1 - 1e-5) + 1e-5).to(x0.device)
-    z = torch.randn(x0.shape, generator=g).to(x0.device)
-    mean, std = sde.marginal_prob(x0, t)
-    xt = mean + std.view(-1, 1, 1, 1) * z
-    s = get_score_fn(model, sde)(xt, t)
-    return (s * std.view(-1, 1, 1, 1) + z).pow(2).flatten(1).mean(1).mean(), xt, t
-
-
+# --------------------------------------------------------------------------- the regularizers
 def reference_residual_loss(model, sde, x, t, g, timer=None):
     """The official code's vector residual (VP), with its estimators, on k samples."""
     tick = timer or (lambda name: None)
@@ -75,7 +62,7 @@ def reference_residual_loss(model, sde, x, t, g, timer=None):
     t = t.detach()
     D = x[0].numel()
     s = sf(x, t)                                               # forward 1
-    eps = torch.randn(x.shape, generator=g).to(x.device)
+    eps = torch.randn(x.shape, generator=g, device=g.device).to(x.device)
     score_e = (sf(x, t) * eps).sum()                           # forward 2: s recomputed
     tick("forwards")
     (gse,) = torch.autograd.grad(score_e, x, create_graph=True)
@@ -93,16 +80,77 @@ def reference_residual_loss(model, sde, x, t, g, timer=None):
     return (g2 * res).mean() / D ** 2
 
 
-def ours_regularizer(fpe_cfg, sde, n_probes: int, fused: bool, probe_gradient: str) -> FPERegularizer:
-    """The trainer's regularizer for a variant: the config's fpe section with the variant's probes."""
-    return FPERegularizer(dataclasses.replace(fpe_cfg, n_probes=n_probes, fused=fused, probe_gradient=probe_gradient,
-                                              norm_estimator="unbiased" if n_probes > 1 else "single"), sde)
+class ReferenceRegularizer:
+    """(b): the official code's residual on k random samples of the micro-batch, in the trainer's
+    regularizer slot (``TrainStep.regularizer``)."""
+
+    def __init__(self, fpe_cfg, sde, k: int):
+        self.alpha, self.sde, self.k, self.timer = fpe_cfg.alpha, sde, k, None
+
+    def __call__(self, model, x0, xt, t, *, step=0, generator=None, class_labels=None):
+        if self.timer:
+            self.timer("dsm_forward")
+        idx = torch.randperm(x0.shape[0], generator=generator, device=generator.device)[:self.k].to(x0.device)
+        xs, ts = xt[idx], t[idx].clamp_min(2e-3)
+        with fpe_precision(x0.device):
+            loss = self.alpha * reference_residual_loss(model, self.sde, xs, ts, generator, self.timer)
+        return FPEOutput(loss=loss, residual_norm=loss.detach().expand(ts.shape), t=ts, indices=idx,
+                         sq_norm=loss.detach().expand(ts.shape))
+
+
+class StagedRegularizer(FPERegularizer):
+    """(c): the trainer's regularizer, its stages timed when ``timer`` is set (``--components``)."""
+
+    timer = None
+
+    def __call__(self, *args, **kwargs):
+        if self.timer:
+            self.timer("dsm_forward")
+        return super().__call__(*args, **kwargs)
+
+    def loss_at(self, score_fn, xs, ts, **kwargs):
+        return super().loss_at(score_fn, xs, ts, stage=self.timer, **kwargs)
+
+
+def variant_regularizer(variant: str, cfg, sde, k: int):
+    """None for dsm; the reference; or ours_<n>probe_<plain|fused>[_first]: the config's fpe section
+    with the variant's probes, on k samples."""
+    if variant == "dsm":
+        return None
+    if variant == "reference":
+        return ReferenceRegularizer(cfg.fpe, sde, k)
+    parts = variant.split("_")
+    n_probes = int(parts[1][0])
+    return StagedRegularizer(dataclasses.replace(
+        cfg.fpe, enabled=True, every=1, subsample=k, n_probes=n_probes, fused=parts[2] == "fused",
+        probe_gradient="first" if parts[3:] == ["first"] else "all",
+        norm_estimator="unbiased" if n_probes > 1 else "single"), sde)
+
+
+def variant_steps(step: TrainStep, x0: torch.Tensor, cases) -> dict:
+    """(variant, k) -> a callable(timer=None): one optimizer step of the trainer on x0 with that
+    variant's regularizer (the same model, optimizer and EMA for all: round-robin timing)."""
+    regs = {c: variant_regularizer(c[0], step.cfg, step.sde, c[1]) for c in cases}
+    take = step.repeat_on(x0)
+
+    def case(reg):
+        def run(timer=None):
+            step.regularizer = reg
+            if reg is not None:
+                reg.timer = timer
+            take(regularize=reg is not None)
+            if x0.device.type == "cuda":
+                torch.cuda.synchronize()
+            if timer:
+                timer("backward_and_update")
+        return run
+    return {c: case(r) for c, r in regs.items()}
 
 
 # --------------------------------------------------------------------------- measurement
 class PeakRSS:
     def __init__(self):
-        import psutil
+        import psutil  # deferred: a dev dependency
         self.proc = psutil.Process()
         self.peak = 0
         self._stop = False
@@ -126,33 +174,6 @@ class PeakRSS:
     @property
     def mb(self):
         return (self.peak - self.base) / 2 ** 20
-
-
-def make_step(variant, model, sde, x0, k, seed, fpe_cfg):
-    if variant.startswith("ours"):  # ours_<n>probe_<plain|fused>[_first]
-        parts = variant.split("_")
-        reg = ours_regularizer(fpe_cfg, sde, int(parts[1][0]), parts[2] == "fused",
-                               "first" if parts[3:] == ["first"] else "all")
-
-    def step(timer=None):
-        g = torch.Generator().manual_seed(seed)
-        model.zero_grad(set_to_none=True)
-        tick = timer or (lambda name: None)
-        loss, xt, t = dsm_loss(model, sde, x0, g)
-        tick("dsm_forward")
-        if variant != "dsm":
-            idx = torch.randperm(x0.shape[0], generator=g)[:k].to(x0.device)
-            xs, ts = xt[idx], t[idx].clamp_min(2e-3)
-            with fpe_precision(x0.device):
-                if variant == "reference":
-                    loss = loss + fpe_cfg.alpha * reference_residual_loss(model, sde, xs, ts, g, timer)
-                else:
-                    loss = loss + reg.loss_at(get_score_fn(model, sde), xs, ts, generator=g, stage=timer)[0]
-        loss.backward()
-        if x0.device.type == "cuda":
-            torch.cuda.synchronize()
-        tick("backward")
-    return step
 
 
 class StageTimer:
@@ -194,7 +215,7 @@ def flops_of(step):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tiny", choices=["tiny", "cifar", "standin"])
+    ap.add_argument("--model", default="tiny", choices=["tiny", "cifar"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--subsample", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
@@ -213,18 +234,15 @@ def main(argv=None):
                     "of softmax,silu,group_norm")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    import pipeline.fused
     pipeline.fused.FUSED_OPS = set(a.fused_ops.split(",")) if a.fused_ops else set()
-    torch.manual_seed(0)
-    model, cfg = build(a.model, a.set)
-    model.to(a.device).train()
-    sde = build_sde(cfg.sde)
+    cfg = load(a.model, a.set)
+    step = TrainStep.standalone(cfg, cpu=a.device == "cpu")
     C, H = cfg.data.num_channels, cfg.data.image_size
-    x0 = torch.rand(a.batch, C, H, H, generator=torch.Generator().manual_seed(0)).to(a.device)
+    x0 = torch.rand(a.batch, C, H, H, generator=torch.Generator().manual_seed(0)).to(step.device)
     ks = [a.subsample] + ([a.batch] if a.full and a.batch != a.subsample else [])
     names = a.variants.split(",")
     cases = [("dsm", 0)] + [(v, k) for k in ks for v in names if v != "dsm"]
-    steps = {c: make_step(c[0], model, sde, x0, c[1], 0, cfg.fpe) for c in cases}
+    steps = variant_steps(step, x0, cases)
     for c in cases:  # warm-up
         steps[c]()
     times = {c: [] for c in cases}
@@ -249,7 +267,7 @@ def main(argv=None):
             steps[c](st)
             res[c]["components_s"] = st.acc
     dsm = res[("dsm", 0)]
-    print(f"model={a.model} {' '.join(a.set)} params={sum(p.numel() for p in model.parameters())/1e6:.2f}M batch={a.batch} "
+    print(f"model={a.model} {' '.join(a.set)} params={step.n_params/1e6:.2f}M batch={a.batch} "
           f"image={C}x{H}x{H} threads={a.threads} repeats={a.repeats} fused_ops={a.fused_ops}")
     hdr = f"{'variant':22s} {'k':>3s} {'time s':>8s} {'x DSM':>6s} {'GFLOP':>8s} {'peak MB':>8s} " \
           f"{'time/sample vs ref':>18s} {'FLOP/sample vs ref':>18s}"
@@ -270,6 +288,7 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({f"{c[0]}@{c[1]}": r for c, r in res.items()}, f, indent=1)
+    step.backend.end()
     return res
 
 

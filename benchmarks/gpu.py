@@ -6,16 +6,16 @@
 Rows (ids in the JSON's ``rows``; ``meta.planned`` lists them all, in the order they run):
 
 - ``train/<model>/<precision>/<eager|compile>``: DSM training throughput (img/s per GPU) and peak
-  memory of the trainer's step (``pipeline.losses.DSMLoss`` under autocast, ``loss.float()``,
-  backward, grad-norm clip, Adam, ``pipeline.ema.EMA``; the body of pipeline/train/loop.py's loop on a
-  fixed in-memory batch, so the data loader is not in it), for configs/cifar10_ddpmpp.yaml and
+  memory of the trainer's step (``pipeline.train.step.TrainStep``, what ``train()`` calls: DSM under
+  the backend's autocast, backward, grad-norm clip, Adam, EMA, schedule; on a fixed in-memory batch,
+  so the data loader is not in it), for configs/cifar10_ddpmpp.yaml and
   configs/cifar10_ncsnpp_deep.yaml at batch 128. Precisions: fp32 (TF32 off), tf32 (TF32 on
   for matmul and cuDNN), bf16 (``training.mixed_precision=bf16``); eager and
   ``training.compile=true`` (the DSM path only, as the trainer compiles it).
 - ``fpe/<model>/<precision>/<default_subsample|whole_batch>``: the regularized step
   (``pipeline.fpe.FPERegularizer``) and the DSM step timed round-robin in the same run; the ratio.
 - ``residual/ddpmpp/k=<k>``: per regularized sample, this project's residual against the official
-  code's composition, with benchmarks/fpe_cost.py's variants (imported from it).
+  code's composition, with benchmarks/fpe_cost.py's variants (imported from it), each in the trainer's step.
 - ``fused/ddpmpp``: the regularized step with ``pipeline.fused.FUSED_OPS`` = softmax only / all
   against PyTorch's own derivatives (``fused=False``).
 - ``sample/ddpmpp/pc``, ``sample/ddpmpp/ode``, ``bpd/ddpmpp``: ``pipeline.sampling.pc_sample``
@@ -42,7 +42,9 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -54,12 +56,13 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import fpe_cost  # noqa: E402  (the CPU benchmark's variants (a)-(c): reused, not copied)
 from pipeline.config import load_config  # noqa: E402
-from pipeline.ema import EMA  # noqa: E402
-from pipeline.fpe import FPERegularizer, subsample_size  # noqa: E402
-from pipeline.losses import DSMLoss  # noqa: E402
+from pipeline.fpe import subsample_size  # noqa: E402
+from pipeline.likelihood import log_likelihood  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
+from pipeline.sampling import ode_sample, pc_sample  # noqa: E402
 from pipeline.score import get_score_fn  # noqa: E402
 from pipeline.sde import build_sde  # noqa: E402
+from pipeline.train.step import TrainStep  # noqa: E402
 
 CONFIGS = {"ddpmpp": "cifar10_ddpmpp.yaml", "ncsnpp_deep": "cifar10_ncsnpp_deep.yaml"}
 # --tiny: the same code paths on tiny networks (mnist_tiny.yaml's DDPM++ blocks, two levels on 14x14
@@ -118,7 +121,7 @@ class Clock:
     def peak_mb(self) -> float:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        import psutil
+        import psutil  # deferred: a dev dependency, for the CPU rows only
         return psutil.Process().memory_info().rss / 2 ** 20
 
     def call(self, fn) -> float:
@@ -194,44 +197,15 @@ def fake_batch(cfg, batch: int, device) -> torch.Tensor:
     return (2 * x - 1 if cfg.data.centered else x).to(device)
 
 
-class TrainStep:
-    """One optimizer step as pipeline/train/loop.py takes it (one process, grad_accum 1)."""
-
-    def __init__(self, cfg, device, batch: int):
-        tc = cfg.training
-        torch.manual_seed(tc.seed)
-        self.cfg, self.device = cfg, device
-        self.sde = build_sde(cfg.sde)
-        self.model = build_model(cfg).to(device).train()
-        self.params = sum(p.numel() for p in self.model.parameters())
-        self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
-                                    eps=tc.adam_eps, weight_decay=tc.weight_decay)
-        self.dsm = DSMLoss(self.sde, eps=tc.eps, likelihood_weighting=tc.likelihood_weighting,
-                           reduce_mean=tc.reduce_mean)
-        self.reg = FPERegularizer(cfg.fpe, self.sde) if cfg.fpe.enabled else None
-        dsm_model = torch.compile(self.model, backend=tc.compile_backend) if tc.compile else self.model
-        self.score = get_score_fn(dsm_model, self.sde)
-        self.x0 = fake_batch(cfg, batch, device)
-        self.bf16 = tc.mixed_precision == "bf16"
-        self.i = 0
-
-    def __call__(self, regularize: bool = True):
-        tc = self.cfg.training
-        self.i += 1
-        torch.manual_seed(self.i)
-        gen = torch.Generator(device=self.device).manual_seed(self.i)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            dsm = self.dsm(self.score, self.x0, generator=gen)
-        loss = dsm.loss.float()
-        if regularize and self.reg is not None:
-            out = self.reg(self.model, self.x0, dsm.xt.detach(), dsm.t.detach(), step=self.i, generator=gen)
-            loss = loss + out.loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.model, self.i - 1)
+@contextlib.contextmanager
+def trainer_step(cfg, device, batch: int):
+    """The trainer's own step (pipeline.train.step.TrainStep, its Accelerate backend) on a fixed batch of
+    ``batch`` images per process: yields (step, take), ``take(regularize=True)`` one optimizer step."""
+    step = TrainStep.standalone(cfg, cpu=device.type == "cpu")
+    try:
+        yield step, step.repeat_on(fake_batch(cfg, batch, step.device))
+    finally:
+        step.backend.end()
 
 
 PRECISIONS = {"fp32": ("no", False), "tf32": ("no", True), "bf16": ("bf16", True), "default": ("no", None)}
@@ -323,12 +297,11 @@ def train_row(b: Bench, name: str, precision: str, compiled: bool, batch: int, i
         if compiled and b.a.compile_backend:
             ov.append(f"training.compile_backend={b.a.compile_backend}")
         cfg = load(name, b.a.tiny, ov)
-        with precision_flags(precision):
-            step = TrainStep(cfg, b.device, batch)
-            r = measure(b.clock, {"dsm": step}, warmup, iters, deadline)["dsm"]
+        with precision_flags(precision), trainer_step(cfg, b.device, batch) as (step, take):
+            r = measure(b.clock, {"dsm": take}, warmup, iters, deadline)["dsm"]
         return {"img_per_s": batch / r["median_s"], "step_s": r["median_s"], "peak_mem_mb": r["peak_mem_mb"],
                 "first_call_s": r["first_call_s"], "iters": r["iters"], "warmup": warmup, "batch": batch,
-                "params_m": step.params / 1e6, "compile_backend": cfg.training.compile_backend if compiled else None,
+                "params_m": step.n_params / 1e6, "compile_backend": cfg.training.compile_backend if compiled else None,
                 "times_s": r["times_s"]}
     return fn
 
@@ -345,9 +318,8 @@ def fpe_row(b: Bench, name: str, precision: str, subsample, batch: int, iters: i
             cfg = load(name, b.a.tiny, ["fpe.enabled=true", f"training.mixed_precision={mp}", f"fpe.subsample={sub}"])
             oom = False
             try:
-                with precision_flags(precision):
-                    step = TrainStep(cfg, b.device, batch)
-                    r = measure(b.clock, {"dsm": lambda: step(regularize=False), "regularized": step}, warmup,
+                with precision_flags(precision), trainer_step(cfg, b.device, batch) as (step, take):
+                    r = measure(b.clock, {"dsm": lambda: take(regularize=False), "regularized": take}, warmup,
                                 iters, deadline)
                 break
             except torch.OutOfMemoryError:
@@ -360,7 +332,7 @@ def fpe_row(b: Bench, name: str, precision: str, subsample, batch: int, iters: i
                 ooms.append(k)
                 k //= 2
         d, g = r["dsm"], r["regularized"]
-        est = step.reg.estimator  # what the regularized step ran with
+        est = step.regularizer.estimator  # what the regularized step ran with
         return {"k": subsample_size(cfg.fpe.subsample, batch), "batch": batch, "subsample": cfg.fpe.subsample,
                 "oom_at_k": ooms, "dsm_step_s": d["median_s"], "reg_step_s": g["median_s"],
                 "ratio": g["median_s"] / d["median_s"], "reg_img_per_s": batch / g["median_s"],
@@ -371,28 +343,23 @@ def fpe_row(b: Bench, name: str, precision: str, subsample, batch: int, iters: i
     return fn
 
 
-def _fpe_cost_model(b: Bench):
-    torch.manual_seed(0)
-    model, cfg = fpe_cost.build("tiny", TINY["ddpmpp"][1]) if b.a.tiny else fpe_cost.build("cifar")
-    model.to(b.device).train()
-    return model, cfg, build_sde(cfg.sde)
-
-
 def residual_row(b: Bench, batch: int, k: int, iters: int, warmup: int):
     variants = ["dsm", "reference", "ours_1probe_fused", "ours_2probe_fused_first"]
 
     def fn(deadline):
-        model, cfg, sde = _fpe_cost_model(b)
-        x0 = fake_batch(cfg, batch, b.device)
-        cases = {v: fpe_cost.make_step(v, model, sde, x0, k, 0, cfg.fpe) for v in variants}
-        r = measure(b.clock, cases, warmup, iters, deadline)
-        dsm, ref = r["dsm"]["median_s"], r["reference"]["median_s"]
+        cfg = fpe_cost.load("tiny", TINY["ddpmpp"][1]) if b.a.tiny else fpe_cost.load("cifar")
+        with trainer_step(cfg, b.device, batch) as (step, _):
+            x0 = fake_batch(cfg, batch, step.device)
+            r = measure(b.clock, fpe_cost.variant_steps(step, x0, [(v, k) for v in variants]), warmup, iters,
+                        deadline)
+        dsm, ref = r[("dsm", k)]["median_s"], r[("reference", k)]["median_s"]
         res = {"batch": batch, "k": k, "variants": {}}
         for v in variants:
-            e = {"step_s": r[v]["median_s"], "x_dsm": r[v]["median_s"] / dsm, "peak_mem_mb": r[v]["peak_mem_mb"],
-                 "iters": r[v]["iters"]}
+            m = r[(v, k)]
+            e = {"step_s": m["median_s"], "x_dsm": m["median_s"] / dsm, "peak_mem_mb": m["peak_mem_mb"],
+                 "iters": m["iters"]}
             if v != "dsm":
-                e["time_per_sample_vs_reference"] = (r[v]["median_s"] - dsm) / max(ref - dsm, 1e-9)
+                e["time_per_sample_vs_reference"] = (m["median_s"] - dsm) / max(ref - dsm, 1e-9)
             res["variants"][v] = e
         res["default_vs_reference"] = res["variants"]["ours_2probe_fused_first"]["time_per_sample_vs_reference"]
         return res
@@ -403,18 +370,19 @@ def fused_row(b: Bench, batch: int, k: int, iters: int, warmup: int):
     sets = {"pytorch": None, "softmax": {"softmax"}, "all": {"softmax", "silu", "group_norm"}}
 
     def fn(deadline):
-        model, cfg, sde = _fpe_cost_model(b)
-        x0 = fake_batch(cfg, batch, b.device)
-        plain = fpe_cost.make_step("ours_2probe_plain_first", model, sde, x0, k, 0, cfg.fpe)
-        fused = fpe_cost.make_step("ours_2probe_fused_first", model, sde, x0, k, 0, cfg.fpe)
+        cfg = fpe_cost.load("tiny", TINY["ddpmpp"][1]) if b.a.tiny else fpe_cost.load("cifar")
+        with trainer_step(cfg, b.device, batch) as (step, _):
+            x0 = fake_batch(cfg, batch, step.device)
+            steps = fpe_cost.variant_steps(step, x0, [("ours_2probe_plain_first", k), ("ours_2probe_fused_first", k)])
+            plain, fused = steps[("ours_2probe_plain_first", k)], steps[("ours_2probe_fused_first", k)]
 
-        def with_ops(ops):
-            def go():
-                with fused_ops_set(ops):
-                    fused()
-            return go
-        cases = {n: (plain if ops is None else with_ops(ops)) for n, ops in sets.items()}
-        r = measure(b.clock, cases, warmup, iters, deadline)
+            def with_ops(ops):
+                def go():
+                    with fused_ops_set(ops):
+                        fused()
+                return go
+            cases = {n: (plain if ops is None else with_ops(ops)) for n, ops in sets.items()}
+            r = measure(b.clock, cases, warmup, iters, deadline)
         base = r["pytorch"]["median_s"]
         return {"batch": batch, "k": k, "variants": {n: {"step_s": r[n]["median_s"], "x_pytorch": r[n]["median_s"] / base,
                                                          "peak_mem_mb": r[n]["peak_mem_mb"], "iters": r[n]["iters"]}
@@ -432,8 +400,6 @@ def _eval_model(b: Bench, name: str):
 
 
 def pc_row(b: Bench, name: str, batch: int, steps: int, probe_steps: int):
-    from pipeline.sampling import pc_sample
-
     def fn(deadline):
         cfg, sde, score = _eval_model(b, name)
         sc = cfg.sampling
@@ -462,8 +428,6 @@ def pc_row(b: Bench, name: str, batch: int, steps: int, probe_steps: int):
 
 def ode_row(b: Bench, name: str, batch: int, tol: float, likelihood: bool):
     def fn(deadline):
-        from pipeline.likelihood import log_likelihood
-        from pipeline.sampling import ode_sample
         cfg, sde, score = _eval_model(b, name)
         shape = (batch, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
         box = {}
@@ -490,8 +454,6 @@ def ode_row(b: Bench, name: str, batch: int, tol: float, likelihood: bool):
 def ddp_row(b: Bench, name: str, precision: str, batch: int, iters: int, warmup: int):
     """2-process DDP (NCCL) of the trainer's step, in a torchrun child; img/s over both GPUs."""
     def fn(deadline):
-        import subprocess
-        import tempfile
         with tempfile.TemporaryDirectory() as d:
             res = os.path.join(d, "ddp.json")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -505,26 +467,20 @@ def ddp_row(b: Bench, name: str, precision: str, batch: int, iters: int, warmup:
 
 
 def ddp_child(a):
-    import torch.distributed as dist
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")  # gloo: the CPU smoke check (--force-ddp)
-    rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    """One rank of the torchrun child: the trainer's step under its Accelerate backend, which wraps the
+    model in DDP (NCCL; gloo on a CPU, the --force-ddp smoke check)."""
     mp, _ = PRECISIONS[a.ddp_precision]
-    cfg = load(a.ddp_model, a.tiny, ["fpe.enabled=false", f"training.mixed_precision={mp}"])
-    with precision_flags(a.ddp_precision):
-        step = TrainStep(cfg, device, a.ddp_batch // 2)  # global batch split over the 2 ranks
-        ddp = torch.nn.parallel.DistributedDataParallel(step.model, device_ids=[device.index] if cuda else None)
-        step.score = get_score_fn(ddp, step.sde)
-        r = measure(Clock(device), {"dsm": step}, a.ddp_warmup, a.ddp_iters, time.monotonic() + 60)["dsm"]
-    if rank == 0:
-        with open(a.ddp_child, "w") as f:
-            json.dump({"img_per_s_total": a.ddp_batch / r["median_s"], "img_per_s_per_gpu": a.ddp_batch / r["median_s"] / 2,
-                       "step_s": r["median_s"], "peak_mem_mb": r["peak_mem_mb"], "batch": a.ddp_batch,
-                       "iters": r["iters"]}, f)
-    dist.destroy_process_group()
+    cfg = load(a.ddp_model, a.tiny, ["fpe.enabled=false", f"training.mixed_precision={mp}",
+                                     f"training.batch_size={a.ddp_batch}"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with precision_flags(a.ddp_precision), trainer_step(cfg, device, a.ddp_batch // 2) as (step, take):
+        # the global batch split over the 2 ranks
+        r = measure(Clock(step.device), {"dsm": take}, a.ddp_warmup, a.ddp_iters, time.monotonic() + 60)["dsm"]
+        if step.backend.is_main:
+            with open(a.ddp_child, "w") as f:
+                json.dump({"img_per_s_total": a.ddp_batch / r["median_s"],
+                           "img_per_s_per_gpu": a.ddp_batch / r["median_s"] / 2, "step_s": r["median_s"],
+                           "peak_mem_mb": r["peak_mem_mb"], "batch": a.ddp_batch, "iters": r["iters"]}, f)
 
 
 # --------------------------------------------------------------------------- plan and table

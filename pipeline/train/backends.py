@@ -26,13 +26,14 @@ from pipeline.config import Config, ConfigError
 class AccelerateBackend:
     name = "accelerate"
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, cpu: bool | None = None):
         from accelerate import Accelerator
 
         # cpu=True on a CPU-only machine: without it, `accelerate launch --multi_gpu` processes each
         # believe they are alone (DistributedType.NO) although torch.distributed has 2 ranks
+        # (cpu=True on a GPU machine: a benchmark's CPU rows)
         self.accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision,
-                                       cpu=not torch.cuda.is_available())
+                                       cpu=not torch.cuda.is_available() if cpu is None else cpu)
         a = self.accelerator
         self.rank, self.world, self.is_main, self.device = a.process_index, a.num_processes, a.is_main_process, a.device
         self.grad_accum = cfg.training.grad_accum

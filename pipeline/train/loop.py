@@ -13,7 +13,6 @@ Exit codes: 0 finished, 75 stopped by SIGUSR1/SIGTERM after a checkpoint (requeu
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 import time
@@ -24,15 +23,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tqdm.auto import tqdm
+
 from pipeline.atomic import atomic_path, atomic_write_json
-from pipeline.train import checkpoint as ckpt
 from pipeline.config import Config, ConfigError, load_config, save_config
-from pipeline.collectives import seed_for
+from pipeline.data.loader import build_train_loader, gather_state
 from pipeline.ema import EMA
+from pipeline.fpe import mean_by_t_bucket
 from pipeline.images import save_grid, to_uint8
 from pipeline.rundir import SAMPLES_PNG, RunDir
-from pipeline.score import get_score_fn, sampling_score_fn
-from pipeline.sde import build_sde
+from pipeline.score import sampling_score_fn
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.backends import build_backend
+from pipeline.train.init_source import load_init_source, plan_continuation
+from pipeline.train.step import TrainStep, class_labels, lr_lambda  # noqa: F401 (class_labels, lr_lambda: API)
+from pipeline.train.tracking import Tracker
 
 EXIT_OK, EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE = 0, 2, 3, 75
 
@@ -70,48 +75,14 @@ class Counters:
     ema_updates: int = 0  # the EMA's warm-up position
     loss_curve: list = field(default_factory=list)
 
-
-def lr_lambda(warmup: int, decay: str = "none", n_steps: int = 0):
-    """Factor on training.lr at a step: a linear warm-up, then constant or a cosine to 0 at
-    n_steps (a short run ends at a low learning rate instead of wherever Adam's noise leaves it)."""
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if decay == "cosine" and n_steps > warmup:
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (n_steps - warmup))))
-        return 1.0
-    return factor
-
-
-def set_optimizer_settings(optimizer, scheduler, tc) -> None:
-    """The configured lr (at the schedule's position), betas, eps and weight decay, not those stored
-    with a loaded optimizer state (a run stopped for non-finite steps is resumed with a smaller lr;
-    a fine-tune may change any of them)."""
-    scheduler.base_lrs = [tc.lr] * len(optimizer.param_groups)
-    for group, factor in zip(optimizer.param_groups, [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]):
-        group["initial_lr"], group["lr"] = tc.lr, tc.lr * factor
-        group["betas"], group["eps"], group["weight_decay"] = (tc.adam_beta1, tc.adam_beta2), tc.adam_eps, tc.weight_decay
-
-
-def load_model_and_ema(model, ema: EMA, weights: dict, ema_weights: dict, source: Path) -> None:
-    try:
-        model.load_state_dict(weights)
-        ema.load_state_dict(ema_weights)
-    except RuntimeError as e:
-        raise ConfigError(f"model: {source} does not fit the model built from the config "
-                          f"({str(e).splitlines()[0][:200]})") from None
-
-
-def class_labels(y: torch.Tensor, num_classes: int, dropout: float, gen: torch.Generator, device) -> torch.Tensor:
-    """A conditional model's training labels: the data's, each replaced by "no class" (K) with
-    probability ``training.label_dropout`` so that one net learns both scores (classifier-free guidance)."""
-    bad = (y < 0) | (y >= num_classes)
-    if bool(bad.any()):
-        raise ConfigError(f"model.num_classes={num_classes}: the data has label {int(y[bad][0])} "
-                          f"(-1: a sample without .cls); labels must lie in [0, {num_classes})")
-    y = y.to(device)
-    drop = torch.rand(y.shape, generator=gen, device=gen.device).to(device) < dropout
-    return torch.where(drop, torch.full_like(y, num_classes), y)
+    def record(self, applied: bool) -> None:
+        """An optimizer step's outcome: applied (one EMA update more) or skipped as non-finite."""
+        if applied:
+            self.ema_updates += 1
+            self.consecutive_nonfinite = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
 
 
 def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, progress: bool = True) -> Path:
@@ -136,195 +107,159 @@ def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, prog
     return save_grid(x, path, centered=cfg.data.centered)
 
 
+@dataclass
+class Run:
+    """A training run in progress: what the set-up built and the loop and the end of the run use."""
+
+    cfg: Config
+    run: RunDir
+    backend: object
+    step_fn: TrainStep
+    stop: StopRequest
+    dist_state: SimpleNamespace
+    loaders: list
+    tracker: Tracker
+    pusher: object = None
+    step: int = 0
+    origin_step: int = 0
+    end_step: int = 0
+    resumed: bool = False
+    counters: Counters = field(default_factory=Counters)
+    images_seen: int = 0
+    t_start: float = 0.0
+    last_metrics: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.backend.is_main
+
+
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
           deepspeed_config: str | None = None, overwrite: bool = False) -> int:
-    from tqdm.auto import tqdm
+    """Set up (or resume) a run, take optimizer steps until training.n_steps, then sample and export."""
+    r = start_run(cfg, Path(run_dir), resume, overwrite, deepspeed_config)
+    exit_code = run_steps(r, progress)
+    finish_run(r, exit_code, progress)
+    return exit_code
 
-    from pipeline.train.backends import build_backend
-    from pipeline.data.loader import build_train_loader, gather_state
-    from pipeline.fpe import FPERegularizer, mean_by_t_bucket
-    from pipeline.losses import DSMLoss
-    from pipeline.models import build_model
-    from pipeline.train.init_source import load_init_source, plan_continuation
-    from pipeline.train.tracking import Tracker
 
-    run_dir = Path(run_dir)
+def start_run(cfg: Config, run_dir: Path, resume: str | None, overwrite: bool, deepspeed_config: str | None) -> Run:
     run = RunDir(run_dir)
     run.check_free(resume, overwrite)
     stop = StopRequest(run_dir)  # first: a preemption signal during start-up must not kill the job
     backend = build_backend(cfg, deepspeed_config)
-    rank, world, is_main, device = backend.rank, backend.world, backend.is_main, backend.device
     tc = cfg.training
-    if tc.batch_size % (world * tc.grad_accum):
+    if tc.batch_size % (backend.world * tc.grad_accum):
         raise ConfigError(f"training.batch_size: {tc.batch_size} not divisible by processes x grad_accum "
-                          f"({world} x {tc.grad_accum})")
-    micro_bs = tc.batch_size // (world * tc.grad_accum)
-    if cfg.fpe.enabled and isinstance(cfg.fpe.subsample, int) and cfg.fpe.subsample > micro_bs and is_main:
+                          f"({backend.world} x {tc.grad_accum})")
+    micro_bs = tc.batch_size // (backend.world * tc.grad_accum)
+    if cfg.fpe.enabled and isinstance(cfg.fpe.subsample, int) and cfg.fpe.subsample > micro_bs and backend.is_main:
         say(f"fpe.subsample={cfg.fpe.subsample} exceeds the {micro_bs} samples of a micro-batch; "
             f"regularizing all {micro_bs}")
-    dist_state = SimpleNamespace(process_index=rank, num_processes=world, device=device)
+    dist_state = SimpleNamespace(process_index=backend.rank, num_processes=backend.world, device=backend.device)
     if cfg.eval.every:
-        from pipeline.eval.cli import check_eval_inputs, evaluate_in_training
+        from pipeline.eval.cli import check_eval_inputs
         check_eval_inputs(cfg, dist_state)  # a missing Inception / reference file fails now, not mid-run
-    # ---- model, EMA, optimizer, schedule
-    torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    sde = build_sde(cfg.sde)
-    model = build_model(cfg).to(device)
-    ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
-                                 eps=tc.adam_eps, weight_decay=tc.weight_decay)
-    dsm_loss = DSMLoss(sde, eps=tc.eps, likelihood_weighting=tc.likelihood_weighting, reduce_mean=tc.reduce_mean,
-                       min_snr_gamma=tc.min_snr_gamma, t_sampling=tc.t_sampling)
-    regularizer = FPERegularizer(cfg.fpe, sde) if cfg.fpe.enabled else None
-
-    # ---- where the run starts: a resume (its own checkpoint), a fine-tune (training.init_from
-    # continues its source's weights, EMA, Adam state, step and data) or step 0. Weights go in
-    # before wrapping; optimizer state after (DeepSpeed's is partitioned).
-    start_step, origin_step, counters, loader_state = 0, 0, Counters(), None
-    resume_from, state = ckpt.load_for_resume(run_dir, resume)
-    continuation = None
-    if resume_from is not None:
-        load_model_and_ema(model, ema, state["model"], state["ema"], resume_from)
-        start_step = state["state"]["step"]
-        origin_step = state["state"].get("origin_step", 0)
-        loader_state = state["state"].get("loader")
-        c = state["state"].get("counters", {})
-        counters = Counters(**{k: v for k, v in c.items() if k in Counters.__dataclass_fields__})
-        ckpt.set_rng_state(state["rng"])
-        if is_main:
-            say(f"resumed from {resume_from} at step {start_step}")
-    elif tc.init_from:
-        continuation = plan_continuation(load_init_source(tc.init_from), cfg, backend.name == "deepspeed")
-        src = continuation.source
-        load_model_and_ema(model, ema, src.start_weights, src.ema, Path(src.path))
-        start_step = origin_step = continuation.step
-        counters.ema_updates = continuation.ema_updates
-        loader_state = continuation.loader
-        if continuation.rng is not None:
-            ckpt.set_rng_state(continuation.rng)
-        if is_main:
-            say(continuation.describe())
-    end_step = origin_step + tc.n_steps  # a fine-tune trains n_steps beyond its source's step
-    # stepped by hand once per optimizer step (through prepare it steps once per process)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup, tc.lr_decay, end_step))
-    if resume_from is not None or (continuation is not None and continuation.scheduler is not None):
-        scheduler.load_state_dict(state["scheduler"] if resume_from is not None else continuation.scheduler)
-    scheduler.last_epoch = start_step
-    ema.model.to(device)
-
-    model, raw_model = backend.prepare(model, optimizer)
-    if resume_from is not None:
-        backend.load_state(resume_from, state)
-    elif continuation is not None and continuation.optimizer:
-        src = continuation.source
-        backend.load_state(src.deepspeed_dir or src.path, {"optimizer": src.optimizer, "scaler": src.scaler})
-    # the configured optimizer settings win over those stored with a resumed or continued state
-    set_optimizer_settings(optimizer, scheduler, tc)
-    # DSM through the wrapper (DDP syncs these gradients); torch.compile only here: compiled
-    # modules have no double backward, so the regularizer keeps using the raw module
-    dsm_model = torch.compile(model, backend=tc.compile_backend) if tc.compile else model
-    num_classes = cfg.model.num_classes
+    step_fn = TrainStep(cfg, backend)
+    start = where_to_start(step_fn, run_dir, resume)
+    end_step = start.origin_step + tc.n_steps  # a fine-tune trains n_steps beyond its source's step
+    step_fn.prepare(start.step, end_step, start.scheduler, start.optimizer_from)
 
     # one reader per micro-shard m = rank * grad_accum + micro: the data a micro-batch sees, like its
     # randomness, depends only on m, so any ranks x accumulation split of a global batch is the same step
-    loaders = [build_train_loader(cfg, batch_size=micro_bs, rank=rank * tc.grad_accum + micro,
-                                  world_size=world * tc.grad_accum, seed=tc.seed, state=loader_state)
+    loaders = [build_train_loader(cfg, batch_size=micro_bs, rank=backend.rank * tc.grad_accum + micro,
+                                  world_size=backend.world * tc.grad_accum, seed=tc.seed, state=start.loader)
                for micro in range(tc.grad_accum)]
-    streams = [iter(loader) for loader in loaders]
     # the run is known to start: only now is anything written into the run dir
-    if is_main:
+    if backend.is_main:
         if overwrite and resume is None:
             run.clear_outputs()
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
-        if continuation is not None:
-            atomic_write_json(run.init_source, continuation.record())
+        if start.continuation is not None:
+            atomic_write_json(run.init_source, start.continuation.record())
     backend.barrier()
-
-    def loader_state_all_ranks() -> dict:
-        # collective: every rank's exact reader positions, merged
-        states = [gather_state(loader) for loader in loaders]
-        merged = states[0]
-        for st in states[1:]:
-            merged["ranks"].update(st["ranks"])
-        merged["corrupt_total"] = sum(int(v.get("corrupt", 0)) for v in merged["ranks"].values())
-        return merged
-    tracker = Tracker(cfg.logging, run_dir, cfg.to_dict(), is_main, resumed=resume_from is not None)
+    tracker = Tracker(cfg.logging, run_dir, cfg.to_dict(), backend.is_main, resumed=start.resumed)
     pusher = None
-    if is_main and cfg.hub.repo_id:
+    if backend.is_main and cfg.hub.repo_id:
         from pipeline.publish.hub import HubPusher
         pusher = HubPusher.from_config(cfg.hub)  # uploads on a background thread, retries, never fatal
+    return Run(cfg, run, backend, step_fn, stop, dist_state, loaders, tracker, pusher, step=start.step,
+               origin_step=start.origin_step, end_step=end_step, resumed=start.resumed, counters=start.counters)
 
-    def save(step: int) -> None:
-        loader_state_now = loader_state_all_ranks()
-        staging = run.staging(step)
-        if is_main:
-            ckpt.clear_staging(staging)
-        backend.barrier()
-        backend.save_sharded(staging)  # DeepSpeed: every rank writes its optimizer partition
-        if is_main:
-            ckpt.save_checkpoint(
-                run_dir, step, staging, model_state=raw_model.state_dict(), ema_state=ema.state_dict(),
-                optimizer_state=backend.optimizer_state(),
-                extra_state={"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-                             "scaler": backend.scaler_state()},
-                json_state={"loader": loader_state_now, "counters": counters.__dict__,
-                            "origin_step": origin_step},
-                keep_last=tc.keep_last)
-        backend.barrier()
 
-    bar = tqdm(total=end_step, initial=start_step, disable=not (is_main and progress), desc="train",
+@dataclass
+class Start:
+    """Where a run starts: step 0, a resume (its own checkpoint) or a fine-tune's continuation."""
+
+    step: int = 0
+    origin_step: int = 0
+    counters: Counters = field(default_factory=Counters)
+    loader: dict | None = None
+    scheduler: dict | None = None
+    optimizer_from: tuple | None = None  # the backend's load_state arguments
+    resumed: bool = False
+    continuation: object = None
+
+
+def where_to_start(step_fn: TrainStep, run_dir: Path, resume: str | None) -> Start:
+    """A resume (its own checkpoint), a fine-tune (training.init_from continues its source's weights,
+    EMA, Adam state, step and data) or step 0. Weights go in now, before the backend wraps the model."""
+    cfg, is_main = step_fn.cfg, step_fn.backend.is_main
+    resume_from, state = ckpt.load_for_resume(run_dir, resume)
+    if resume_from is not None:
+        step_fn.load_weights(state["model"], state["ema"], resume_from)
+        s = state["state"]
+        c = s.get("counters", {})
+        ckpt.set_rng_state(state["rng"])
+        if is_main:
+            say(f"resumed from {resume_from} at step {s['step']}")
+        return Start(s["step"], s.get("origin_step", 0),
+                     Counters(**{k: v for k, v in c.items() if k in Counters.__dataclass_fields__}),
+                     loader=s.get("loader"), scheduler=state["scheduler"], optimizer_from=(resume_from, state),
+                     resumed=True)
+    if not cfg.training.init_from:
+        return Start()
+    plan = plan_continuation(load_init_source(cfg.training.init_from), cfg, step_fn.backend.name == "deepspeed")
+    src = plan.source
+    step_fn.load_weights(src.start_weights, src.ema, Path(src.path))
+    if plan.rng is not None:
+        ckpt.set_rng_state(plan.rng)
+    if is_main:
+        say(plan.describe())
+    optimizer_from = ((src.deepspeed_dir or src.path, {"optimizer": src.optimizer, "scaler": src.scaler})
+                      if plan.optimizer else None)
+    return Start(plan.step, plan.step, Counters(ema_updates=plan.ema_updates), loader=plan.loader,
+                 scheduler=plan.scheduler, optimizer_from=optimizer_from, continuation=plan)
+
+
+def run_steps(r: Run, progress: bool) -> int:
+    """The loop: optimizer steps, each followed by logging, evaluation, sample grids, checkpoints and
+    the stop check. Returns the exit code."""
+    cfg, tc, counters, is_main = r.cfg, r.cfg.training, r.counters, r.is_main
+    streams = [iter(loader) for loader in r.loaders]
+    bar = tqdm(total=r.end_step, initial=r.step, disable=not (is_main and progress), desc="train",
                dynamic_ncols=True)
-    t_start, images_seen, step, last_metrics = time.time(), 0, start_step, {}
+    r.t_start = time.time()
     residual_t, residual_norm = [], []  # regularized (t, ‖r‖/D) since the last log line
     exit_code = EXIT_OK
-    while step < end_step:
-        # ---- one optimizer step over grad_accum micro-batches
-        stats = {"dsm": 0.0, "fpe": 0.0, "residual": 0.0}
-        for micro in range(tc.grad_accum):
-            x0, y = next(streams[micro])[:2]
-            x0 = x0.to(device, non_blocking=True)
-            seed = seed_for(tc.seed, step, rank * tc.grad_accum + micro)
-            torch.manual_seed(seed)  # dropout masks
-            gen = torch.Generator(device=device).manual_seed(seed)
-            y = class_labels(y, num_classes, tc.label_dropout, gen, device) if num_classes else None
-            with backend.micro_step_context(micro):
-                with backend.autocast():
-                    dsm = dsm_loss(get_score_fn(dsm_model, sde, y), x0, generator=gen)
-                loss = dsm.loss.float()
-                fpe_out = regularizer(raw_model, x0, dsm.xt.detach(), dsm.t.detach(), step=step,
-                                      generator=gen, class_labels=y) if regularizer else None
-                if fpe_out is not None:
-                    loss = loss + fpe_out.loss
-                    stats["fpe"] += fpe_out.loss.item() / tc.grad_accum
-                    stats["residual"] += fpe_out.residual_norm.mean().item() / tc.grad_accum
-                    residual_t.append(fpe_out.t.detach().cpu())
-                    residual_norm.append(fpe_out.residual_norm.detach().cpu())
-                backend.backward(loss)
-            backend.finish_micro_step()
-            stats["dsm"] += dsm.loss.item() / tc.grad_accum
-
-        # clip + step; skipped when the all-reduced grad norm is non-finite (same on every rank)
-        grad_norm, applied = backend.optimizer_step()
-        if applied:
-            ema.update(raw_model, counters.ema_updates)
-            counters.ema_updates += 1
-            counters.consecutive_nonfinite = 0
-        else:
-            counters.skipped_steps += 1
-            counters.consecutive_nonfinite += 1
-            if is_main:
-                say(f"step {step}: non-finite loss/gradient, update skipped "
-                      f"({counters.consecutive_nonfinite} in a row)")
-        scheduler.step()
-        step += 1
-        images_seen += tc.batch_size
+    while r.step < r.end_step:
+        out = r.step_fn((next(stream)[:2] for stream in streams), r.step, counters.ema_updates)
+        counters.record(out.applied)
+        if not out.applied and is_main:
+            say(f"step {r.step}: non-finite loss/gradient, update skipped "
+                f"({counters.consecutive_nonfinite} in a row)")
+        residual_t += out.residual_t
+        residual_norm += out.residual_norm
+        r.step += 1
+        step = r.step
+        r.images_seen += tc.batch_size
         bar.update(1)
 
         if counters.consecutive_nonfinite >= tc.max_nonfinite:
             streak_start = step - counters.consecutive_nonfinite
             if is_main:
-                kept = ckpt.drop_checkpoints_after(run_dir, streak_start)
+                kept = ckpt.drop_checkpoints_after(r.run.path, streak_start)
                 say(f"stopping: {counters.consecutive_nonfinite} consecutive non-finite steps "
                     f"(training.max_nonfinite={tc.max_nonfinite}); "
                     + (f"kept {kept.name}, the last checkpoint before the streak" if kept else
@@ -333,68 +268,106 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             break
 
         # ---- log, checkpoint, push, stop
-        if step % tc.log_every == 0 or step == end_step:
-            counters.corrupt_samples = sum(loader.corrupt_count for loader in loaders)  # this rank's
-            metrics = {"loss/dsm": stats["dsm"], "loss/fpe": stats["fpe"], "loss/total": stats["dsm"] + stats["fpe"],
-                       "fpe/residual": stats["residual"], "grad_norm": grad_norm,
-                       "lr": scheduler.get_last_lr()[0], "images_per_s": images_seen / (time.time() - t_start),
+        if step % tc.log_every == 0 or step == r.end_step:
+            counters.corrupt_samples = sum(loader.corrupt_count for loader in r.loaders)  # this rank's
+            metrics = {"loss/dsm": out.dsm, "loss/fpe": out.fpe, "loss/total": out.dsm + out.fpe,
+                       "fpe/residual": out.residual, "grad_norm": out.grad_norm,
+                       "lr": r.step_fn.scheduler.get_last_lr()[0],
+                       "images_per_s": r.images_seen / (time.time() - r.t_start),
                        "skipped_steps": counters.skipped_steps, "corrupt_samples": counters.corrupt_samples}
             if residual_t:  # the residual is also a metric: its mean per t-bucket on this rank
                 metrics.update(mean_by_t_bucket(torch.cat(residual_t), torch.cat(residual_norm)))
                 residual_t, residual_norm = [], []
-            counters.loss_curve.append([step, stats["dsm"] + stats["fpe"]])
-            last_metrics = metrics
-            tracker.log(metrics, step=step)
+            counters.loss_curve.append([step, out.dsm + out.fpe])
+            r.last_metrics = metrics
+            r.tracker.log(metrics, step=step)
             bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < end_step:
-            eval_metrics = evaluate_in_training(ema.model, cfg, sde, dist_state, step=step, run_dir=run_dir)
-            tracker.log(eval_metrics, step=step)
-            last_metrics.update(eval_metrics)
-        if tc.sample_every and step % tc.sample_every == 0 and step < end_step and is_main:
-            grid = sample_grid(ema.model, cfg, sde, device, run.sample_grid(step),
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < r.end_step:
+            from pipeline.eval.cli import evaluate_in_training
+            eval_metrics = evaluate_in_training(r.step_fn.ema.model, cfg, r.step_fn.sde, r.dist_state, step=step,
+                                                run_dir=r.run.path)
+            r.tracker.log(eval_metrics, step=step)
+            r.last_metrics.update(eval_metrics)
+        if tc.sample_every and step % tc.sample_every == 0 and step < r.end_step and is_main:
+            grid = sample_grid(r.step_fn.ema.model, cfg, r.step_fn.sde, r.backend.device, r.run.sample_grid(step),
                                seed=tc.seed, progress=False)
-            tracker.log_image("samples", str(grid), step=step)
-        stop_now = backend.any(stop.requested())
+            r.tracker.log_image("samples", str(grid), step=step)
+        stop_now = r.backend.any(r.stop.requested())
         # no checkpoint during a non-finite streak: it may hold weights that diverged before it
-        if (step % tc.ckpt_every == 0 or step == end_step or stop_now) and not counters.consecutive_nonfinite:
-            save(step)
-            if pusher and cfg.hub.push_every and step % cfg.hub.push_every == 0 and step < end_step:
-                pusher.push(export(run_dir, cfg, ema, step, counters, last_metrics), f"step {step}")
-        if stop_now and step < end_step:
+        if (step % tc.ckpt_every == 0 or step == r.end_step or stop_now) and not counters.consecutive_nonfinite:
+            save(r)
+            if r.pusher and cfg.hub.push_every and step % cfg.hub.push_every == 0 and step < r.end_step:
+                r.pusher.push(export(r.run.path, cfg, r.step_fn.ema, step, counters, r.last_metrics), f"step {step}")
+        if stop_now and step < r.end_step:
             if is_main:
-                stop.consume()
+                r.stop.consume()
                 say(f"stop requested: checkpoint at step {step} "
                     f"{'not written (non-finite streak)' if counters.consecutive_nonfinite else 'written'}, "
                     f"exiting {EXIT_REQUEUE}")
             exit_code = EXIT_REQUEUE
             break
     bar.close()
+    return exit_code
 
+
+def loader_state_all_ranks(loaders: list) -> dict:
+    """Collective: every rank's exact reader positions, merged."""
+    states = [gather_state(loader) for loader in loaders]
+    merged = states[0]
+    for st in states[1:]:
+        merged["ranks"].update(st["ranks"])
+    merged["corrupt_total"] = sum(int(v.get("corrupt", 0)) for v in merged["ranks"].values())
+    return merged
+
+
+def save(r: Run) -> None:
+    """A checkpoint of step ``r.step``: staged, then renamed into place (every rank takes part)."""
+    loader_state_now = loader_state_all_ranks(r.loaders)
+    staging = r.run.staging(r.step)
+    if r.is_main:
+        ckpt.clear_staging(staging)
+    r.backend.barrier()
+    r.backend.save_sharded(staging)  # DeepSpeed: every rank writes its optimizer partition
+    if r.is_main:
+        state = r.step_fn.state()
+        ckpt.save_checkpoint(
+            r.run.path, r.step, staging, model_state=state["model"], ema_state=state["ema"],
+            optimizer_state=r.backend.optimizer_state(),
+            extra_state={"scheduler": state["scheduler"], "rng": ckpt.rng_state(),
+                         "scaler": r.backend.scaler_state()},
+            json_state={"loader": loader_state_now, "counters": r.counters.__dict__,
+                        "origin_step": r.origin_step},
+            keep_last=r.cfg.training.keep_last)
+    r.backend.barrier()
+
+
+def finish_run(r: Run, exit_code: int, progress: bool) -> None:
+    """A finished run: the final sample grid, the export, the Hub push and the summary (main rank)."""
+    cfg, counters, step, run = r.cfg, r.counters, r.step, r.run
     summary = None
-    if exit_code == EXIT_OK and is_main:
-        elapsed = time.time() - t_start
-        grid = sample_grid(ema.model, cfg, sde, device, run.samples_png, seed=tc.seed,
-                           progress=progress)
-        tracker.log_image("samples", str(grid), step=step)
-        export_dir = export(run_dir, cfg, ema, step, counters, last_metrics, images={SAMPLES_PNG: grid})
-        if pusher:
-            pusher.push(export_dir, f"final: step {step}")
-        summary = {"steps": step, "images_per_s": images_seen / max(elapsed, 1e-9), "seconds": elapsed,
+    if exit_code == EXIT_OK and r.is_main:
+        elapsed = time.time() - r.t_start
+        grid = sample_grid(r.step_fn.ema.model, cfg, r.step_fn.sde, r.backend.device, run.samples_png,
+                           seed=cfg.training.seed, progress=progress)
+        r.tracker.log_image("samples", str(grid), step=step)
+        export_dir = export(run.path, cfg, r.step_fn.ema, step, counters, r.last_metrics, images={SAMPLES_PNG: grid})
+        if r.pusher:
+            r.pusher.push(export_dir, f"final: step {step}")
+        summary = {"steps": step, "images_per_s": r.images_seen / max(elapsed, 1e-9), "seconds": elapsed,
                    "final_loss": counters.loss_curve[-1][1] if counters.loss_curve else None,
                    "loss_curve": counters.loss_curve, "skipped_steps": counters.skipped_steps,
                    "corrupt_samples": counters.corrupt_samples, "samples": str(grid), "export": str(export_dir)}
-    if pusher:  # bounded: a Hub outage must not hold the exit (preemption has a grace period)
-        pusher.close(timeout=600 if exit_code == EXIT_OK else 30)
+    if r.pusher:  # bounded: a Hub outage must not hold the exit (preemption has a grace period)
+        r.pusher.close(timeout=600 if exit_code == EXIT_OK else 30)
     if summary is not None:
-        summary["hub"] = pusher.status() if pusher else None
+        summary["hub"] = r.pusher.status() if r.pusher else None
         atomic_write_json(run.summary_json, summary)
         run.add_summary_line(f"train: {step} steps in {summary['seconds']:.0f}s ({summary['images_per_s']:.1f} img/s), "
                              f"final loss {summary['final_loss']}, samples {summary['samples']}")
-        tracker.summary({k: v for k, v in summary.items() if k not in ("loss_curve", "hub")})
-    tracker.finish()
-    backend.barrier()
-    backend.end()
-    return exit_code
+        r.tracker.summary({k: v for k, v in summary.items() if k not in ("loss_curve", "hub")})
+    r.tracker.finish()
+    r.backend.barrier()
+    r.backend.end()
 
 
 def export(run_dir: Path, cfg: Config, ema: EMA, step: int, counters: Counters, metrics: dict,
