@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -106,3 +107,21 @@ def atomic_directory(dest, *, staging=None, fsync: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def plain_json(value: Any) -> Any:
+    """A JSON-friendly version of a metric (tensors / numpy scalars to floats, NaN kept as string)."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan" / "inf": valid JSON, still readable
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    return str(value)

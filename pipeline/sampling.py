@@ -45,6 +45,7 @@ from typing import Callable, Optional
 import torch
 
 from pipeline.ode import odeint_adaptive
+from pipeline.score import batch_sizes
 from pipeline.sde import SDE, _bcast
 
 __all__ = ["pc_sample", "ode_sample", "sample", "default_eps", "PREDICTORS", "CORRECTORS",
@@ -240,12 +241,6 @@ def ode_sample(score_fn: ScoreFn, sde: SDE, shape, *, rtol: float = 1e-5, atol: 
         x = _reverse_diffusion(score_fn, sde, x, t, torch.zeros_like(t), generator, add_noise=False)
         nfe += 1
     return x, nfe
-
-
-def batch_sizes(n: int, batch_size: int) -> list[int]:
-    """The batches ``sample`` draws n samples in: full ``batch_size`` ones, then the rest."""
-    bs = max(1, min(batch_size, n))
-    return [min(bs, n - start) for start in range(0, n, bs)]
 
 
 def sample(cfg, eps: Optional[float], score_fn: ScoreFn, sde: SDE, shape, *, device=None,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.sampling import batch_sizes
 from pipeline.sde import SDE, VESDE, _bcast
 
 
@@ -40,6 +39,12 @@ def get_score_fn(model: torch.nn.Module, sde: SDE, class_labels: torch.Tensor | 
         return score_from_output(sde, model(x, time_labels(sde, t), class_labels), x, t)
 
     return score_fn
+
+
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The batches ``sample`` draws n samples in: full ``batch_size`` ones, then the rest."""
+    bs = max(1, min(batch_size, n))
+    return [min(bs, n - start) for start in range(0, n, bs)]
 
 
 def cycled_labels(n: int, num_classes: int, device=None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pipeline.config import CONFIG_DIR, ConfigError, load_config
 from pipeline.fpe import FPERegularizer
 from pipeline.sampling import pc_sample
 from pipeline.score import cycled_labels, get_score_fn, guided_score_fn, time_labels
-from pipeline.train.loop import class_labels
+from pipeline.train.step import class_labels
 
 TINY = str(CONFIG_DIR / "mnist_tiny.yaml")
 
@@ -153,7 +153,7 @@ def test_conditional_run_trains_resumes_and_samples_with_labels(tiny_overrides, 
 
     from pipeline.rundir import RunDir
     from pipeline.sample.cli import sample_main
-    from pipeline.train.loop import train
+    from pipeline.app import train
 
     common = tiny_overrides + ["model.num_classes=10", "training.label_dropout=0.25", "sampling.guidance_weight=2",
                                "training.n_steps=6", "training.ckpt_every=3", "sampling.num_samples=12",

@@ -184,7 +184,8 @@ def test_classifier_learns_mnist_and_guides_sampling(tmp_path, tiny_overrides, c
 
     import numpy as np
 
-    from pipeline.train.classifier import accuracy_by_t, classifier_main, load_classifier
+    from pipeline.classifier.train import accuracy_by_t, classifier_main
+    from pipeline.models.classifier import load_classifier
     from pipeline.config import load_config, save_config
     from pipeline.publish.export import write_export
     from pipeline.models import build_model

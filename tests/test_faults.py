@@ -11,7 +11,8 @@ import torch
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint as ckpt
 from pipeline.config import CONFIG_DIR
-from pipeline.train.loop import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE, main
+from pipeline.app import train_main as main
+from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE
 
 TINY = str(CONFIG_DIR / "mnist_tiny.yaml")
 FAST = ["logging.backend=none", "training.log_every=1", "sampling.num_steps=2", "sampling.num_samples=4",

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from pipeline.config import CONFIG_DIR, ConfigError, load_config
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.loop import train
+from pipeline.app import train
 
 TINY = str(CONFIG_DIR / "mnist_tiny.yaml")
 S, N = 6, 4  # the source's steps, the fine-tune's

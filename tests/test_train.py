@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint as ckpt
 from pipeline.config import CONFIG_DIR, ConfigError, load_config
-from pipeline.train.loop import EXIT_NONFINITE, EXIT_REQUEUE, train
+from pipeline.app import train
+from pipeline.status import EXIT_NONFINITE, EXIT_REQUEUE
 
 TINY = str(CONFIG_DIR / "mnist_tiny.yaml")
 
@@ -180,7 +181,7 @@ def test_lr_cosine_decay_after_warmup():
     LambdaLR (which calls the factor with its step count) continues the same curve."""
     import math
 
-    from pipeline.train.loop import lr_lambda
+    from pipeline.train.step import lr_lambda
 
     f = lr_lambda(10, "cosine", 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)

@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from pipeline.eval.common import _device, _rank_world, eval_pass, rank_test_batches
+from pipeline.data.test_set import rank_test_batches
+from pipeline.eval.common import _device, _rank_world, eval_pass
 from pipeline.images import to_model_space
 from pipeline.collectives import gather_by_index, seed_for
 from pipeline.likelihood import data_bpd_offset

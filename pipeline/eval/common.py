@@ -1,6 +1,5 @@
 """Shared pieces of the evaluation stage (``pipeline.eval``): process state, rank / device,
-main-rank-first file checks, and the test set cut into global uint8 batches (read with
-``pipeline.data.reader``, the reader training uses; scale with ``pipeline.images.to_model_space``)."""
+main-rank-first file checks (the test set's global batches: ``pipeline.data.test_set``)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +8,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from pipeline.data.reader import iter_images, shard_urls
-from pipeline.eval.features import MissingFileError, batched, ceil_div
+from pipeline.status import MissingFileError
 from pipeline.collectives import broadcast_float
 from pipeline.collectives import dist_rank_world
 
@@ -60,34 +58,6 @@ def _main_first(state, fn: Callable[[bool], object]):
     if rank != 0:
         out = fn(False)
     return out
-
-
-def _test_batches(images: Optional[torch.Tensor], shards: Optional[str], channels: int, bs: int):
-    """Global batches (k, uint8 (n,C,H,W)) of the test set in a fixed order."""
-    if images is not None:
-        for k in range(ceil_div(images.shape[0], bs)):
-            yield k, images[k * bs:(k + 1) * bs]
-        return
-    urls = shard_urls(shards or "", key="test shards (--shards / data.test_shards)")
-    for k, chunk in enumerate(batched(iter_images(urls, channels), bs)):
-        yield k, torch.from_numpy(np.stack([a for _, a, _ in chunk])).permute(0, 3, 1, 2).contiguous()
-
-
-def rank_test_batches(images, shards, channels: int, bs: int, rank: int, world: int,
-                      max_samples: Optional[int] = None, num_batches: Optional[int] = None):
-    """This rank's share (batch k on rank k mod world) of the first ``max_samples`` test images
-    in at most ``num_batches`` global batches; every image counts, partial batches included."""
-    n_seen = 0
-    for k, u8 in _test_batches(images, shards, channels, bs):
-        if num_batches is not None and k >= num_batches:
-            break
-        if max_samples is not None:
-            if n_seen >= max_samples:
-                break
-            u8 = u8[: max_samples - n_seen]
-        n_seen += u8.shape[0]
-        if k % world == rank:
-            yield k, u8
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_path
+from pipeline.status import MissingFileError
 from pipeline.collectives import (all_reduce_max_int, all_reduce_sum, dist_rank_world, gather_by_index, gather_rows, seed_for)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -35,10 +36,6 @@ INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrai
                  + INCEPTION_FILE)
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
 RESIZE_TO = (299, 299)
-
-
-class MissingFileError(RuntimeError):
-    """A file the evaluation needs is missing and cannot be downloaded; one-line message."""
 
 
 # --------------------------------------------------------------------------- feature extractor
@@ -319,21 +316,6 @@ def load_ref_stats(path: str | Path) -> dict:
 
 
 # --------------------------------------------------------------------------- batching
-def batched(it: Iterable, n: int) -> Iterator[list]:
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 __all__ = [
     "MissingFileError", "FeatureExtractor", "FeatureStats", "check_feature_extractor",
     "check_ref_stats", "load_ref_stats", "save_stats", "frechet_distance", "kernel_distance",

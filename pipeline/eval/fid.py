@@ -12,7 +12,8 @@ import torch
 
 from pipeline.eval.common import _device, _rank_world, eval_pass
 from pipeline.data.reader import iter_images
-from pipeline.eval.features import FeatureExtractor, FeatureStats, batched, ceil_div, check_ref_stats, frechet_distance, kernel_distance, load_ref_stats
+from pipeline.data.test_set import batched, ceil_div
+from pipeline.eval.features import FeatureExtractor, FeatureStats, check_ref_stats, frechet_distance, kernel_distance, load_ref_stats
 from pipeline.collectives import broadcast_float
 from pipeline.collectives import all_reduce_sum, seed_for
 

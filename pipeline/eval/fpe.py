@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from pipeline.collectives import all_reduce_sum, seed_for
-from pipeline.eval.common import _device, _rank_world, eval_pass, rank_test_batches
+from pipeline.data.test_set import rank_test_batches
+from pipeline.eval.common import _device, _rank_world, eval_pass
 from pipeline.fpe import ResidualEstimator, _fp32_at_least, _rand, fpe_precision
 from pipeline.images import to_model_space
 from pipeline.score import get_score_fn

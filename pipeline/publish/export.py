@@ -24,7 +24,7 @@ import yaml
 
 from pipeline.atomic import atomic_directory
 from pipeline.rundir import CONFIG, EMA_WEIGHTS, EXPORT_METRICS, MODEL_CARD, save_weights
-from pipeline.train.tracking import plain_json
+from pipeline.atomic import plain_json
 
 
 # ============================================================================ export

@@ -103,7 +103,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     record = {"num_samples": args.num_samples, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
     if clf is not None:
-        from pipeline.train.classifier import input_scale
+        from pipeline.models.classifier import input_scale
         t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
         with torch.no_grad():
             logp = torch.log_softmax(clf(x, t_end, input_scale(sde, t_end)).float(), 1)
@@ -123,7 +123,7 @@ def sample_main(argv: list[str] | None = None) -> int:
 
 def _guided(args, score_fn, sde):
     """(guided score, labels (n,), classifier) for --class-label."""
-    from pipeline.train.classifier import load_classifier, log_prob_fn
+    from pipeline.models.classifier import load_classifier, log_prob_fn
     from pipeline.controllable import classifier_guided_score
     from pipeline.score import cycled_labels
 
@@ -149,7 +149,7 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     """--inpaint / --colorize on the first ``--num-samples`` test images."""
     from pipeline.controllable import colorize, inpaint, make_mask
     from pipeline.data.reader import shard_urls
-    from pipeline.eval.common import rank_test_batches
+    from pipeline.data.test_set import rank_test_batches
     from pipeline.images import save_grid, to_model_space, to_uint8
     from pipeline.score import get_score_fn
 

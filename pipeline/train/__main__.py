@@ -1,6 +1,6 @@
 """``python -m pipeline.train`` / ``accelerate launch -m pipeline.train``: the training stage."""
 import sys
 
-from pipeline.train.loop import main
+from pipeline.app import train_main
 
-sys.exit(main())
+sys.exit(train_main())

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -86,13 +86,15 @@ def _from_import(location: str, run: RunDir) -> InitSource:
                       ema_updates=info.get("ema_num_updates", step))
 
 
-def load_init_source(location: str) -> InitSource:
+def load_init_source(location: str, hub_export_folder: Optional[Callable] = None) -> InitSource:
     """Read ``training.init_from``: a checkpoint folder, a run dir, an imported run, an export
-    folder or weights file, or a Hub repo id. Errors are one line naming the source."""
+    folder or weights file, or a Hub repo id (downloaded by ``hub_export_folder``, the publishing
+    stage's, handed over by the entry point). Errors are one line naming the source."""
     p = Path(location).expanduser()
     if not p.exists():  # a Hub repo id: only its export exists there
-        from pipeline.publish.hub import export_folder  # deferred: the Hub client only for Hub ids
-        folder = export_folder(location)
+        if hub_export_folder is None:
+            raise ConfigError(f"training.init_from: {location} does not exist (a Hub repo id needs fpdiff train)")
+        folder = hub_export_folder(location)
         return InitSource(location, "export", folder, ema=read_weights(folder / EMA_WEIGHTS))
     if (p / CHECKPOINT_STATE).is_file():
         return _from_checkpoint(location, p)

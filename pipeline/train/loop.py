@@ -17,8 +17,9 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -28,23 +29,32 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.config import Config, ConfigError, load_config, save_config
 from pipeline.data.loader import build_train_loader, gather_state
-from pipeline.ema import EMA
 from pipeline.fpe import mean_by_t_bucket
 from pipeline.images import save_grid, to_uint8
 from pipeline.rundir import SAMPLES_PNG, RunDir
 from pipeline.score import sampling_score_fn
+from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, say
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.backends import build_backend
 from pipeline.train.init_source import load_init_source, plan_continuation
 from pipeline.train.step import TrainStep, class_labels, lr_lambda  # noqa: F401 (class_labels, lr_lambda: API)
 from pipeline.train.tracking import Tracker
 
-EXIT_OK, EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE = 0, 2, 3, 75
+__all__ = ["EXIT_BAD_CONFIG", "EXIT_NONFINITE", "EXIT_OK", "EXIT_REQUEUE", "TrainHooks", "class_labels",
+           "lr_lambda", "main", "train"]
 
 
-def say(msg: str) -> None:
-    """Status lines for people and launch scripts (stderr, unbuffered)."""
-    print(f"[fpdiff] {msg}", file=sys.stderr, flush=True)
+@dataclass
+class TrainHooks:
+    """What the trainer does through other stages, handed to ``train()`` by its entry point
+    (``pipeline.app``): the training stage imports neither ``pipeline.eval`` nor ``pipeline.publish``.
+    A hook left None is not done; a setting that needs it fails at start-up."""
+
+    check_eval: Optional[Callable] = None  # (cfg, dist_state): eval inputs present, or MissingFileError
+    evaluate: Optional[Callable] = None  # (ema_model, cfg, sde, dist_state, step=, run_dir=) -> metrics
+    export: Optional[Callable] = None  # (folder, ema_state, cfg_dict, card, repo_id=, images=) -> folder
+    hub_pusher: Optional[Callable] = None  # (cfg.hub) -> a background pusher (push, close, status)
+    hub_export_folder: Optional[Callable] = None  # (repo id) -> its export, downloaded (training.init_from)
 
 
 class StopRequest:
@@ -119,6 +129,7 @@ class Run:
     dist_state: SimpleNamespace
     loaders: list
     tracker: Tracker
+    hooks: TrainHooks
     pusher: object = None
     step: int = 0
     origin_step: int = 0
@@ -135,15 +146,20 @@ class Run:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
-          deepspeed_config: str | None = None, overwrite: bool = False) -> int:
+          deepspeed_config: str | None = None, overwrite: bool = False, hooks: TrainHooks | None = None) -> int:
     """Set up (or resume) a run, take optimizer steps until training.n_steps, then sample and export."""
-    r = start_run(cfg, Path(run_dir), resume, overwrite, deepspeed_config)
+    r = start_run(cfg, Path(run_dir), resume, overwrite, deepspeed_config, hooks or TrainHooks())
     exit_code = run_steps(r, progress)
     finish_run(r, exit_code, progress)
     return exit_code
 
 
-def start_run(cfg: Config, run_dir: Path, resume: str | None, overwrite: bool, deepspeed_config: str | None) -> Run:
+def start_run(cfg: Config, run_dir: Path, resume: str | None, overwrite: bool, deepspeed_config: str | None,
+              hooks: TrainHooks) -> Run:
+    for key, needed, hook in (("eval.every", cfg.eval.every, hooks.evaluate), ("hub.repo_id", cfg.hub.repo_id,
+                                                                                hooks.hub_pusher)):
+        if needed and hook is None:
+            raise ConfigError(f"{key}: this trainer was started without that stage (use fpdiff train / pipeline.app)")
     run = RunDir(run_dir)
     run.check_free(resume, overwrite)
     stop = StopRequest(run_dir)  # first: a preemption signal during start-up must not kill the job
@@ -157,11 +173,10 @@ def start_run(cfg: Config, run_dir: Path, resume: str | None, overwrite: bool, d
         say(f"fpe.subsample={cfg.fpe.subsample} exceeds the {micro_bs} samples of a micro-batch; "
             f"regularizing all {micro_bs}")
     dist_state = SimpleNamespace(process_index=backend.rank, num_processes=backend.world, device=backend.device)
-    if cfg.eval.every:
-        from pipeline.eval.cli import check_eval_inputs
-        check_eval_inputs(cfg, dist_state)  # a missing Inception / reference file fails now, not mid-run
+    if cfg.eval.every and hooks.check_eval:
+        hooks.check_eval(cfg, dist_state)  # a missing Inception / reference file fails now, not mid-run
     step_fn = TrainStep(cfg, backend)
-    start = where_to_start(step_fn, run_dir, resume)
+    start = where_to_start(step_fn, run_dir, resume, hooks.hub_export_folder)
     end_step = start.origin_step + tc.n_steps  # a fine-tune trains n_steps beyond its source's step
     step_fn.prepare(start.step, end_step, start.scheduler, start.optimizer_from)
 
@@ -180,11 +195,9 @@ def start_run(cfg: Config, run_dir: Path, resume: str | None, overwrite: bool, d
             atomic_write_json(run.init_source, start.continuation.record())
     backend.barrier()
     tracker = Tracker(cfg.logging, run_dir, cfg.to_dict(), backend.is_main, resumed=start.resumed)
-    pusher = None
-    if backend.is_main and cfg.hub.repo_id:
-        from pipeline.publish.hub import HubPusher
-        pusher = HubPusher.from_config(cfg.hub)  # uploads on a background thread, retries, never fatal
-    return Run(cfg, run, backend, step_fn, stop, dist_state, loaders, tracker, pusher, step=start.step,
+    # uploads on a background thread, retries, never fatal
+    pusher = hooks.hub_pusher(cfg.hub) if backend.is_main and cfg.hub.repo_id else None
+    return Run(cfg, run, backend, step_fn, stop, dist_state, loaders, tracker, hooks, pusher, step=start.step,
                origin_step=start.origin_step, end_step=end_step, resumed=start.resumed, counters=start.counters)
 
 
@@ -202,7 +215,7 @@ class Start:
     continuation: object = None
 
 
-def where_to_start(step_fn: TrainStep, run_dir: Path, resume: str | None) -> Start:
+def where_to_start(step_fn: TrainStep, run_dir: Path, resume: str | None, hub_export_folder=None) -> Start:
     """A resume (its own checkpoint), a fine-tune (training.init_from continues its source's weights,
     EMA, Adam state, step and data) or step 0. Weights go in now, before the backend wraps the model."""
     cfg, is_main = step_fn.cfg, step_fn.backend.is_main
@@ -220,7 +233,8 @@ def where_to_start(step_fn: TrainStep, run_dir: Path, resume: str | None) -> Sta
                      resumed=True)
     if not cfg.training.init_from:
         return Start()
-    plan = plan_continuation(load_init_source(cfg.training.init_from), cfg, step_fn.backend.name == "deepspeed")
+    plan = plan_continuation(load_init_source(cfg.training.init_from, hub_export_folder), cfg,
+                             step_fn.backend.name == "deepspeed")
     src = plan.source
     step_fn.load_weights(src.start_weights, src.ema, Path(src.path))
     if plan.rng is not None:
@@ -283,9 +297,8 @@ def run_steps(r: Run, progress: bool) -> int:
             r.tracker.log(metrics, step=step)
             bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
         if cfg.eval.every and step % cfg.eval.every == 0 and step < r.end_step:
-            from pipeline.eval.cli import evaluate_in_training
-            eval_metrics = evaluate_in_training(r.step_fn.ema.model, cfg, r.step_fn.sde, r.dist_state, step=step,
-                                                run_dir=r.run.path)
+            eval_metrics = r.hooks.evaluate(r.step_fn.ema.model, cfg, r.step_fn.sde, r.dist_state, step=step,
+                                            run_dir=r.run.path)
             r.tracker.log(eval_metrics, step=step)
             r.last_metrics.update(eval_metrics)
         if tc.sample_every and step % tc.sample_every == 0 and step < r.end_step and is_main:
@@ -297,7 +310,7 @@ def run_steps(r: Run, progress: bool) -> int:
         if (step % tc.ckpt_every == 0 or step == r.end_step or stop_now) and not counters.consecutive_nonfinite:
             save(r)
             if r.pusher and cfg.hub.push_every and step % cfg.hub.push_every == 0 and step < r.end_step:
-                r.pusher.push(export(r.run.path, cfg, r.step_fn.ema, step, counters, r.last_metrics), f"step {step}")
+                r.pusher.push(export(r), f"step {step}")
         if stop_now and step < r.end_step:
             if is_main:
                 r.stop.consume()
@@ -350,13 +363,14 @@ def finish_run(r: Run, exit_code: int, progress: bool) -> None:
         grid = sample_grid(r.step_fn.ema.model, cfg, r.step_fn.sde, r.backend.device, run.samples_png,
                            seed=cfg.training.seed, progress=progress)
         r.tracker.log_image("samples", str(grid), step=step)
-        export_dir = export(run.path, cfg, r.step_fn.ema, step, counters, r.last_metrics, images={SAMPLES_PNG: grid})
-        if r.pusher:
+        export_dir = export(r, images={SAMPLES_PNG: grid})
+        if r.pusher and export_dir:
             r.pusher.push(export_dir, f"final: step {step}")
         summary = {"steps": step, "images_per_s": r.images_seen / max(elapsed, 1e-9), "seconds": elapsed,
                    "final_loss": counters.loss_curve[-1][1] if counters.loss_curve else None,
                    "loss_curve": counters.loss_curve, "skipped_steps": counters.skipped_steps,
-                   "corrupt_samples": counters.corrupt_samples, "samples": str(grid), "export": str(export_dir)}
+                   "corrupt_samples": counters.corrupt_samples, "samples": str(grid),
+                   "export": str(export_dir) if export_dir else None}
     if r.pusher:  # bounded: a Hub outage must not hold the exit (preemption has a grace period)
         r.pusher.close(timeout=600 if exit_code == EXIT_OK else 30)
     if summary is not None:
@@ -370,14 +384,14 @@ def finish_run(r: Run, exit_code: int, progress: bool) -> None:
     r.backend.end()
 
 
-def export(run_dir: Path, cfg: Config, ema: EMA, step: int, counters: Counters, metrics: dict,
-           images: dict | None = None) -> Path:
-    """EMA weights + config + metrics + model card in RUN/export (what `fpdiff push` uploads)."""
-    from pipeline.publish.export import write_export
-
-    card = {"step": step, "skipped_steps": counters.skipped_steps, **metrics}
-    return write_export(RunDir(run_dir).export, ema.state_dict(), cfg.to_dict(), card, repo_id=cfg.hub.repo_id or None,
-                        images=images)
+def export(r: Run, images: dict | None = None) -> Path | None:
+    """EMA weights + config + metrics + model card in RUN/export (what `fpdiff push` uploads), through
+    the export hook (None without one)."""
+    if r.hooks.export is None:
+        return None
+    card = {"step": r.step, "skipped_steps": r.counters.skipped_steps, **r.last_metrics}
+    return r.hooks.export(r.run.export, r.step_fn.ema.state_dict(), r.cfg.to_dict(), card,
+                          repo_id=r.cfg.hub.repo_id or None, images=images)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -395,15 +409,13 @@ def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.eval.features import MissingFileError
-
+def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
     args = build_parser("python -m pipeline.train").parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
         return train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
-                     deepspeed_config=args.deepspeed, overwrite=args.overwrite)
+                     deepspeed_config=args.deepspeed, overwrite=args.overwrite, hooks=hooks)
     except ckpt.CheckpointError as e:
         print(f"fpdiff: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG

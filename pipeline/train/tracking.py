@@ -23,37 +23,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.atomic import atomic_write_text
+from pipeline.atomic import atomic_write_text, plain_json
 from pipeline.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
 MAX_WANDB_ERRORS = 5
-
-
-def plain_json(value: Any) -> Any:
-    """A JSON-friendly version of a metric (tensors / numpy scalars to floats, NaN kept as string)."""
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            value = value.item()
-        except (ValueError, RuntimeError):
-            return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan" / "inf": valid JSON, still readable
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): plain_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_json(v) for v in value]
-    return str(value)
 
 
 def last_logged_step(metrics_path: str | Path) -> int | None:

@@ -1,4 +1,5 @@
-"""Time-dependent classifier p_t(y | x_t) for class-conditional sampling (Song et al. 2021, §5).
+"""The classifier stage: trains the time-dependent classifier p_t(y | x_t) (``pipeline.models.classifier``)
+for class-conditional sampling (Song et al. 2021, §5).
 
 ``fpdiff classifier --run-dir RUN`` trains one on the run's shards (labels from ``.cls``) with
 cross-entropy on x_t ~ p_0t(· | x_0), t ~ U[eps, 1], under the run's SDE, and writes
@@ -9,75 +10,20 @@ s + scale·∇x log p_t(y | x) (``pipeline.controllable.classifier_guided_score`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from pipeline.config import ConfigError, load_saved_config
+from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.fpe import mean_by_t_bucket
-from pipeline.models.layers import timestep_embedding
-from pipeline.sde import SDE, _bcast
-
-WEIGHTS, META = "model.safetensors", "classifier.json"
-
-
-# --------------------------------------------------------------------------- network
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, temb: int, stride: int):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
-        self.norm = nn.GroupNorm(min(8, cout // 4), cout)
-        self.dense = nn.Linear(temb, cout)
-
-    def forward(self, h, emb):
-        return F.silu(self.norm(self.conv(h)) + self.dense(emb)[:, :, None, None])
-
-
-class NoiseConditionalClassifier(nn.Module):
-    """logits(x_t, t): three conv blocks (the last two stride 2), 4×4 average pool, linear
-    (a global mean pool kept too little of where the strokes are: ~50% on clean MNIST after 300
-    steps).
-
-    The input is scaled by c_in(t) = 1/√(a(t)² + σ(t)²) so that VE's large σ and VP's unit
-    scale look alike (given as ``c_in``); the time enters through a sinusoidal embedding of 1000·t
-    added in every block.
-    """
-
-    def __init__(self, channels: int, num_classes: int, nf: int = 32):
-        super().__init__()
-        self.settings = {"channels": channels, "num_classes": num_classes, "nf": nf}
-        temb = 4 * nf
-        self.nf = nf
-        self.temb = nn.Sequential(nn.Linear(nf, temb), nn.SiLU(), nn.Linear(temb, temb))
-        self.blocks = nn.ModuleList([_Block(channels, nf, temb, 1), _Block(nf, 2 * nf, temb, 2),
-                                     _Block(2 * nf, 2 * nf, temb, 2)])
-        self.head = nn.Linear(2 * nf * 16, num_classes)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_in: torch.Tensor) -> torch.Tensor:
-        emb = self.temb(timestep_embedding(1000.0 * t, self.nf))
-        h = x * _bcast(c_in, x)
-        for b in self.blocks:
-            h = b(h, emb)
-        return self.head(F.adaptive_avg_pool2d(h, 4).flatten(1))
-
-
-def input_scale(sde: SDE, t: torch.Tensor) -> torch.Tensor:
-    a, s = sde.mean_coeff(t), sde.marginal_std(t)
-    return torch.rsqrt(a * a + s * s)
-
-
-def log_prob_fn(clf: NoiseConditionalClassifier, sde: SDE):
-    """(x, t, y) -> log p_t(y | x), differentiable in x (for ``classifier_guided_score``)."""
-
-    def log_prob(x, t, y):
-        logits = clf(x, t, input_scale(sde, t))
-        return torch.log_softmax(logits.float(), 1).gather(1, y[:, None].long()).squeeze(1)
-
-    return log_prob
+from pipeline.models.classifier import NoiseConditionalClassifier, input_scale, save_classifier
+from pipeline.rundir import RunDir
+from pipeline.sde import SDE, _bcast, build_sde
 
 
 def classifier_loss(clf, sde: SDE, x0: torch.Tensor, y: torch.Tensor, eps: float,
@@ -91,38 +37,11 @@ def classifier_loss(clf, sde: SDE, x0: torch.Tensor, y: torch.Tensor, eps: float
     return F.cross_entropy(logits, y), logits.argmax(1) == y, t
 
 
-# --------------------------------------------------------------------------- save / load
-def save_classifier(folder: str | Path, clf: NoiseConditionalClassifier, meta: dict) -> Path:
-    """Atomically write ``folder`` (weights + JSON); an existing folder is replaced whole."""
-    from pipeline.atomic import atomic_directory
-    from pipeline.rundir import save_weights
-
-    with atomic_directory(folder) as tmp:
-        save_weights(tmp / WEIGHTS, clf.state_dict())
-        (tmp / META).write_text(json.dumps({**meta, "settings": clf.settings}, indent=1))
-    return Path(folder)
-
-
-def load_classifier(folder: str | Path, device="cpu") -> tuple[NoiseConditionalClassifier, dict]:
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / WEIGHTS).is_file() or not (folder / META).is_file():
-        raise FileNotFoundError(f"classifier {folder}: no {WEIGHTS} + {META} there "
-                                f"(train one with `fpdiff classifier --run-dir RUN`)")
-    meta = json.loads((folder / META).read_text())
-    clf = NoiseConditionalClassifier(**meta["settings"])
-    clf.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return clf.to(device).eval(), meta
-
-
 # --------------------------------------------------------------------------- training
 @torch.no_grad()
 def accuracy_by_t(clf, sde: SDE, cfg, eps: float, *, max_samples: int, batch_size: int, device,
                   n_buckets: int = 4, seed: int = 0) -> dict:
     """Test accuracy of ``clf`` on x_t, per t-bucket of [eps, 1] and overall."""
-    from pipeline.data.loader import build_eval_loader
-
     g = torch.Generator(device=device).manual_seed(seed)
     ts, hits, seen = [], [], 0
     for images, labels, _ in build_eval_loader(cfg, batch_size=batch_size, num_workers=0):
@@ -142,11 +61,6 @@ def accuracy_by_t(clf, sde: SDE, cfg, eps: float, *, max_samples: int, batch_siz
 
 def train_classifier(cfg, out: Path, *, steps: int, batch_size: int, lr: float, nf: int, num_classes: int,
                      device, seed: int = 0, eval_samples: int = 1000, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
-    from pipeline.data.loader import build_train_loader
-    from pipeline.sde import build_sde
-
     sde = build_sde(cfg.sde)
     eps = cfg.training.eps
     torch.manual_seed(seed)
@@ -177,8 +91,6 @@ def train_classifier(cfg, out: Path, *, steps: int, batch_size: int, lr: float, 
 
 
 def classifier_main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError, load_saved_config
-
     p = argparse.ArgumentParser(prog="fpdiff classifier", description=(
         "Train a time-dependent classifier p_t(y|x_t) on a run's shards (for `fpdiff sample --class-label`)."))
     p.add_argument("--run-dir", required=True, help="run directory (its config.yaml gives data and SDE)")
@@ -193,8 +105,6 @@ def classifier_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.shards=...")
     args = p.parse_args(argv)
-    from pipeline.rundir import RunDir
-
     run = RunDir(args.run_dir)
     try:
         if not run.config.is_file():

@@ -1,0 +1,77 @@
+"""The package's layers (README, "Layout"): the core imports no stage; a stage imports the core and
+``pipeline.data``, never another stage; only the application layer (``pipeline.app``, ``pipeline.cli``,
+``pipeline.demo``, ``__main__`` modules) wires stages together. Read from the source with ``ast``,
+so imports inside functions count too."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "pipeline"
+STAGES = {"data", "train", "eval", "sample", "publish", "classifier"}
+APP = {"pipeline.app", "pipeline.cli", "pipeline.demo"}
+
+
+def module_name(path: Path, pkg: Path) -> str:
+    parts = path.relative_to(pkg.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if module in APP or parts[-1] == "__main__":
+        return "app"
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else "core"
+
+
+def imports(path: Path) -> set[str]:
+    """Every pipeline module ``path`` imports (``from pipeline import x``: pipeline.x)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {f"pipeline.{a.name}" for a in node.names} if node.module == "pipeline" else {node.module}
+    return {n for n in found if n.split(".")[0] == "pipeline"}
+
+
+def violations(pkg: Path) -> list[str]:
+    bad = []
+    for path in sorted(pkg.rglob("*.py")):
+        mod = module_name(path, pkg)
+        here = layer(mod)
+        for target in sorted(imports(path)):
+            there = layer(target)
+            if here == "app" or there in ("core", here, "data"):
+                if here == "core" and there == "data":
+                    bad.append(f"{mod} (core) imports {target} (stage data)")
+                continue
+            what = "the application layer" if there == "app" else f"stage {there}"
+            bad.append(f"{mod} ({'core' if here == 'core' else 'stage ' + here}) imports {target} ({what})")
+    return bad
+
+
+def test_no_stage_imports_another_and_the_core_imports_no_stage():
+    assert violations(PKG) == []
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from pipeline.eval.cli import evaluate_main\n", "pipeline.train.x (stage train) imports pipeline.eval.cli (stage eval)"),
+    ("def f():\n    import pipeline.publish.hub\n", "pipeline.train.x (stage train) imports pipeline.publish.hub (stage publish)"),
+    ("from pipeline.app import train\n", "pipeline.train.x (stage train) imports pipeline.app (the application layer)"),
+])
+def test_a_stage_importing_another_is_caught(tmp_path, source, expected):
+    (tmp_path / "pipeline" / "train").mkdir(parents=True)
+    (tmp_path / "pipeline" / "train" / "x.py").write_text(source + "from pipeline.data.loader import build_train_loader\n")
+    assert violations(tmp_path / "pipeline")[0].startswith(expected)
+    assert len(violations(tmp_path / "pipeline")) == 1  # data and the core are allowed
+
+
+def test_the_core_importing_a_stage_is_caught(tmp_path):
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "score.py").write_text("from pipeline.sde import SDE\nfrom pipeline.data.reader import shard_urls\n"
+                                                    "from pipeline.train.step import TrainStep\n")
+    assert violations(tmp_path / "pipeline") == [
+        "pipeline.score (core) imports pipeline.data.reader (stage data)",
+        "pipeline.score (core) imports pipeline.train.step (stage train)",
+    ]
