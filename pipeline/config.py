@@ -529,4 +529,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+# the shipped configs: inside an installed package (setup.py copies configs/ to pipeline/configs),
+# else the source checkout's top-level configs/ (an editable install runs from the checkout)
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else REPO_ROOT / "configs"
