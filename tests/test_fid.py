@@ -1,8 +1,8 @@
 """FID stage: statistics, clean-fid conventions, offline failure, 2-process == 1-process.
 
-A small TorchScript feature extractor is built here (no Inception download); the score
-model of the CLI runs is a tiny stand-in swapped in for ``build_model`` inside the worker
-processes, so the real CLI path (loading, start-up checks, sampling, distributed
+A small TorchScript feature extractor (tests/helpers/eval_fixtures.py; no Inception download); the
+score model of the CLI runs is a tiny stand-in swapped in for ``build_model`` inside the worker
+processes (tests/helpers/eval_worker.py), so the real CLI path (loading, start-up checks, sampling, distributed
 statistics, results JSON, summary line) runs on CPU in seconds.
 """
 from __future__ import annotations
@@ -11,126 +11,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+from helpers.eval_fixtures import (EVAL_WORKER, ROOT, TINY_OVERRIDES, build_extractor, clean_env, make_export,
+                                    random_ref, run_eval, write_test_shards)
 from ports import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# --------------------------------------------------------------------------- fixtures shared with test_evaluate
-class TinyExtractor(nn.Module):
-    """(B, 3, H, W) floats in [0, 255] -> (B, 16) features."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.conv = nn.Conv2d(3, 8, 3)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
-            self.conv.bias.copy_(torch.randn(8, generator=g) * 0.1)
-
-    def forward(self, x):
-        x = F.avg_pool2d(x / 128.0 - 1.0, 8)
-        x = torch.tanh(self.conv(x))
-        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
-
-
-def build_extractor(path: Path) -> Path:
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(TinyExtractor()).save(str(path))
-    return path
-
-
-STANDIN = '''
-import torch, torch.nn as nn
-class StandIn(nn.Module):
-    """forward(x, labels) like the UNets; tiny and fast."""
-    def __init__(self, channels):
-        super().__init__()
-        g = torch.Generator().manual_seed(3)
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.2)
-            self.conv.bias.zero_()
-    def forward(self, x, labels):
-        return torch.tanh(self.conv(x)) * (0.5 + 0.5 * torch.sigmoid(labels / 999.0)).view(-1, 1, 1, 1)
-'''
-
-WORKER = STANDIN + '''
-import sys
-torch.set_num_threads(1)
-import pipeline.models as pm
-pm.build_model = lambda cfg: StandIn(cfg.data.num_channels)
-from pipeline.eval.cli import evaluate_main
-sys.exit(evaluate_main(sys.argv[1:]))
-'''
-
-TINY_OVERRIDES = ["data.image_size=8", "data.num_channels=1", "model.nf=8", "model.ch_mult=[1,2]",
-                  "model.num_res_blocks=1", "model.attn_resolutions=[]", "sampling.num_steps=4",
-                  "sampling.corrector=none", "logging.backend=none"]
-
-
-def make_export(run_dir: Path, overrides=()) -> Path:
-    """RUN/export with the stand-in's weights and a tiny config (step 7), and RUN/config.yaml as a
-    run has it (an export folder on its own gets no results written above it)."""
-    from pipeline.config import load_config, save_config
-    from pipeline.publish.export import write_export
-
-    ns: dict = {}
-    exec(STANDIN, ns)
-    cfg = load_config(None, TINY_OVERRIDES + list(overrides))
-    model = ns["StandIn"](cfg.data.num_channels)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    return write_export(run_dir / "export", model.state_dict(), cfg.to_dict(), {"step": 7})
-
-
-def write_worker(tmp: Path) -> Path:
-    w = tmp / "eval_worker.py"
-    w.write_text(WORKER)
-    return w
-
-
-def clean_env(**extra) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONWARNINGS"] = "ignore"
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
-
-
-def run_eval(worker: Path, args: list[str], procs: int, env: dict, timeout=240) -> subprocess.CompletedProcess:
-    if procs == 1:
-        cmd = [sys.executable, str(worker)] + args
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(worker)] + args
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"rc={r.returncode}\nSTDOUT:\n{r.stdout[-3000:]}\nSTDERR:\n{r.stderr[-5000:]}"
-    return r
-
-
-def random_ref(path: Path, extractor: Path, n=40, seed=0) -> Path:
-    """Reference statistics of random 8x8 gray images through the tiny extractor."""
-    from pipeline.eval.features import FeatureExtractor, FeatureStats, save_stats
-
-    g = torch.Generator().manual_seed(seed)
-    u8 = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    fe = FeatureExtractor(str(extractor))
-    f = fe(u8)
-    st = FeatureStats()
-    st.update(f)
-    return save_stats(path, st, feats=f.numpy())
 
 
 # --------------------------------------------------------------------------- unit tests
@@ -249,7 +137,7 @@ def test_fid_two_processes_equal_one_process(tmp_path):
     export = make_export(tmp_path / "run")
     fe = build_extractor(tmp_path / "fe.pt")
     ref = random_ref(tmp_path / "ref.npz", fe)
-    worker = write_worker(tmp_path)
+    worker = EVAL_WORKER
     env = clean_env()
     out = {}
     for procs in (1, 2):
@@ -284,7 +172,7 @@ def test_fid_from_saved_samples_equals_fid_while_sampling(tmp_path):
     export = make_export(tmp_path / "run")
     fe = build_extractor(tmp_path / "fe.pt")
     ref = random_ref(tmp_path / "ref.npz", fe)
-    worker, env = write_worker(tmp_path), clean_env()
+    worker, env = EVAL_WORKER, clean_env()
     base = ["fid", str(export), "--feature-extractor", str(fe), "--ref-stats", str(ref), "--batch-size", "3",
             "--no-progress"]
     for seed in (0, 1):
@@ -316,11 +204,9 @@ def test_fid_from_saved_samples_equals_fid_while_sampling(tmp_path):
 @pytest.mark.slow
 def test_ref_stats_two_processes_equal_one_process(tmp_path):
     """`ref-stats` over shards split across 2 ranks == 1 rank (uneven shards, 1 channel)."""
-    from test_evaluate import write_test_shards
-
     pattern = write_test_shards(tmp_path / "shards", sizes=(5, 2, 4))
     fe = build_extractor(tmp_path / "fe.pt")
-    worker = write_worker(tmp_path)
+    worker = EVAL_WORKER
     env = clean_env()
     z = {}
     for procs in (1, 2):
@@ -340,7 +226,7 @@ def test_cli_offline_two_processes_one_line_no_hang(tmp_path):
     (no rank left waiting in a collective), with one error line from the main rank."""
     export = make_export(tmp_path / "run")
     ref = random_ref(tmp_path / "ref.npz", build_extractor(tmp_path / "fe.pt"))
-    worker = write_worker(tmp_path)
+    worker = EVAL_WORKER
     env = clean_env(FPDIFF_OFFLINE="1", FPDIFF_INCEPTION_DIR=str(tmp_path / "empty"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -468,4 +468,36 @@ def test_regularizer_options_run(opts):
     out = reg(net, x0, x0 + 0.1, t, step=3 if "every" in opts else 0, generator=torch.Generator().manual_seed(0))
     assert out.residual_norm.shape == (4,) and torch.isfinite(out.loss)
     out.loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("opts", [dict(dt_method="fd3"), dict(div_method="exact"), dict(probe="gaussian", n_probes=3),
+                                  dict(norm_estimator="single", n_probes=1, m=1.0, weighting="convention")])
+def test_regularizer_gradient_matches_finite_differences(opts):
+    """The parameter gradient of L_FP (through every probe) against a central difference of the loss
+    along a random direction of the weights (float64, the same probes and points for every call)."""
+    net = TinyMLP(4).double()
+    cfg = FPEConfig(**{"subsample": 0.5, "probe_gradient": "all", "fused": False, **opts})
+    cfg.validate("fpe")
+    reg = FPERegularizer(cfg, VESDE())
+    x0 = torch.randn(8, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.rand(8, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.9 + 0.05
+
+    def loss():
+        return reg(net, x0, x0 + 0.1, t, generator=torch.Generator().manual_seed(0)).loss
+    params = list(net.parameters())
+    grads = torch.autograd.grad(loss(), params)
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(3 + i), dtype=p.dtype)
+                 for i, p in enumerate(params)]
+    h = 1e-5
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+    up = loss().detach()
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.sub_(2 * h * d)
+    down = loss().detach()
+    fd = float((up - down) / (2 * h))
+    analytic = float(sum((g * d).sum() for g, d in zip(grads, direction)))
+    assert abs(analytic) > 0 and analytic == pytest.approx(fd, rel=1e-4, abs=1e-9)
