@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 
 import pipeline.fused  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.fpe import FPEOutput, FPERegularizer, _flat_dot, fpe_precision  # noqa: E402
+from pipeline.fpe import FPEOutput, FPERegularizer, flat_dot, fpe_precision  # noqa: E402
 from pipeline.score import get_score_fn  # noqa: E402
 from pipeline.train.step import TrainStep  # noqa: E402
 
@@ -66,10 +66,10 @@ def reference_residual_loss(model, sde, x, t, g, timer=None):
     score_e = (sf(x, t) * eps).sum()                           # forward 2: s recomputed
     tick("forwards")
     (gse,) = torch.autograd.grad(score_e, x, create_graph=True)
-    div = _flat_dot(gse, eps)
+    div = flat_dot(gse, eps)
     tick("vjp")
     g2 = sde.diffusion(t) ** 2
-    phi = div + s.flatten(1).pow(2).sum(1) + _flat_dot(x, s)
+    phi = div + s.flatten(1).pow(2).sum(1) + flat_dot(x, s)
     (grad_phi,) = torch.autograd.grad(phi.sum(), x, create_graph=True)
     rhs = 0.5 * g2.view(-1, 1, 1, 1) * grad_phi
     tick("double_backward")

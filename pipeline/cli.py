@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.status import EXIT_BAD_CONFIG
+
 USAGE = """usage: fpdiff <command> [options]
 
 Train score-based diffusion models with the FP-Diffusion score Fokker-Planck regularizer.
@@ -31,7 +33,7 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
     if cmd == "data":
         if not argv or argv[0] != "shards":
             print("usage: fpdiff data shards [options]   (see fpdiff data shards --help)", file=sys.stderr)
-            return 2
+            return EXIT_BAD_CONFIG
         argv = argv[1:]
     if cmd == "train":
         from pipeline.app import train_main
@@ -43,7 +45,7 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
               "sample": "pipeline.sample", "push": "pipeline.publish", "classifier": "pipeline.classifier"}
     if cmd not in stages:
         print(f"fpdiff: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_CONFIG
     import importlib
     return importlib.import_module(stages[cmd]).main(argv)
 

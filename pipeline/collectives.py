@@ -93,6 +93,12 @@ def gather_by_index(index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tens
     return idx[order], val[order]
 
 
+def rng_for(*keys: int) -> np.random.Generator:
+    """A numpy generator from integer keys (seed, epoch, shard, ...): the data order's randomness. Its
+    values are kept as they were (a checkpoint's data position depends on them), hence not seed_for's."""
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys])
+
+
 def seed_for(*keys: int) -> int:
     """A 63-bit seed from integer keys (seed, pass, batch index, ...); independent of rank."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
+    # a label (score_sde's model name, kept with the run and its export): DDPM++ and NCSN++ are
+    # configurations of one network, set by the keys below
     name: Literal["ddpmpp", "ncsnpp"] = "ddpmpp"
     nf: int = 128  # base channel count
     ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
@@ -41,7 +43,7 @@ class ModelConfig:
     progressive_input: Literal["none", "input_skip", "residual"] = "none"
     progressive_combine: Literal["sum", "cat"] = "sum"
     init_scale: float = 0.0
-    conv_size: int = 3
+    conv_size: Literal[3] = 3  # score_sde's key; its convolutions are 3x3 (checked when the config loads)
     scale_by_sigma: bool = False  # VE models divide their output by sigma(t)
     # attention heads: the math SDPA kernel is forced inside the regularizer
     num_heads: int = 1

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from pipeline.sampling import pc_sample
-from pipeline.sde import SDE, _bcast
+from pipeline.sde import SDE
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LogProbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,10 +64,9 @@ def inpaint_constraint(sde: SDE, data: torch.Tensor, mask: torch.Tensor,
     def constraint(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if bool((t == 0).all()):
             return torch.where(known, data, x)
-        mean, std = sde.marginal_prob(data, t)
         gdev = generator.device if generator is not None else data.device
         z = torch.randn(data.shape, generator=generator, device=gdev, dtype=data.dtype).to(data.device)
-        return torch.where(known, mean + _bcast(std, data) * z, x)
+        return torch.where(known, sde.perturb(data, t, z)[0], x)
 
     return constraint
 

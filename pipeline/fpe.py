@@ -52,18 +52,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pipeline.config import FPEConfig
 from pipeline.likelihood import draw_probes
 from pipeline.score import get_score_fn
-from pipeline.sde import SDE, _bcast
+from pipeline.sde import SDE, bcast
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- helpers
-def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample inner product, (B, ...) x (B, ...) -> (B,)."""
     return (a * b).flatten(1).sum(1)
 
 
-def _fp32_at_least(dtype):
+def fp32_at_least(dtype):
     """fp32 for half / bf16 / fp32 inputs; float64 stays float64 (tests)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -112,7 +112,7 @@ def score_and_dt(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, dt_meth
     rng = _RNGReplay(x.device)
     s = score_fn(x, t)
     h, direction = _fd_step(t, fd_step, dt_method)
-    hb = _bcast(h, x)
+    hb = bcast(h, x)
     rng_after = _RNGReplay(x.device)
     if dt_method == "central":
         rng.replay()
@@ -126,7 +126,7 @@ def score_and_dt(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, dt_meth
         s_1 = score_fn(x, t + direction * h)
         rng.replay()
         s_2 = score_fn(x, t + 2 * direction * h)
-        dsdt = -_bcast(direction, x) * (3 * s - 4 * s_1 + s_2) / (2 * hb)
+        dsdt = -bcast(direction, x) * (3 * s - 4 * s_1 + s_2) / (2 * hb)
     rng_after.replay()  # leave the global RNG as after one forward
     return s, dsdt
 
@@ -135,7 +135,7 @@ def _phi_terms(sde: SDE, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor):
     """The probe-free part of φ: (g²/2)‖s‖² − ⟨f, s⟩ − ∇·f, and g²/2 (B,)."""
     g2_half = 0.5 * sde.diffusion(t) ** 2
     f = sde.drift(x, t)
-    return g2_half * s.flatten(1).pow(2).sum(1) - _flat_dot(f, s) - sde.drift_divergence(x, t), g2_half
+    return g2_half * s.flatten(1).pow(2).sum(1) - flat_dot(f, s) - sde.drift_divergence(x, t), g2_half
 
 
 def exact_divergence(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -203,9 +203,9 @@ def reference_scalar_term(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: torch
     s = score_fn(x, t)
     v = draw_probes(x.shape, 1, probe, generator=generator, device=x.device, dtype=x.dtype)[0]
     (u,) = torch.autograd.grad(s, x, v, create_graph=True)
-    div = _flat_dot(u, v)
+    div = flat_dot(u, v)
     g2_half = 0.5 * sde.diffusion(t) ** 2
-    return g2_half * (div + s.flatten(1).pow(2).sum(1) + _flat_dot(x, s))
+    return g2_half * (div + s.flatten(1).pow(2).sum(1) + flat_dot(x, s))
 
 
 # --------------------------------------------------------------------------- the estimator
@@ -271,7 +271,7 @@ class ResidualEstimator:
         """
         from pipeline.fused import fused_ops, plain_ops
         with fpe_precision(x.device), (fused_ops() if self.fused else plain_ops()):
-            return self._estimates(score_fn, x.to(_fp32_at_least(x.dtype)), t.to(_fp32_at_least(t.dtype)),
+            return self._estimates(score_fn, x.to(fp32_at_least(x.dtype)), t.to(fp32_at_least(t.dtype)),
                                    generator, probes, create_graph, stage or (lambda name: None))
 
     def _estimates(self, score_fn, x, t, generator, probes, create_graph, stage):
@@ -293,7 +293,7 @@ class ResidualEstimator:
             last = k == len(probes) - 1
             keep = create_graph and (k == 0 or not self.first_probe_only)  # this estimate reaches θ
             (u,) = torch.autograd.grad(s, x, v, create_graph=True)                        # Jᵀv
-            psi = g2_half * _flat_dot(u, v) + base                                         # φ̂_v
+            psi = g2_half * flat_dot(u, v) + base                                         # φ̂_v
             stage("vjp")
             # the shared forward graph must survive for the later probes and the final backward
             (grad_phi,) = torch.autograd.grad(psi.sum(), x, create_graph=keep,
@@ -344,7 +344,9 @@ def subsample_size(subsample, B: int) -> int:
     return max(1, min(B, int(round(float(subsample) * B))))
 
 
-def _rand(shape, generator, device, dtype=torch.float32, normal=False):
+def draw_random(shape, generator, device, dtype=torch.float32, normal=False):
+    """Uniform (or standard normal) draws from ``generator`` on the generator's own device, moved to
+    ``device`` (a CPU generator gives the same numbers on any device)."""
     gdev = generator.device if generator is not None else device
     fn = torch.randn if normal else torch.rand
     return fn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
@@ -358,10 +360,10 @@ def select_points(cfg, sde: SDE, x0: torch.Tensor, xt: Optional[torch.Tensor], t
     none is given) are re-perturbed from x0 at t ~ U[t_min, t_max]. clean: x0 at t ~ U.
     uniform: uniform in the bounding box of the clean batch at t ~ U (the reference's 'random').
     """
-    dt = _fp32_at_least(x0.dtype)
+    dt = fp32_at_least(x0.dtype)
     x0s = x0[idx].detach().to(dt)
     k = x0s.shape[0]
-    t_new = cfg.t_min + (cfg.t_max - cfg.t_min) * _rand((k,), generator, x0.device, dt)
+    t_new = cfg.t_min + (cfg.t_max - cfg.t_min) * draw_random((k,), generator, x0.device, dt)
     if cfg.points == "perturbed":
         if xt is not None and t is not None:
             ts = t[idx].detach().to(dt)
@@ -370,17 +372,16 @@ def select_points(cfg, sde: SDE, x0: torch.Tensor, xt: Optional[torch.Tensor], t
         else:
             ts, xs, bad = t_new, x0s, torch.ones(k, dtype=torch.bool, device=x0.device)
         if bool(bad.any()):
-            z = _rand(x0s.shape, generator, x0.device, dt, normal=True)
-            mean, std = sde.marginal_prob(x0s, t_new)
-            fresh = mean + _bcast(std, x0s) * z
+            z = draw_random(x0s.shape, generator, x0.device, dt, normal=True)
+            fresh, _ = sde.perturb(x0s, t_new, z)
             ts = torch.where(bad, t_new, ts)
-            xs = torch.where(_bcast(bad, xs), fresh, xs)
+            xs = torch.where(bcast(bad, xs), fresh, xs)
         return xs, ts
     if cfg.points == "clean":
         return x0s, t_new
     if cfg.points == "uniform":
         lo, hi = x0s.min(), x0s.max()
-        return lo + (hi - lo) * _rand(x0s.shape, generator, x0.device, dt), t_new
+        return lo + (hi - lo) * draw_random(x0s.shape, generator, x0.device, dt), t_new
     raise ValueError(f"fpe.points: unknown choice {cfg.points!r}")
 
 

@@ -45,7 +45,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 from pipeline.ode import odeint_adaptive
-from pipeline.sde import SDE, _bcast
+from pipeline.sde import SDE, bcast
 
 __all__ = ["log_likelihood", "bits_per_dim", "bpd_offset", "data_bpd_offset", "draw_probes"]
 
@@ -124,7 +124,7 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *,
         s = s.detach()
         f, g = sde.sde(xt.detach(), t)
         g2 = g * g
-        dx = f - 0.5 * _bcast(g2, s) * s
+        dx = f - 0.5 * bcast(g2, s) * s
         ddelta = sde.drift_divergence(xt.detach(), t) - 0.5 * g2 * div_s.detach()
         return torch.cat([dx.reshape(B, -1), ddelta.reshape(B, 1).to(y.dtype)], dim=1)
 

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.sde import SDE, _bcast
+from pipeline.sde import SDE, bcast
 
 __all__ = ["DSMLoss", "DSMOutput"]
 
@@ -73,9 +73,9 @@ class DSMLoss:
         """The (B,) loss for given score values, noise, times and σ(t)."""
         B = score.shape[0]
         if self.likelihood_weighting:
-            r = score + z / _bcast(std, z)
+            r = score + z / bcast(std, z)
         else:
-            r = score * _bcast(std, z) + z
+            r = score * bcast(std, z) + z
         sq = r.reshape(B, -1).pow(2)
         # score_sde: reduce_op = torch.mean, or 0.5 * torch.sum (so VE runs weigh DSM as the official ones)
         per = sq.mean(1) if self.reduce_mean else 0.5 * sq.sum(1)
@@ -95,8 +95,7 @@ class DSMLoss:
             t = self.sample_t(B, x0.device, x0.dtype, generator)
         if z is None:
             z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        mean, std = self.sde.marginal_prob(x0, t)
-        xt = mean + _bcast(std, x0) * z
+        xt, std = self.sde.perturb(x0, t, z)
         score = score_fn(xt, t)
         per = self.per_sample_loss(score, z, t, std)
         return DSMOutput(loss=per.mean(), per_sample=per, t=t, xt=xt, z=z, std=std, score=score)

@@ -32,6 +32,8 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from pipeline.sde import bcast
+
 __all__ = ["odeint_adaptive", "ODEMaxStepsError"]
 
 # Dormand–Prince 5(4) tableau (scipy.integrate._ivp.rk.RK45)
@@ -52,10 +54,6 @@ _SAFETY, _MIN_FACTOR, _MAX_FACTOR, _ORDER = 0.9, 0.2, 10.0, 4
 
 class ODEMaxStepsError(RuntimeError):
     """The integrator exceeded ``max_steps`` step attempts."""
-
-
-def _bcast(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return v.reshape(v.shape + (1,) * (y.dim() - v.dim()))
 
 
 def odeint_adaptive(
@@ -118,7 +116,7 @@ def odeint_adaptive(
         d0, d1 = rms(y / sc), rms(f / sc)
         h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
         h0 = torch.clamp(h0, max=span)
-        y_try = y + direction * _bcast(h0, y) * f
+        y_try = y + direction * bcast(h0, y) * f
         f_try = fn(t + direction * h0, y_try)
         nfe += 1
         d2 = rms((f_try - f) / sc) / h0
@@ -138,7 +136,7 @@ def odeint_adaptive(
             h_use = torch.where(last, remaining, h)
             h_use = torch.where(done, torch.zeros_like(h_use), h_use)
             hs = direction * h_use
-            hb = _bcast(hs, y)
+            hb = bcast(hs, y)
             K = [f]
             for s in range(1, 6):
                 dy = sum(a * k for a, k in zip(_A[s], K) if a != 0.0)
@@ -159,7 +157,7 @@ def odeint_adaptive(
             h_next = torch.where(accept, h_use * grow, h_use * shrink)
             # a finished sample keeps its (unused) step size
             h = torch.where(done, h, torch.where(h_next > 0, h_next, h))
-            a = _bcast(accept, y)
+            a = bcast(accept, y)
             y = torch.where(a, y_new, y)
             f = torch.where(a, f_new, f)
             t = torch.where(accept, t_new, t)

@@ -46,7 +46,7 @@ import torch
 
 from pipeline.ode import odeint_adaptive
 from pipeline.score import batch_sizes
-from pipeline.sde import SDE, _bcast
+from pipeline.sde import SDE, bcast
 
 __all__ = ["pc_sample", "ode_sample", "sample", "default_eps", "PREDICTORS", "CORRECTORS",
            "probability_flow_drift"]
@@ -69,27 +69,27 @@ def _noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tenso
 def _reverse_diffusion(score_fn, sde, x, t, t_next, generator, add_noise):
     s = score_fn(x, t)
     f, G2 = sde.discretize(x, t, t_next)  # the SDE's own step (DDPM / SMLD / Euler)
-    x_mean = x - f + _bcast(G2, x) * s
+    x_mean = x - f + bcast(G2, x) * s
     if not add_noise:
         return x_mean
-    return x_mean + _bcast(torch.sqrt(G2), x) * _noise(x, generator)
+    return x_mean + bcast(torch.sqrt(G2), x) * _noise(x, generator)
 
 
 def _euler_maruyama(score_fn, sde, x, t, t_next, generator, add_noise):
     dt = t - t_next  # > 0; reverse time
     f, g = sde.sde(x, t)
-    drift = f - _bcast(g * g, x) * score_fn(x, t)
-    x_mean = x - drift * _bcast(dt, x)
+    drift = f - bcast(g * g, x) * score_fn(x, t)
+    x_mean = x - drift * bcast(dt, x)
     if not add_noise:
         return x_mean
-    return x_mean + _bcast(g * torch.sqrt(dt), x) * _noise(x, generator)
+    return x_mean + bcast(g * torch.sqrt(dt), x) * _noise(x, generator)
 
 
 def _ancestral(score_fn, sde, x, t, t_next, generator, add_noise):
     x_mean, std = sde.ancestral_step(x, score_fn(x, t), t, t_next)
     if not add_noise:
         return x_mean
-    return x_mean + _bcast(std, x) * _noise(x, generator)
+    return x_mean + bcast(std, x) * _noise(x, generator)
 
 
 _PREDICTOR_FNS = {"reverse_diffusion": _reverse_diffusion, "euler_maruyama": _euler_maruyama,
@@ -106,7 +106,7 @@ def _langevin(score_fn, sde, x, t, t_next, generator, snr, n_steps):
         grad_norm = torch.linalg.vector_norm(grad.reshape(B, -1), dim=-1).mean()
         noise_norm = torch.linalg.vector_norm(z.reshape(B, -1), dim=-1).mean()
         step = 2.0 * alpha * (snr * noise_norm / grad_norm) ** 2
-        x = x + _bcast(step, x) * grad + _bcast(torch.sqrt(2.0 * step), x) * z
+        x = x + bcast(step, x) * grad + bcast(torch.sqrt(2.0 * step), x) * z
     return x
 
 
@@ -116,7 +116,7 @@ def _ald(score_fn, sde, x, t, t_next, generator, snr, n_steps):
     for _ in range(n_steps):
         grad = score_fn(x, t)
         z = _noise(x, generator)
-        x = x + _bcast(step, x) * grad + _bcast(torch.sqrt(2.0 * step), x) * z
+        x = x + bcast(step, x) * grad + bcast(torch.sqrt(2.0 * step), x) * z
     return x
 
 
@@ -187,7 +187,7 @@ def pc_sample(score_fn: ScoreFn, sde: SDE, shape, *, predictor: str = "reverse_d
     if pred is None and noise_removal:
         t = grid[K - 1].expand(B)
         a, std = sde.mean_coeff(t), sde.marginal_std(t)
-        x = (x + _bcast(std * std, x) * score_fn(x, t)) / _bcast(a, x)
+        x = (x + bcast(std * std, x) * score_fn(x, t)) / bcast(a, x)
         x = project(x, torch.zeros_like(t))
         nfe += 1
     return x, nfe
@@ -198,7 +198,7 @@ def probability_flow_drift(score_fn: ScoreFn, sde: SDE) -> Callable[[torch.Tenso
 
     def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         f, g = sde.sde(x, t)
-        return f - 0.5 * _bcast(g * g, x) * score_fn(x, t)
+        return f - 0.5 * bcast(g * g, x) * score_fn(x, t)
 
     return drift
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.sde import SDE, VESDE, _bcast
+from pipeline.sde import SDE, VESDE, bcast
 
 
 def time_labels(sde: SDE, t: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def time_labels(sde: SDE, t: torch.Tensor) -> torch.Tensor:
 def score_from_output(sde: SDE, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if isinstance(sde, VESDE):
         return output
-    return -output / _bcast(sde.marginal_std(t), x)
+    return -output / bcast(sde.marginal_std(t), x)
 
 
 def get_score_fn(model: torch.nn.Module, sde: SDE, class_labels: torch.Tensor | None = None):

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 import torch
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample (B,) tensor to broadcast against x (B, ...)."""
     return v.reshape(v.shape + (1,) * (x.dim() - v.dim()))
 
@@ -41,6 +41,12 @@ class SDE(ABC):
     @abstractmethod
     def marginal_prob(self, x0: torch.Tensor, t: torch.Tensor):
         """Mean and std (std shape (B,)) of the perturbation kernel p_0t(x_t | x_0)."""
+
+    def perturb(self, x0: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, σ(t)): x_t = a(t) x0 + σ(t) z, the sample of p_0t(x_t | x0) for the noise z; the one
+        place the perturbation is written (losses, the regularizer, evaluation, the classifier, inpainting)."""
+        mean, std = self.marginal_prob(x0, t)
+        return mean + bcast(std, x0) * z, std
 
     def marginal_std(self, t: torch.Tensor) -> torch.Tensor:
         return self.marginal_prob(torch.zeros(t.shape[0], 1, device=t.device, dtype=t.dtype), t)[1]
@@ -71,7 +77,7 @@ class SDE(ABC):
         with the DDPM / SMLD forms (Song et al. 2021, App. E)."""
         dt = t - t_next
         f, g = self.sde(x, t)
-        return f * _bcast(dt, x), g * g * dt
+        return f * bcast(dt, x), g * g * dt
 
     def langevin_alpha(self, t, t_next):
         """α of the Langevin corrector's step size 2α(snr·‖z‖/‖s‖)²: DDPM's 1 - β for VP, else 1."""
@@ -101,7 +107,7 @@ class VPSDE(SDE):
         return torch.exp(self.log_mean_coeff(t))
 
     def drift(self, x, t):
-        return -0.5 * _bcast(self.beta(t), x) * x
+        return -0.5 * bcast(self.beta(t), x) * x
 
     def diffusion(self, t):
         return torch.sqrt(self.beta(t))
@@ -111,7 +117,7 @@ class VPSDE(SDE):
 
     def marginal_prob(self, x0, t):
         lmc = self.log_mean_coeff(t)
-        mean = _bcast(torch.exp(lmc), x0) * x0
+        mean = bcast(torch.exp(lmc), x0) * x0
         std = torch.sqrt(-torch.expm1(2.0 * lmc))
         return mean, std
 
@@ -126,14 +132,14 @@ class VPSDE(SDE):
 
     def discretize(self, x, t, t_next):
         beta = self.step_beta(t, t_next)
-        return _bcast(torch.sqrt(1.0 - beta) - 1.0, x) * x, beta
+        return bcast(torch.sqrt(1.0 - beta) - 1.0, x) * x, beta
 
     def langevin_alpha(self, t, t_next):
         return 1.0 - self.step_beta(t, t_next)
 
     def ancestral_step(self, x, score, t, t_next):
         beta = self.step_beta(t, t_next)
-        return (x + _bcast(beta, x) * score) / _bcast(torch.sqrt(1.0 - beta), x), torch.sqrt(beta)
+        return (x + bcast(beta, x) * score) / bcast(torch.sqrt(1.0 - beta), x), torch.sqrt(beta)
 
 
 class SubVPSDE(VPSDE):
@@ -145,7 +151,7 @@ class SubVPSDE(VPSDE):
 
     def marginal_prob(self, x0, t):
         lmc = self.log_mean_coeff(t)
-        mean = _bcast(torch.exp(lmc), x0) * x0
+        mean = bcast(torch.exp(lmc), x0) * x0
         std = -torch.expm1(2.0 * lmc)
         return mean, std
 
@@ -200,7 +206,7 @@ class VESDE(SDE):
     def ancestral_step(self, x, score, t, t_next):
         sigma, sigma_next = self._step_sigmas(t, t_next)
         d2 = (sigma ** 2 - sigma_next ** 2).clamp_min(0.0)
-        return x + _bcast(d2, x) * score, torch.sqrt(sigma_next ** 2 * d2 / sigma ** 2)
+        return x + bcast(d2, x) * score, torch.sqrt(sigma_next ** 2 * d2 / sigma ** 2)
 
 
 def build_sde(cfg) -> SDE:

@@ -81,3 +81,10 @@ def test_help_lists_every_subcommand_and_option():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--help"], capture_output=True, text=True).stdout
     for opt in ("--config", "--run-dir", "--resume", "--no-progress", "overrides"):
         assert opt in out
+
+
+def test_conv_size_is_checked_when_the_config_loads():
+    """score_sde's model.conv_size is read (its configs set it) but only 3 exists: refused on load."""
+    assert load_config(None, ["model.conv_size=3"]).model.conv_size == 3
+    with pytest.raises(ConfigError, match=r"model\.conv_size: must be one of \[3\], got 5"):
+        load_config(None, ["model.conv_size=5"])

@@ -55,14 +55,14 @@ class GaussianScoreModel(nn.Module):
         self.sde, self.m, self.s = sde, m, s
 
     def forward(self, x, labels):
-        from pipeline.sde import VESDE, _bcast
+        from pipeline.sde import VESDE, bcast
         if isinstance(self.sde, VESDE):
             var = self.s ** 2 + labels ** 2
-            return -(x - self.m) / _bcast(var, x)
+            return -(x - self.m) / bcast(var, x)
         t = labels / 999.0
         a, std = self.sde.mean_coeff(t), self.sde.marginal_std(t)
         var = a * a * self.s ** 2 + std * std
-        return (x - _bcast(a, x) * self.m) / _bcast(var, x) * _bcast(std, x)
+        return (x - bcast(a, x) * self.m) / bcast(var, x) * bcast(std, x)
 
 
 def exact_bpd(sde, x, m, s, eps, centered):

@@ -6,7 +6,7 @@ import torch
 
 from gaussian import SDES, GaussianData
 from pipeline.losses import DSMLoss
-from pipeline.sde import VPSDE, _bcast
+from pipeline.sde import VPSDE, bcast
 
 
 def snr_closed_form(sde, t):
@@ -47,7 +47,7 @@ def test_dsm_loss_is_minimal_at_the_true_score(name, weighting):
         return sde.diffusion(tt) / sde.marginal_std(tt) if lw else torch.ones_like(tt)
 
     def additive(d):
-        return lambda x, tt: true(x, tt) + d * c / _bcast(sde.marginal_std(tt) * sqrt_w(tt), x)
+        return lambda x, tt: true(x, tt) + d * c / bcast(sde.marginal_std(tt) * sqrt_w(tt), x)
 
     def scaled(d):
         return lambda x, tt: (1 + d) * true(x, tt)
@@ -80,7 +80,7 @@ def test_likelihood_weighting_is_g2_weighting(name):
     torch.testing.assert_close(lw.z, plain.z)
     g2, std = sde.diffusion(plain.t) ** 2, sde.marginal_std(plain.t)
     torch.testing.assert_close(lw.per_sample, plain.per_sample * g2 / std ** 2)
-    direct = g2 * (score(lw.xt, lw.t) + lw.z / _bcast(std, lw.z)).flatten(1).pow(2).mean(1)
+    direct = g2 * (score(lw.xt, lw.t) + lw.z / bcast(std, lw.z)).flatten(1).pow(2).mean(1)
     torch.testing.assert_close(lw.per_sample, direct)
     torch.testing.assert_close(summed.per_sample, plain.per_sample * 4 / 2)
     torch.testing.assert_close(plain.loss, plain.per_sample.mean())
@@ -133,7 +133,7 @@ def test_outputs_are_the_perturbation_kernel(name):
     assert out.t.shape == (256,) and out.per_sample.shape == (256,) and out.loss.dim() == 0
     assert float(out.t.min()) >= 1e-3 and float(out.t.max()) <= 1.0
     mean, std = sde.marginal_prob(x0, out.t)
-    torch.testing.assert_close(out.xt, mean + _bcast(std, x0) * out.z)
+    torch.testing.assert_close(out.xt, mean + bcast(std, x0) * out.z)
     torch.testing.assert_close(out.std, std)
     # reproducible from the generator
     again = DSMLoss(sde, eps=1e-3)(lambda x, t: -x, x0, generator=torch.Generator().manual_seed(0))

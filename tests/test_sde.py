@@ -6,7 +6,7 @@ import torch
 
 from gaussian import SDES
 
-from pipeline.sde import _bcast
+from pipeline.sde import bcast
 
 CHECK_TIMES = (0.1, 0.3, 0.6, 1.0)
 
@@ -27,13 +27,13 @@ def test_marginal_prob_matches_euler_maruyama_paths(name):
     x0v = 1.5
     x0 = torch.full((n, 1), x0v)
     mean0, std0 = sde.marginal_prob(x0, torch.zeros(n))
-    x = mean0 + _bcast(std0, x0) * torch.randn(n, 1, generator=g)
+    x = mean0 + bcast(std0, x0) * torch.randn(n, 1, generator=g)
     dt = 1.0 / steps
     checks = {round(c * steps): c for c in CHECK_TIMES}
     for k in range(steps):
         t = torch.full((n,), k * dt)
         f, gdiff = sde.sde(x, t)
-        x = x + f * dt + _bcast(gdiff, x) * math.sqrt(dt) * torch.randn(n, 1, generator=g)
+        x = x + f * dt + bcast(gdiff, x) * math.sqrt(dt) * torch.randn(n, 1, generator=g)
         if k + 1 in checks:
             tc = torch.tensor([checks[k + 1]], dtype=torch.float64)
             mean, std = sde.marginal_prob(torch.tensor([[x0v]], dtype=torch.float64), tc)

@@ -23,7 +23,8 @@ from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.fpe import mean_by_t_bucket
 from pipeline.models.classifier import NoiseConditionalClassifier, input_scale, save_classifier
 from pipeline.rundir import RunDir
-from pipeline.sde import SDE, _bcast, build_sde
+from pipeline.sde import SDE, build_sde
+from pipeline.status import EXIT_BAD_CONFIG
 
 
 def classifier_loss(clf, sde: SDE, x0: torch.Tensor, y: torch.Tensor, eps: float,
@@ -32,8 +33,7 @@ def classifier_loss(clf, sde: SDE, x0: torch.Tensor, y: torch.Tensor, eps: float
     gdev = generator.device if generator is not None else x0.device
     t = (eps + (1 - eps) * torch.rand(x0.shape[0], generator=generator, device=gdev)).to(x0.device)
     z = torch.randn(x0.shape, generator=generator, device=gdev).to(x0.device)
-    mean, std = sde.marginal_prob(x0, t)
-    logits = clf(mean + _bcast(std, x0) * z, t, input_scale(sde, t))
+    logits = clf(sde.perturb(x0, t, z)[0], t, input_scale(sde, t))
     return F.cross_entropy(logits, y), logits.argmax(1) == y, t
 
 
@@ -119,7 +119,7 @@ def classifier_main(argv: list[str] | None = None) -> int:
                                 eval_samples=args.eval_samples)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"fpdiff classifier: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_CONFIG
     buckets = ", ".join(f"{k[4:]}: {v:.2f}" for k, v in meta.items() if k.startswith("acc_t"))
     print(f"[fpdiff] classifier: {args.steps} steps in {meta['seconds']:.0f}s, test accuracy {meta['acc']:.3f} "
           f"({buckets}): {out}")

@@ -47,7 +47,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.data.schedule import Schedule, _rng
+from pipeline.collectives import rng_for
+from pipeline.data.schedule import Schedule
 from pipeline.data.reader import DataError, decode_sample, read_shard, resolve_shards
 from pipeline.images import to_model_space
 
@@ -107,7 +108,7 @@ class _Stream(torch.utils.data.IterableDataset):
         n = len(imgs)
         u8 = np.stack(imgs) if n else np.zeros((0, H, W, C), np.uint8)
         u8 = u8.transpose(0, 3, 1, 2)  # [B,C,H,W]
-        rng = _rng(self.sched.seed, 0xA06, j, first[0], first[1])  # augmentation seeded by position
+        rng = rng_for(self.sched.seed, 0xA06, j, first[0], first[1])  # augmentation seeded by position
         if self.flip and n:
             f = rng.random(n) < 0.5
             u8[f] = u8[f, :, :, ::-1]

@@ -8,13 +8,10 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline.collectives import rng_for
 from pipeline.data.reader import ShardSet, read_shard
 
 log = logging.getLogger("pipeline.data.loader")
-
-
-def _rng(*words: int) -> np.random.Generator:
-    return np.random.default_rng([int(w) & 0xFFFFFFFF for w in words])
 
 
 def shuffle_order(n: int, bufsize: int, rng: np.random.Generator) -> np.ndarray:
@@ -52,7 +49,7 @@ class Schedule:
         """Reader ``j``'s slice of epoch ``epoch`` as ``(shard, start, stop)`` pieces, in order."""
         if self.resampled:
             need, segs = self.part_length(j), []
-            rng = _rng(self.seed, 0x5E5A, epoch, j)
+            rng = rng_for(self.seed, 0x5E5A, epoch, j)
             nonempty = np.flatnonzero(self.counts > 0)
             while need > 0:
                 s = int(nonempty[rng.integers(len(nonempty))])
@@ -60,7 +57,7 @@ class Schedule:
                 segs.append((s, 0, take))
                 need -= take
             return segs
-        order = _rng(self.seed, 0x5A4D, epoch).permutation(len(self.counts)) if self.shuffle \
+        order = rng_for(self.seed, 0x5A4D, epoch).permutation(len(self.counts)) if self.shuffle \
             else np.arange(len(self.counts))
         lo, hi = j * self.N // self.P, (j + 1) * self.N // self.P
         segs, base = [], 0
@@ -77,7 +74,7 @@ class Schedule:
     def order(self, epoch: int, j: int, n: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(n, dtype=np.int64)
-        return shuffle_order(n, self.bufsize, _rng(self.seed, 0x5B0F, epoch, j))
+        return shuffle_order(n, self.bufsize, rng_for(self.seed, 0x5B0F, epoch, j))
 
     def stream(self, j: int, epoch: int, offset: int, one_epoch: bool) -> Iterator[tuple]:
         """Yield ``(epoch, offset_next, url, key, files_or_None)`` for every slot of reader ``j``

@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.data.sources import ShardWriteError, _Source, load_source
+from pipeline.status import EXIT_BAD_CONFIG
 
 INDEX_FORMAT = "fpdiff-shards"
 INDEX_VERSION = 1
@@ -44,7 +45,7 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -91,7 +92,7 @@ def _write_set(src: _Source, order: np.ndarray, out_dir: Path, set_name: str, sp
             tmp, fh = temps.pop(fname)
             fh.close()
             shards.append({"file": Path(fname).name, "count": counts.get(fname, 0),
-                           "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)})
+                           "bytes": tmp.stat().st_size, "sha256": sha256_of(tmp)})
 
         if len(order):
             pattern = str(out_dir / set_name).replace("%", "%%") + "-%06d.tar"
@@ -182,7 +183,7 @@ def verify_index(index_path) -> list[str]:
         p = index_path.parent / s["file"]
         if not p.exists():
             problems.append(f"{p}: missing")
-        elif _sha256(p) != s["sha256"]:
+        elif sha256_of(p) != s["sha256"]:
             problems.append(f"{p}: sha256 mismatch")
     return problems
 
@@ -245,7 +246,7 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
                               shuffle=not args.no_shuffle, limit=args.limit)
     except ShardWriteError as e:
         print(f"fpdiff data shards: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_CONFIG
     for split, idx in result.items():
         print(f"{split}: {idx['num_samples']} samples in {len(idx['shards'])} shards, "
               f"{idx['height']}x{idx['width']}x{idx['channels']}, {len(idx['class_names'])} classes")

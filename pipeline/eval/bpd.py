@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from pipeline.data.test_set import rank_test_batches
-from pipeline.eval.common import _device, _rank_world, eval_pass
+from pipeline.eval.common import device_of, rank_world, eval_pass
 from pipeline.images import to_model_space
 from pipeline.collectives import gather_by_index, seed_for
 from pipeline.likelihood import data_bpd_offset
@@ -38,8 +38,8 @@ def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shar
     from pipeline.score import get_score_fn
 
     state = state if state is not None else accelerator
-    rank, world = _rank_world(state)
-    dev = _device(state, device)
+    rank, world = rank_world(state)
+    dev = device_of(state, device)
     ec = cfg.eval
     bs = int(batch_size or ec.batch_size)
     passes = int(passes or ec.bpd_passes)

@@ -36,11 +36,12 @@ from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.rundir import RunDir, find_weights, load_for_eval
 from pipeline.eval.bpd import evaluate_bpd
 from pipeline.eval.fpe import evaluate_fpe
-from pipeline.eval.common import _device, _is_main, _main_first, _rank_world, get_state
+from pipeline.eval.common import device_of, is_main_rank, main_first, rank_world, get_state
 from pipeline.data.reader import shard_urls
 from pipeline.eval.fid import compute_ref_stats, evaluate_fid
 from pipeline.eval.features import FeatureExtractor, MissingFileError, check_feature_extractor, check_ref_stats, load_ref_stats, save_stats
 from pipeline.collectives import barrier
+from pipeline.status import EXIT_BAD_CONFIG
 
 
 # --------------------------------------------------------------------------- in-training / library API
@@ -51,8 +52,8 @@ def check_eval_inputs(cfg, state=None, *, fid: bool = True, download: bool = Tru
     """
     if not fid or not cfg.eval.ref_stats:
         return {}
-    fe = _main_first(state, lambda dl: check_feature_extractor(cfg.eval.feature_extractor or None, download=download and dl))
-    ref = _main_first(state, lambda dl: check_ref_stats(cfg.eval.ref_stats, cfg.data.image_size, download=download and dl))
+    fe = main_first(state, lambda dl: check_feature_extractor(cfg.eval.feature_extractor or None, download=download and dl))
+    ref = main_first(state, lambda dl: check_ref_stats(cfg.eval.ref_stats, cfg.data.image_size, download=download and dl))
     return {"feature_extractor": fe, "ref_stats": ref}
 
 
@@ -68,7 +69,7 @@ def evaluate_in_training(model, cfg, sde, accelerator=None, *, step: int,
     one JSON line to RUN_DIR/eval/metrics.jsonl.
     """
     t0 = time.time()
-    _, world = _rank_world(accelerator)
+    _, world = rank_world(accelerator)
     out: dict = {}
     if cfg.eval.ref_stats:
         r = evaluate_fid(model, cfg, sde, state=accelerator, progress=progress)
@@ -83,7 +84,7 @@ def evaluate_in_training(model, cfg, sde, accelerator=None, *, step: int,
         out["eval/bpd"], out["eval/bpd_stderr"], out["eval/bpd_nfe"] = r["value"], r["stderr"], r["nfe"]
         out["eval/bpd_n"] = r["N"]
     out["eval/seconds"] = time.time() - t0
-    if run_dir is not None and _is_main(accelerator):
+    if run_dir is not None and is_main_rank(accelerator):
         f = RunDir(run_dir).eval_log
         f.parent.mkdir(parents=True, exist_ok=True)
         with open(f, "a") as fh:
@@ -94,7 +95,7 @@ def evaluate_in_training(model, cfg, sde, accelerator=None, *, step: int,
 # --------------------------------------------------------------------------- results
 def write_result(result: dict, out: Path, run: Optional[RunDir], state=None, extra_line: str = "") -> None:
     """Main rank: results JSON (atomic) and a line appended to the run's summary.txt."""
-    if not _is_main(state):
+    if not is_main_rank(state):
         return
     clean = {k: v for k, v in result.items() if not isinstance(v, np.ndarray) and k not in ("features", "mu", "sigma")}
     atomic_write_json(out, clean)
@@ -176,7 +177,7 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
 
 
 def _print_err(state, msg: str) -> None:
-    if _is_main(state):
+    if is_main_rank(state):
         print(f"fpdiff eval: error: {msg}", file=sys.stderr, flush=True)
 
 
@@ -201,21 +202,21 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
         return _cmd_run(args, state)
     except (MissingFileError, ConfigError, FileNotFoundError) as e:
         _print_err(state, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return 2
+        return EXIT_BAD_CONFIG
 
 
 def _cmd_ref_stats(args, state) -> int:
     out = Path(args.out or "ref_stats.npz")
     urls = shard_urls(args.shards, key="--shards")
-    fe_path = _main_first(state, lambda dl: check_feature_extractor(args.feature_extractor, download=dl))
-    dev = _device(state, args.device)
+    fe_path = main_first(state, lambda dl: check_feature_extractor(args.feature_extractor, download=dl))
+    dev = device_of(state, args.device)
     fe = FeatureExtractor(str(fe_path) if args.feature_extractor else None, device=dev, download=False)
     t0 = time.time()
     stats, feats = compute_ref_stats(urls, fe, channels=args.channels, batch_size=args.batch_size or 100,
                                      state=state, keep_features=args.keep_features, progress=not args.no_progress)
     if stats.n < 2:
         raise FileNotFoundError(f"only {stats.n} decodable images in {args.shards!r}")
-    if _is_main(state):
+    if is_main_rank(state):
         save_stats(out, stats, feats=feats, meta={"feature_extractor": fe.name, "shards": args.shards, "mode": "clean"})
         print(f"[fpdiff] reference statistics of {stats.n} images ({time.time() - t0:.0f}s): {out}", flush=True)
     barrier()
@@ -225,8 +226,8 @@ def _cmd_ref_stats(args, state) -> int:
 def _cmd_run(args, state) -> int:
     from pipeline.sde import build_sde
 
-    rank, world = _rank_world(state)
-    dev = _device(state, args.device)
+    rank, world = rank_world(state)
+    dev = device_of(state, args.device)
     weights = find_weights(args.run)
     run = weights.run
     if run is None and not args.out:  # results go beside the weights' run, never into the folder above
@@ -238,8 +239,8 @@ def _cmd_run(args, state) -> int:
         from pipeline.config import load_saved_config
         cfg0 = load_saved_config(weights.config, args.overrides)
         fe_spec = args.feature_extractor or cfg0.eval.feature_extractor or None
-        fe_path = _main_first(state, lambda dl: check_feature_extractor(fe_spec, download=dl))
-        ref_path = _main_first(state, lambda dl: check_ref_stats(args.ref_stats or cfg0.eval.ref_stats,
+        fe_path = main_first(state, lambda dl: check_feature_extractor(fe_spec, download=dl))
+        ref_path = main_first(state, lambda dl: check_ref_stats(args.ref_stats or cfg0.eval.ref_stats,
                                                                    cfg0.data.image_size, download=dl))
     model, cfg, step = load_for_eval(weights, device=dev, overrides=args.overrides)
     sde = build_sde(cfg.sde)

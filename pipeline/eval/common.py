@@ -3,9 +3,8 @@ main-rank-first file checks (the test set's global batches: ``pipeline.data.test
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable
 
-import numpy as np
 import torch
 
 from pipeline.status import MissingFileError
@@ -21,15 +20,15 @@ def get_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _rank_world(state) -> tuple[int, int]:
+def rank_world(state) -> tuple[int, int]:
     return dist_rank_world(state)
 
 
-def _is_main(state) -> bool:
-    return _rank_world(state)[0] == 0
+def is_main_rank(state) -> bool:
+    return rank_world(state)[0] == 0
 
 
-def _device(state, device=None) -> torch.device:
+def device_of(state, device=None) -> torch.device:
     if device is not None:
         return torch.device(device)
     if state is not None and getattr(state, "device", None) is not None:
@@ -37,13 +36,13 @@ def _device(state, device=None) -> torch.device:
     return torch.device("cpu")
 
 
-def _main_first(state, fn: Callable[[bool], object]):
+def main_first(state, fn: Callable[[bool], object]):
     """Run ``fn(download=True)`` on the main rank, then ``fn(download=False)`` elsewhere.
 
     A failure on the main rank is announced to every rank (no rank hangs in a barrier):
     all raise ``MissingFileError``; only the main rank's message is meant to be printed.
     """
-    rank, world = _rank_world(state)
+    rank, world = rank_world(state)
     if world == 1:
         return fn(True)
     err, out = None, None

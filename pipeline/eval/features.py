@@ -22,7 +22,7 @@ import os
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from pipeline.eval.common import _device, _rank_world, eval_pass
+from pipeline.eval.common import device_of, rank_world, eval_pass
 from pipeline.data.reader import iter_images
 from pipeline.data.test_set import batched, ceil_div
 from pipeline.eval.features import FeatureExtractor, FeatureStats, check_ref_stats, frechet_distance, kernel_distance, load_ref_stats
@@ -84,8 +84,8 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     from pipeline.images import save_grid
 
     state = state if state is not None else accelerator
-    rank, world = _rank_world(state)
-    dev = _device(state, device)
+    rank, world = rank_world(state)
+    dev = device_of(state, device)
     pngs = saved_sample_files(from_samples) if from_samples else None
     if pngs is not None and num_samples:
         pngs = pngs[:int(num_samples)]  # the first N of the saved samples
@@ -220,7 +220,7 @@ def compute_ref_stats(urls: list[str], feature_extractor, *, channels: int = 3, 
 
     Returns (FeatureStats summed over ranks, kept features (≤ keep_features rows) or None).
     """
-    rank, world = _rank_world(state)
+    rank, world = rank_world(state)
     stats = FeatureStats(keep_features=keep_features > 0, max_keep=ceil_div(keep_features, world) if keep_features else None)
     bar = None
     if progress and rank == 0:

@@ -18,11 +18,10 @@ import torch
 
 from pipeline.collectives import all_reduce_sum, seed_for
 from pipeline.data.test_set import rank_test_batches
-from pipeline.eval.common import _device, _rank_world, eval_pass
-from pipeline.fpe import ResidualEstimator, _fp32_at_least, _rand, fpe_precision
+from pipeline.eval.common import device_of, rank_world, eval_pass
+from pipeline.fpe import ResidualEstimator, fp32_at_least, draw_random, fpe_precision
 from pipeline.images import to_model_space
 from pipeline.score import get_score_fn
-from pipeline.sde import _bcast
 
 
 def fpe_residual_by_t(model, estimator: ResidualEstimator, x0: torch.Tensor, t_grid, *, generator=None,
@@ -42,10 +41,9 @@ def fpe_residual_by_t(model, estimator: ResidualEstimator, x0: torch.Tensor, t_g
         for tv in t_grid:
             sq_all = []
             for start in range(0, x0.shape[0], bs):
-                xb = x0[start:start + bs].to(_fp32_at_least(x0.dtype))
+                xb = x0[start:start + bs].to(fp32_at_least(x0.dtype))
                 tb = torch.full((xb.shape[0],), float(tv), device=x0.device, dtype=xb.dtype)
-                mean, std = sde.marginal_prob(xb, tb)
-                xt = mean + _bcast(std, xb) * _rand(xb.shape, generator, x0.device, xb.dtype, normal=True)
+                xt, _ = sde.perturb(xb, tb, draw_random(xb.shape, generator, x0.device, xb.dtype, normal=True))
                 sq_all.append(estimator.squared_norm(score_fn, xt, tb, generator=generator, create_graph=False))
             sq = torch.cat(sq_all)
             sq_out.append(sq.mean())
@@ -62,8 +60,8 @@ def evaluate_fpe(model, cfg, sde, *, shards: Optional[str] = None, images: Optio
     Returns the mean ‖r‖²/D² per t summed over ranks, its square root, the mean over t
     (``value``) and the estimator's settings (``estimator``).
     """
-    rank, world = _rank_world(state)
-    dev = _device(state, device)
+    rank, world = rank_world(state)
+    dev = device_of(state, device)
     bs = int(batch_size or cfg.eval.batch_size)
     seed = cfg.eval.seed if seed is None else seed
     estimator = ResidualEstimator.from_config(cfg.fpe, sde)

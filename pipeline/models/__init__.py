@@ -27,8 +27,6 @@ def build_model(cfg: Config) -> nn.Module:
         raise ConfigError("model.embedding_type: 'fourier' (log-sigma labels) needs sde.type 've'")
     if m.scale_by_sigma and cfg.sde.type != "ve":
         raise ConfigError("model.scale_by_sigma: only valid with sde.type 've' (labels are sigma)")
-    if m.conv_size != 3:
-        raise ConfigError(f"model.conv_size: only 3 is supported, got {m.conv_size}")
     if m.num_heads < 1:
         raise ConfigError(f"model.num_heads: must be >= 1, got {m.num_heads}")
     widths = {m.nf * c for c in m.ch_mult}

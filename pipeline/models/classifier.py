@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline.atomic import atomic_directory
 from pipeline.models.layers import timestep_embedding
 from pipeline.rundir import save_weights
-from pipeline.sde import SDE, _bcast
+from pipeline.sde import SDE, bcast
 
 WEIGHTS, META = "model.safetensors", "classifier.json"
 
@@ -52,7 +52,7 @@ class NoiseConditionalClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_in: torch.Tensor) -> torch.Tensor:
         emb = self.temb(timestep_embedding(1000.0 * t, self.nf))
-        h = x * _bcast(c_in, x)
+        h = x * bcast(c_in, x)
         for b in self.blocks:
             h = b(h, emb)
         return self.head(F.adaptive_avg_pool2d(h, 4).flatten(1))

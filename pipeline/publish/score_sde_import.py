@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from pipeline.rundir import MODEL_WEIGHTS, OPTIMIZER, RunDir, save_weights
+from pipeline.status import EXIT_BAD_CONFIG
 
-EXIT_BAD = 2
 
 # --------------------------------------------------------------------------- score_sde configs
 _CIFAR = {"data": {"dataset": "cifar10", "image_size": 32, "num_channels": 3, "centered": False, "random_flip": True},
@@ -289,7 +289,7 @@ def write_run(out: str | Path, cfg, weights: dict, ema: dict, info: dict, optimi
 def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrides: list[str] | None = None) -> Path:
     """Check everything, then write the run directory; ImportFailure (nothing written) otherwise."""
     from pipeline.config import ConfigError
-    from pipeline.data.shards import _sha256
+    from pipeline.data.shards import sha256_of
 
     out = Path(out)
     if out.exists():
@@ -302,7 +302,7 @@ def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrid
     weights, ema, optimizer = convert(ckpt, cfg, name)
     e = ckpt["ema"]
     step = ckpt.get("step")
-    info = {"source": str(checkpoint), "sha256": _sha256(Path(checkpoint)), "score_sde_config": name,
+    info = {"source": str(checkpoint), "sha256": sha256_of(Path(checkpoint)), "score_sde_config": name,
             "overrides": list(overrides or []), "step": int(step) if isinstance(step, (int, torch.Tensor)) else None,
             "ema_decay": float(e["decay"]) if "decay" in e else None,
             "ema_num_updates": int(e["num_updates"]) if e.get("num_updates") is not None else None,
@@ -325,7 +325,7 @@ def import_main(argv: list[str] | None = None) -> int:
         out = import_score_sde(args.checkpoint, args.config, args.out, args.overrides)
     except ImportFailure as e:
         print(f"fpdiff import: {e}", file=sys.stderr)
-        return EXIT_BAD
+        return EXIT_BAD_CONFIG
     if not (RunDir(out).imported / OPTIMIZER).is_file():
         print(f"[fpdiff] note: {args.checkpoint} has no optimizer entry; a fine-tune from it starts a fresh Adam")
     print(f"[fpdiff] imported {args.checkpoint} ({args.config}) -> {out} (EMA weights in {RunDir(out).export})")

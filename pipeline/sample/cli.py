@@ -14,6 +14,7 @@ import torch
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.rundir import RunDir
+from pipeline.status import EXIT_BAD_CONFIG
 
 
 def sample_main(argv: list[str] | None = None) -> int:
@@ -83,7 +84,7 @@ def sample_main(argv: list[str] | None = None) -> int:
             cfg.sampling.batch_size = args.num_samples  # the labels go with the whole batch
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"fpdiff sample: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_CONFIG
     out = Path(args.out or RunDir(args.run_dir).samples_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -93,7 +94,7 @@ def sample_main(argv: list[str] | None = None) -> int:
             return _conditional_main(args, model, cfg, sde, out, g, shape, step)
         except (FileNotFoundError, ValueError) as e:
             print(f"fpdiff sample: {e}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_CONFIG
     t0 = time.time()
     x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, shape,
                     device=args.device, generator=g, progress=True)

@@ -7,8 +7,10 @@ the micro-shard index m = rank * grad_accum + micro_step. Hence a resumed run is
 equal to an uninterrupted one, and a step is the same update for any split of the same
 global batch into ranks x accumulation steps.
 
-Exit codes: 0 finished, 75 stopped by SIGUSR1/SIGTERM after a checkpoint (requeue),
-2 bad configuration, 3 too many consecutive non-finite steps.
+Exit codes (pipeline.status): 0 finished, 75 stopped by SIGUSR1/SIGTERM after a checkpoint
+(requeue), 2 bad configuration, 3 too many consecutive non-finite steps. The entry points
+(pipeline.app: fpdiff train, python -m pipeline.train) hand ``train()`` its hooks into evaluation
+and publishing.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from pipeline.data.loader import build_train_loader, gather_state
 from pipeline.fpe import mean_by_t_bucket
 from pipeline.images import save_grid, to_uint8
 from pipeline.rundir import SAMPLES_PNG, RunDir
+from pipeline.sampling import sample
 from pipeline.score import sampling_score_fn
 from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, say
 from pipeline.train import checkpoint as ckpt
@@ -96,8 +99,6 @@ class Counters:
 
 
 def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, progress: bool = True) -> Path:
-    from pipeline.sampling import sample
-
     g = torch.Generator(device=device).manual_seed(seed)
     n = cfg.sampling.num_samples
     shape = (n, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
@@ -425,7 +426,3 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
     except MissingFileError as e:
         print(f"fpdiff: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-
-
-if __name__ == "__main__":
-    sys.exit(main())
