@@ -323,6 +323,18 @@ def load_state_into(model, state: Mapping, *, source: str = "weights") -> None:
     model.load_state_dict(state, strict=True)
 
 
+def require_test_shards(cfg, given: Optional[str], *, command: str, flag: str = "--shards") -> str:
+    """The test shards a command reads: ``given`` (its ``flag``) or the run's ``data.test_shards``.
+    Never the training shards: a run without test shards is refused in one line."""
+    from pipeline.config import ConfigError
+
+    spec = given or cfg.data.test_shards
+    if not spec:
+        raise ConfigError(f"{command}: needs test data, and this run has none (data.test_shards is empty); "
+                          f"pass {flag}{'' if flag.endswith('=') else ' '}PATTERN (e.g. the data.test_shards=... line of `fpdiff data shards`)")
+    return spec
+
+
 def load_for_eval(source, device="cpu", overrides: Optional[list[str]] = None):
     """(EMA model in eval mode on ``device``, Config, step or None) from a run dir, its export/
     folder, an export on its own or a checkpoint folder (``find_weights``), or ``Weights`` found

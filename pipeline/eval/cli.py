@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
-from pipeline.rundir import RunDir, find_weights, load_for_eval
+from pipeline.rundir import RunDir, find_weights, load_for_eval, require_test_shards
 from pipeline.eval.bpd import evaluate_bpd
 from pipeline.eval.fpe import evaluate_fpe
 from pipeline.eval.common import _device, _is_main, _main_first, _rank_world, get_state
@@ -241,6 +241,10 @@ def _cmd_run(args, state) -> int:
         fe_path = _main_first(state, lambda dl: check_feature_extractor(fe_spec, download=dl))
         ref_path = _main_first(state, lambda dl: check_ref_stats(args.ref_stats or cfg0.eval.ref_stats,
                                                                    cfg0.data.image_size, download=dl))
+    if args.cmd in ("bpd", "fpe"):  # test data, never the training shards; checked before the model loads
+        from pipeline.config import load_saved_config
+        require_test_shards(load_saved_config(weights.config, args.overrides), args.shards,
+                            command=f"fpdiff eval {args.cmd}")
     model, cfg, step = load_for_eval(weights, device=dev, overrides=args.overrides)
     sde = build_sde(cfg.sde)
     out = Path(args.out) if args.out else run.eval_result(args.cmd, step)

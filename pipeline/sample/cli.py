@@ -18,7 +18,7 @@ from pipeline.rundir import RunDir
 
 def sample_main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError, parse_overrides
-    from pipeline.rundir import load_for_eval
+    from pipeline.rundir import load_for_eval, require_test_shards
     from pipeline.images import save_grid, to_uint8
     from pipeline.sampling import sample
     from pipeline.score import get_score_fn, sampling_score_fn
@@ -43,7 +43,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="weight of ∇x log p_t(y|x) (1: the conditional score by Bayes' rule)")
     p.add_argument("--classifier", default=None, help="classifier folder (default RUN/classifier)")
-    p.add_argument("--data", default=None, help="shards for --inpaint (default data.test_shards, else data.shards)")
+    p.add_argument("--data", default=None, help="test shards for --inpaint / --colorize (default the run's data.test_shards)")
     p.add_argument("overrides", nargs="*", help="sampling.* overrides, e.g. sampling.snr=0.17 sampling.num_steps=500")
     args = p.parse_args(argv)
     try:
@@ -74,6 +74,9 @@ def sample_main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--colorize: needs the PC sampler (sampling.method=pc)")
             if args.class_label is not None:
                 raise ConfigError("--colorize and --class-label: choose one")
+        if args.inpaint is not None or args.colorize:  # test images, never the training shards
+            args.data = require_test_shards(cfg, args.data, flag="--data",
+                                            command=f"fpdiff sample --{'colorize' if args.colorize else 'inpaint'}")
         sde = build_sde(cfg.sde)
         # a class-conditional model: labels 0..K-1 in turn, classifier-free guidance (sampling.guidance_weight)
         score_fn, labels_for = sampling_score_fn(model, sde, cfg)
@@ -153,7 +156,7 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     from pipeline.images import save_grid, to_model_space, to_uint8
     from pipeline.score import get_score_fn
 
-    spec = args.data or cfg.data.test_shards or cfg.data.shards
+    spec = args.data  # the test shards (require_test_shards, checked before anything was written)
     shard_urls(spec or "", key="--data")  # a missing shard: one line naming it, before any sampling
     n = args.num_samples
     batches = [u8 for _, u8 in rank_test_batches(None, spec, cfg.data.num_channels, n, 0, 1, max_samples=n)]

@@ -193,13 +193,15 @@ def classifier_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.shards=...")
     args = p.parse_args(argv)
-    from pipeline.rundir import RunDir
+    from pipeline.rundir import RunDir, require_test_shards
 
     run = RunDir(args.run_dir)
     try:
         if not run.config.is_file():
             raise FileNotFoundError(f"--run-dir {run.path}: no {run.config.name} there")
         cfg = load_saved_config(run.config, args.overrides)
+        cfg.data.test_shards = require_test_shards(cfg, None, command="fpdiff classifier (its test accuracy)",
+                                                   flag="data.test_shards=")
         for name in ("steps", "batch_size", "nf", "num_classes", "eval_samples"):
             if getattr(args, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")
