@@ -39,7 +39,8 @@ from pipeline.eval.fpe import evaluate_fpe
 from pipeline.eval.common import _device, _is_main, _main_first, _rank_world, get_state
 from pipeline.data.reader import shard_urls
 from pipeline.eval.fid import compute_ref_stats, evaluate_fid
-from pipeline.eval.features import FeatureExtractor, MissingFileError, check_feature_extractor, check_ref_stats, load_ref_stats, save_stats
+from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
+                                    check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
 from pipeline.collectives import barrier
 
 
@@ -53,6 +54,9 @@ def check_eval_inputs(cfg, state=None, *, fid: bool = True, download: bool = Tru
         return {}
     fe = _main_first(state, lambda dl: check_feature_extractor(cfg.eval.feature_extractor or None, download=download and dl))
     ref = _main_first(state, lambda dl: check_ref_stats(cfg.eval.ref_stats, cfg.data.image_size, download=download and dl))
+    custom = cfg.eval.feature_extractor or None
+    check_ref_matches(load_ref_stats(ref), str(fe) if custom else DEFAULT_EXTRACTOR,
+                      extractor_identity(str(fe) if custom else None), cfg.data.image_size)
     return {"feature_extractor": fe, "ref_stats": ref}
 
 
@@ -216,7 +220,9 @@ def _cmd_ref_stats(args, state) -> int:
     if stats.n < 2:
         raise FileNotFoundError(f"only {stats.n} decodable images in {args.shards!r}")
     if _is_main(state):
-        save_stats(out, stats, feats=feats, meta={"feature_extractor": fe.name, "shards": args.shards, "mode": "clean"})
+        save_stats(out, stats, feats=feats, meta={"feature_extractor": fe.name, "feature_extractor_id": fe.identity,
+                                                  "image_size": getattr(stats, "image_size", None),
+                                                  "shards": args.shards, "mode": "clean"})
         print(f"[fpdiff] reference statistics of {stats.n} images ({time.time() - t0:.0f}s): {out}", flush=True)
     barrier()
     return 0

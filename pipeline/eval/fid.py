@@ -12,7 +12,8 @@ import torch
 
 from pipeline.eval.common import _device, _rank_world, eval_pass
 from pipeline.data.reader import iter_images
-from pipeline.eval.features import FeatureExtractor, FeatureStats, batched, ceil_div, check_ref_stats, frechet_distance, kernel_distance, load_ref_stats
+from pipeline.eval.features import (FeatureExtractor, FeatureStats, batched, ceil_div, check_ref_matches, check_ref_stats,
+                                    frechet_distance, kernel_distance, load_ref_stats)
 from pipeline.collectives import broadcast_float
 from pipeline.collectives import all_reduce_sum, seed_for
 
@@ -97,6 +98,8 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     ref = None
     if ref_stats is not None or cfg.eval.ref_stats:
         ref = _as_ref(ref_stats, cfg)
+        check_ref_matches(ref, getattr(fe, "name", type(fe).__name__), getattr(fe, "identity", None),
+                          cfg.data.image_size)
     want_feats = return_features or (kid and ref is not None and "feats" in ref)
     if pngs is not None:
         batch_u8 = _read_samples_fn(pngs, bs, cfg)
@@ -230,6 +233,7 @@ def compute_ref_stats(urls: list[str], feature_extractor, *, channels: int = 3, 
         u8 = torch.from_numpy(np.stack([a for _, a, _ in chunk])).permute(0, 3, 1, 2).contiguous()
         idx = torch.arange(count, count + len(chunk)) * world + rank
         stats.update(feature_extractor(u8), idx)
+        stats.image_size = f"{u8.shape[2]}x{u8.shape[3]}"  # recorded in the .npz: FID checks it
         count += len(chunk)
         if bar is not None:
             bar.update(len(chunk))
