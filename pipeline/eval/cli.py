@@ -36,7 +36,7 @@ from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.rundir import RunDir, find_weights, load_for_eval, require_test_shards
 from pipeline.eval.bpd import evaluate_bpd
 from pipeline.eval.fpe import evaluate_fpe
-from pipeline.eval.common import _device, _is_main, _main_first, _rank_world, get_state
+from pipeline.eval.common import _device, _is_main, _main_first, _rank_world, get_state, local_shard_counts
 from pipeline.data.reader import shard_urls
 from pipeline.eval.fid import compute_ref_stats, evaluate_fid
 from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
@@ -216,7 +216,8 @@ def _cmd_ref_stats(args, state) -> int:
     fe = FeatureExtractor(str(fe_path) if args.feature_extractor else None, device=dev, download=False)
     t0 = time.time()
     stats, feats = compute_ref_stats(urls, fe, channels=args.channels, batch_size=args.batch_size or 100,
-                                     state=state, keep_features=args.keep_features, progress=not args.no_progress)
+                                     state=state, keep_features=args.keep_features, progress=not args.no_progress,
+                                     counts=local_shard_counts(args.shards) if not args.no_progress else None)
     if stats.n < 2:
         raise FileNotFoundError(f"only {stats.n} decodable images in {args.shards!r}")
     if _is_main(state):
@@ -286,7 +287,7 @@ def _cmd_run(args, state) -> int:
     elif args.cmd == "fpe":
         res = evaluate_fpe(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
                            batch_size=args.batch_size, num_times=args.num_times,
-                           max_samples=args.max_samples, seed=args.seed, device=dev)
+                           max_samples=args.max_samples, seed=args.seed, device=dev, progress=progress)
     else:  # pragma: no cover - argparse guards this
         raise ValueError(args.cmd)
     res["checkpoint_step"] = step

@@ -114,8 +114,8 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     save_dir = Path(save_dir) if save_dir else None
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-    with eval_pass(model, progress and rank == 0, total=len(mine),
-                   desc=f"FID sampling, rank 0 of {world} ({n_total} in all)") as bar:
+    with eval_pass(model, progress and rank == 0, total=sum(min(bs, n_total - k * bs) for k in mine), unit="sample",
+                   desc=f"FID {'reading' if pngs is not None else 'sampling'}, rank 0 of {world} ({n_total} in all)") as bar:
         for k in mine:
             n = min(bs, n_total - k * bs)
             u8, nfe = batch_u8(k, n)
@@ -126,7 +126,7 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
                 _save_pngs(u8, index, save_dir)
             if grid_path is not None and k == 0:
                 save_grid(u8[:64].float() / 255.0, grid_path, centered=False)
-            bar.update(1)
+            bar.update(n)
     stats.all_reduce()
     nfe_mean = float(all_reduce_sum(torch.tensor([nfe_sum], dtype=torch.float64)).item()) / n_batches
     result = {"metric": "fid", "N": stats.n, "sampler": method, "nfe": nfe_mean,
@@ -217,17 +217,19 @@ def _save_pngs(u8: torch.Tensor, index: torch.Tensor, folder: Path) -> None:
 
 
 def compute_ref_stats(urls: list[str], feature_extractor, *, channels: int = 3, batch_size: int = 100,
-                      state=None, keep_features: int = 0, progress: bool = True):
+                      state=None, keep_features: int = 0, progress: bool = True, counts: Optional[list] = None):
     """Feature statistics of shard images; shards are split across ranks (urls[rank::W]).
 
     Returns (FeatureStats summed over ranks, kept features (≤ keep_features rows) or None).
+    ``counts`` (images per url, when known) gives the bar its total.
     """
     rank, world = _rank_world(state)
     stats = FeatureStats(keep_features=keep_features > 0, max_keep=ceil_div(keep_features, world) if keep_features else None)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(desc=f"reference features (rank 0 of {world})", unit="img", dynamic_ncols=True)
+        bar = tqdm(desc=f"reference features (rank 0 of {world})", unit="img", dynamic_ncols=True,
+                   total=sum(counts[rank::world]) if counts else None)
     count = 0
     for chunk in batched(iter_images(urls[rank::world], channels), batch_size):
         u8 = torch.from_numpy(np.stack([a for _, a, _ in chunk])).permute(0, 3, 1, 2).contiguous()

@@ -26,7 +26,7 @@ import torch
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.train import checkpoint as ckpt
-from pipeline.config import Config, ConfigError, load_config, save_config
+from pipeline.config import Config, ConfigError, save_config
 from pipeline.collectives import seed_for
 from pipeline.ema import EMA
 from pipeline.images import save_grid, to_uint8
@@ -336,6 +336,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         if stop_now and step < tc.n_steps:
             if is_main:
                 stop.consume()
+                bar.close()  # the message on its own line, not glued to the bar
                 say(f"stop requested: checkpoint at step {step} "
                     f"{'not written (non-finite streak)' if counters.consecutive_nonfinite else 'written'}, "
                     f"exiting {EXIT_REQUEUE}")
@@ -361,8 +362,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     if summary is not None:
         summary["hub"] = pusher.status() if pusher else None
         atomic_write_json(run.summary_json, summary)
-        run.add_summary_line(f"train: {step} steps in {summary['seconds']:.0f}s ({summary['images_per_s']:.1f} img/s), "
-                             f"final loss {summary['final_loss']}, samples {summary['samples']}")
+        line = (f"train: {step} steps in {summary['seconds']:.0f}s ({summary['images_per_s']:.1f} img/s), "
+                f"final loss {summary['final_loss']}, samples {summary['samples']}")
+        run.add_summary_line(line)
+        print(f"[fpdiff] {line}\n[fpdiff] outputs in {run_dir}/: checkpoints/, export/ (EMA weights, model card), "
+              f"samples.png, metrics.jsonl, summary.json, summary.txt", flush=True)
         tracker.summary({k: v for k, v in summary.items() if k not in ("loss_curve", "hub")})
     tracker.finish()
     backend.barrier()
@@ -383,9 +387,13 @@ def export(run_dir: Path, cfg: Config, ema: EMA, step: int, counters: Counters, 
 # --------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a score model (DSM + FPE regularizer).")
-    p.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
+    p.add_argument("--config", default=None,
+                   help="YAML experiment config (configs/*.yaml); a resumed run reads RUN/config.yaml without it")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<name>)")
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint dir")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint "
+                   "dir; continues the run's config (RUN/config.yaml), overrides given now applied on top")
+    p.add_argument("--force", action="store_true",
+                   help="resume even with a changed key that breaks exact resume (batch size, seed, data, model)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --run-dir (its checkpoints, export, metrics) instead of refusing")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
@@ -398,10 +406,11 @@ def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.eval.features import MissingFileError
 
-    args = build_parser("python -m pipeline.train").parse_args(argv)
+    from pipeline.train.resume import training_config
+
+    args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
+        cfg, run_dir = training_config(args.config, args.run_dir, args.resume, args.overrides, force=args.force)
         return train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                      deepspeed_config=args.deepspeed, overwrite=args.overwrite)
     except ckpt.CheckpointError as e:
