@@ -12,7 +12,8 @@ name of this layout::
                                     card), samples.png: what is pushed (``pipeline.publish``)
         metrics.jsonl               training metrics, one JSON object a line; wandb_run_id.txt, wandb/
         eval/                       metrics.jsonl (in-training evaluation), <metric>-step<S>.json
-        samples.png, samples.npz    the final samples; samples/ (grids during training, ``fpdiff sample``)
+        samples.png, samples.npz    the final samples; samples/ (grids during training; sample-NNN/: one
+                                    ``fpdiff sample`` call each)
         summary.json, summary.txt   the end of training (and one line per ``fpdiff eval``)
         STOP                        asks a running trainer to checkpoint and exit
         classifier/                 ``fpdiff classifier``;  imported/: ``fpdiff import``
@@ -103,6 +104,19 @@ class RunDir:
     @property
     def samples_dir(self) -> Path:
         return self.path / "samples"
+
+    def new_samples_folder(self) -> Path:
+        """A new, empty ``samples/sample-NNN`` (the next free number) for one ``fpdiff sample`` call."""
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        taken = [int(p.name[7:]) for p in self.samples_dir.glob("sample-*") if p.name[7:].isdigit()]
+        n = max(taken, default=0) + 1
+        while True:
+            folder = self.samples_dir / f"sample-{n:03d}"
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:  # another call took it meanwhile
+                n += 1
 
     def sample_grid(self, step: int) -> Path:
         return self.samples_dir / f"{STEP_PREFIX}{step:08d}.png"

@@ -10,7 +10,7 @@ import torch
 TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mnist_tiny.yaml")
 
 
-def _run_without_test_shards(tmp_path, train_shards: str) -> Path:
+def _run_without_test_shards(tmp_path, train_shards: str, overrides=()) -> Path:
     """A run directory (config.yaml + export/ of a tiny real model) trained on ``train_shards``
     with no data.test_shards, as `fpdiff train` without that override leaves it."""
     from pipeline.config import load_config, save_config
@@ -19,10 +19,10 @@ def _run_without_test_shards(tmp_path, train_shards: str) -> Path:
 
     from test_fid import TINY_OVERRIDES
 
-    cfg = load_config(None, TINY_OVERRIDES + [f"data.shards={train_shards}"])
+    cfg = load_config(None, TINY_OVERRIDES + [f"data.shards={train_shards}", *overrides])
     torch.manual_seed(0)
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
     write_export(run / "export", build_model(cfg).state_dict(), cfg.to_dict(), {"step": 7})
     return run
@@ -124,3 +124,135 @@ def test_train_ends_with_where_its_outputs_are_and_resume_reuses_the_run_config(
     assert "[fpdiff] resume: training.seed 0 -> 7 (forced)" in capsys.readouterr().err
     assert main(["train", "--run-dir", str(tmp_path / "none"), "--resume", "auto"]) == 2
     assert "config.yaml not found (no run to continue there)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the command line
+COMMANDS = [["demo"], ["train"], ["data", "shards"], ["eval", "fid"], ["eval", "bpd"], ["eval", "ref-stats"],
+            ["eval", "fpe"], ["sample"], ["classifier"], ["push"], ["import", "score-sde"], ["config", "show"]]
+
+
+def _parsers_of(argv, monkeypatch) -> list:
+    """Every parser that `fpdiff ARGV --help` builds (it exits 0)."""
+    import argparse
+
+    from pipeline.cli import main
+
+    built = []
+    real_init = argparse.ArgumentParser.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        built.append(self)
+    monkeypatch.setattr(argparse.ArgumentParser, "__init__", init)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return built
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=" ".join)
+def test_every_option_has_help_text(argv, monkeypatch, capsys):
+    parsers = _parsers_of(argv, monkeypatch)
+    assert parsers
+    for parser in parsers:
+        missing = [a.option_strings or a.dest for a in parser._actions if not a.help]
+        assert not missing, f"{parser.prog}: no help for {missing}"
+    usage = capsys.readouterr().out
+    assert f"usage: fpdiff {argv[0]}" in usage  # not `python -m pipeline.train`
+
+
+def test_typos_suggest_the_nearest_command_option_or_config_key(capsys):
+    from pipeline.cli import main
+
+    assert main(["trian"]) == 2
+    assert "fpdiff: unknown command 'trian'; did you mean train?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "c.yaml", "--lr", "1e-4"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fpdiff train: error: unrecognized arguments: --lr (--lr: config keys are dotted overrides: training.lr=1e-4)")
+    with pytest.raises(SystemExit):
+        main(["eval", "bpd", "RUN", "--pases", "3"])
+    assert "(--pases: did you mean --passes?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "fdi", "RUN"])
+    assert "invalid choice: 'fdi'" in capsys.readouterr().err
+    assert main(["data", "--help"]) == 0 and "fpdiff data shards SOURCE --out DIR" in capsys.readouterr().out
+    assert main(["data"]) == 2
+
+
+def test_config_show_lists_every_key_with_value_type_and_meaning(capsys):
+    import dataclasses
+
+    from pipeline.cli import main
+    from pipeline.config import Config, load_config
+
+    assert main(["config", "show", "--config", TINY_CONFIG]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cfg = load_config(TINY_CONFIG).to_dict()
+    n_keys = sum(len(v) if isinstance(v, dict) else 1 for v in cfg.values())
+    assert len(lines) == n_keys == len([f for f in dataclasses.fields(Config)]) - 9 + sum(
+        len(v) for v in cfg.values() if isinstance(v, dict))
+    row = next(ln for ln in lines if ln.startswith("training.n_steps "))
+    assert row.split()[1:3] == ["40", "int"] and "optimizer steps" in row  # the file's value, not the default
+    assert all(len(ln.split(None, 3)) == 4 for ln in lines)  # key, value, type, a meaning
+    assert main(["config", "show", "sampling.method"]) == 0
+    assert capsys.readouterr().out.split()[:5] == ["sampling.method", "'pc'", "one", "of", "pc|ode"]
+    assert main(["config", "show", "trainig.lr"]) == 2
+    assert capsys.readouterr().err.strip() == "fpdiff config: trainig.lr: unknown key (did you mean training.lr?)"
+
+
+# --------------------------------------------------------------------------- sample, push
+def test_sample_writes_a_new_folder_each_call_with_the_runs_sample_count(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.cli import main
+
+    run = _run_without_test_shards(tmp_path, "unused-{0..1}.tar", ["sampling.num_samples=3", "sampling.num_steps=2"])
+    for n in (1, 2):
+        assert main(["sample", "--run-dir", str(run), "--seed", str(n), "--device", "cpu"]) == 0
+        out = run / "samples" / f"sample-{n:03d}"
+        assert capsys.readouterr().out.strip().endswith(f": {out / 'grid.png'}")
+        assert np.load(out / "samples.npz")["images"].shape == (3, 1, 8, 8)  # the run's sampling.num_samples
+        assert json.loads((out / "samples.json").read_text())["seed"] == n
+    assert not np.array_equal(*(np.load(run / "samples" / f"sample-00{n}" / "samples.npz")["images"] for n in (1, 2)))
+    for bad, said in (("sampling.num_step=5", "sampling.num_step: unknown key (did you mean sampling.num_steps?)"),
+                      ("training.lr=1", "training.lr: fpdiff sample takes sampling.* overrides only")):
+        assert main(["sample", "--run-dir", str(run), bad]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"fpdiff sample: {said}")
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["sample-001", "sample-002"]
+
+    cond = _run_without_test_shards(tmp_path / "c", "unused-{0..1}.tar",
+                                    ["model.num_classes=10", "sampling.num_samples=20", "sampling.num_steps=1"])
+    assert main(["sample", "--run-dir", str(cond), "--device", "cpu"]) == 0
+    w, h = Image.open(cond / "samples" / "sample-001" / "grid.png").size
+    assert round(w / h) == 5  # 10 columns (the digits 0-9 in a row), 2 rows
+
+
+def test_label_columns():
+    from pipeline.images import label_columns
+
+    assert label_columns([0, 1, 2, 0, 1, 2, 0]) == 3 and label_columns(list(range(10)) * 2) == 10
+    assert label_columns([3, 3, 3]) is None and label_columns(None) is None
+
+
+def test_push_dry_run_lists_the_upload_and_touches_no_network(tmp_path, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    run = _run_without_test_shards(tmp_path, "unused-{0..1}.tar")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a request would fail
+    assert main(["push", str(run), "--repo-id", "me/model", "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert any(ln.strip().startswith("ema.safetensors (") for ln in out)
+    assert out[-1].startswith(f"[fpdiff] dry run: would push ") and f"of {run / 'export'} to me/model (private)" in out[-1]
+
+
+def test_offline_mode_is_not_retried():
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from pipeline.publish.hub import _is_retryable
+
+    assert not _is_retryable(OfflineModeIsEnabled("offline")) and _is_retryable(ConnectionError("reset"))

@@ -13,7 +13,6 @@ only once the whole set is written, the index last (``pipeline.atomic``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -25,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
+from pipeline.cliargs import ArgumentParser
 from pipeline.data.sources import ShardWriteError, _Source, load_source
 
 INDEX_FORMAT = "fpdiff-shards"
@@ -231,7 +231,7 @@ def default_set_name(source) -> str:
 
 
 def shards_main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="fpdiff data shards",
         description="Write WebDataset tar shards (PNG image + .cls label per sample) and a JSON index.")
     p.add_argument("source", help="image folder (class = sub-folder), .npz (x/y or images/labels) or .npy file, "

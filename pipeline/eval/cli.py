@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
+from pipeline.cliargs import ArgumentParser
 from pipeline.rundir import RunDir, find_weights, load_for_eval, require_test_shards
 from pipeline.eval.bpd import evaluate_bpd
 from pipeline.eval.fpe import evaluate_fpe
@@ -123,10 +124,10 @@ def _summary_line(r: dict) -> str:
 
 # --------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=(
+    p = ArgumentParser(prog=prog, description=(
         "Evaluate a run (FID/KID with clean-fid, bits/dim), or make FID reference statistics. "
         "Distributed with `accelerate launch --multi_gpu --num_processes K -m pipeline.eval ...`."))
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, help="the metric (or ref-stats); `fpdiff eval METRIC --help`")
 
     def common(sp, run=True):
         if run:
@@ -135,7 +136,7 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=None, help="per-batch size (default eval.batch_size)")
         sp.add_argument("--seed", type=int, default=None, help="default eval.seed")
         sp.add_argument("--out", default=None, help="results file (default RUN/eval/<metric>-step<S>.json)")
-        sp.add_argument("--no-progress", action="store_true")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
         sp.add_argument("--device", default=None, help="default: the process's accelerator device")
 
     f = sub.add_parser("fid", help="FID (and KID) of samples against reference statistics")
@@ -158,8 +159,8 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     b.add_argument("--max-samples", type=int, default=None, help="only the first M test images (default all)")
     b.add_argument("--hutchinson", choices=["rademacher", "gaussian", "exact"], default=None,
                    help="trace estimator probes (default eval.hutchinson); exact: D VJPs per step (tiny data only)")
-    b.add_argument("--rtol", type=float, default=None)
-    b.add_argument("--atol", type=float, default=None)
+    b.add_argument("--rtol", type=float, default=None, help="likelihood ODE relative tolerance (default eval.rtol)")
+    b.add_argument("--atol", type=float, default=None, help="likelihood ODE absolute tolerance (default eval.atol)")
     b.add_argument("--eps", type=float, default=None, help="likelihood ODE starts at t=eps (default eval.likelihood_eps)")
     b.add_argument("--no-dequantize", action="store_true", help="no uniform dequantisation (u8/255)")
 
@@ -175,7 +176,7 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     common(e)
     e.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
     e.add_argument("--num-times", type=int, default=20, help="points of the t-grid in [fpe.t_min, fpe.t_max]")
-    e.add_argument("--max-samples", type=int, default=256)
+    e.add_argument("--max-samples", type=int, default=256, help="only the first M test images")
     return p
 
 

@@ -21,7 +21,6 @@ imported (fine-tuning starts a fresh Adam, as FP-Diffusion's does).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import pickle
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.rundir import MODEL_WEIGHTS, RunDir, save_weights
+from pipeline.cliargs import ArgumentParser
 
 EXIT_BAD = 2
 
@@ -261,7 +261,7 @@ def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrid
 
 
 def import_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fpdiff import", description=(
+    p = ArgumentParser(prog="fpdiff import", description=(
         "Import a score_sde_pytorch / FP-Diffusion checkpoint (checkpoint_N.pth or checkpoints-meta/checkpoint.pth) "
         "as an fpdiff run directory (EMA + raw weights as safetensors, fpdiff config)."))
     p.add_argument("kind", choices=["score-sde"], help="checkpoint format")

@@ -29,10 +29,11 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.config import Config, ConfigError, save_config
 from pipeline.collectives import seed_for
 from pipeline.ema import EMA
-from pipeline.images import save_grid, to_uint8
+from pipeline.images import label_columns, save_grid, to_uint8
 from pipeline.rundir import SAMPLES_PNG, RunDir
 from pipeline.score import get_score_fn, sampling_score_fn
 from pipeline.sde import build_sde
+from pipeline.cliargs import ArgumentParser
 
 EXIT_OK, EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE = 0, 2, 3, 75
 
@@ -122,7 +123,7 @@ def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, prog
         arrays["labels"] = labels.numpy()
     with atomic_path(path.with_suffix(".npz")) as tmp:
         np.savez_compressed(tmp, **arrays)
-    return save_grid(x, path, centered=cfg.data.centered)
+    return save_grid(x, path, centered=cfg.data.centered, nrow=label_columns(arrays.get("labels")))
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
@@ -386,7 +387,7 @@ def export(run_dir: Path, cfg: Config, ema: EMA, step: int, counters: Counters, 
 
 # --------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a score model (DSM + FPE regularizer).")
+    p = ArgumentParser(prog=prog, description="Train a score model (DSM + FPE regularizer).")
     p.add_argument("--config", default=None,
                    help="YAML experiment config (configs/*.yaml); a resumed run reads RUN/config.yaml without it")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<name>)")
