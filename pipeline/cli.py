@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import __version__
         print(__version__)
         return 0
+    from pipeline.quiet import quiet_third_party
+    quiet_third_party()
     return int(_dispatch(argv[0], argv[1:]) or 0)
 
 

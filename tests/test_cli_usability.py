@@ -2,6 +2,7 @@
 one line when a run has none (never reading the training shards instead), and write nothing."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -100,8 +101,10 @@ def test_train_ends_with_where_its_outputs_are_and_resume_reuses_the_run_config(
     run = tmp_path / "tiny"
     fast = ["training.ckpt_every=2", "training.log_every=1", "sampling.num_steps=2", "sampling.num_samples=2",
             "sampling.corrector=none", "fpe.enabled=false", "--no-progress"]
-    assert main(["train", "--config", TINY_CONFIG, "--run-dir", str(run), "training.n_steps=2",
-                 *tiny_overrides, *fast]) == 0
+    assert main(["train", "--config", TINY_CONFIG, "--run-dir", str(run), "training.n_steps=2", "eval.every=2",
+                 "eval.batch_size=2", "eval.rtol=1e-2", "eval.atol=1e-2", *tiny_overrides, *fast]) == 0
+    evals = [json.loads(ln) for ln in (run / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2] and evals[0]["eval/bpd_n"] == 2  # eval.every = n_steps: evaluated
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-2].startswith("[fpdiff] train: 2 steps in ") and f"samples {run / 'samples.png'}" in out[-2]
     assert out[-1].startswith(f"[fpdiff] outputs in {run}/: checkpoints/, export/")
@@ -256,3 +259,23 @@ def test_offline_mode_is_not_retried():
     from pipeline.publish.hub import _is_retryable
 
     assert not _is_retryable(OfflineModeIsEnabled("offline")) and _is_retryable(ConnectionError("reset"))
+
+
+def test_no_third_party_warnings_on_a_cpu_eval(tmp_path):
+    """`fpdiff eval fpe` (Accelerate, DeepSpeed installed, forward-mode AD) prints its result and
+    no warning the user cannot act on (DeepSpeed's accelerator guess, torch's jit deprecation)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_evaluate import write_test_shards
+
+    shards = write_test_shards(tmp_path / "test", sizes=(2,))
+    run = _run_without_test_shards(tmp_path, shards)
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "PYTHONWARNINGS")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "fpe", str(run), "--shards", shards,
+                        "--num-times", "2", "--max-samples", "2", "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith("[fpdiff] eval fpe: mean residual") and r.stderr.strip() == ""

@@ -271,7 +271,8 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"  verify: {pr}", file=sys.stderr)
             if problems:
                 return 1
-    paste = " ".join(f"{CONFIG_KEY_OF_SPLIT[split]}={idx['abs_pattern']}" for split, idx in result.items())
+    paste = " ".join(f"{CONFIG_KEY_OF_SPLIT[split]}={idx['abs_pattern']}"
+                     for split, idx in sorted(result.items(), key=lambda item: item[0] == "test"))  # training first
     print(f"[fpdiff] shards written to {Path(args.out).resolve()}; pass them to training as: {paste}")
     return 0
 

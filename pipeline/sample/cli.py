@@ -199,7 +199,9 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
         x, nfe = inpaint(score_fn, sde, data, mask, **pc)
         low = -1.0 if cfg.data.centered else 0.0  # hidden pixels shown black
         shown = data * mask + low * (1 - mask)
-        err = float((x - data).pow(2).mul(1 - mask).sum() / ((1 - mask).sum() * data.shape[1]).clamp_min(1))
+        # as saved (clipped to the data range), like colorization's
+        hidden = (1 - mask).sum() * data.shape[1]
+        err = float((x.clamp(low, 1.0) - data).pow(2).mul(1 - mask).sum() / hidden.clamp_min(1))
         record = {"mask": args.inpaint, "mse_hidden": err}
         extra = {"masks": mask.cpu().numpy().astype(np.uint8)}
         what = f"inpainted {data.shape[0]} test images (mask {args.inpaint}; MSE on the hidden pixels {err:.4f})"

@@ -320,7 +320,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             last_metrics = metrics
             tracker.log(metrics, step=step)
             bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < tc.n_steps:
+        if cfg.eval.every and step % cfg.eval.every == 0:  # the last step's too (eval.every = n_steps)
             eval_metrics = evaluate_in_training(ema.model, cfg, sde, dist_state, step=step, run_dir=run_dir)
             tracker.log(eval_metrics, step=step)
             last_metrics.update(eval_metrics)
