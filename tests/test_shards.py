@@ -93,13 +93,14 @@ def test_image_folder(tmp_path):
         write_shards(tmp_path / "imgs", tmp_path / "o", "pets")
 
 
-def _cifar10_batches(tmp_path) -> tuple[Path, dict]:
-    """A small folder laid out as CIFAR-10's python download (pickled batches)."""
+def _cifar10_batches(tmp_path, sizes=(6, 4, 5)) -> tuple[Path, dict]:
+    """A small folder laid out as CIFAR-10's python download (pickled batches of random images):
+    ``sizes`` images in data_batch_1, data_batch_2 and test_batch."""
     rng = np.random.default_rng(3)
     d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
+    d.mkdir(parents=True)
     batches = {}
-    for name, n in (("data_batch_1", 6), ("data_batch_2", 4), ("test_batch", 5)):
+    for name, n in zip(("data_batch_1", "data_batch_2", "test_batch"), sizes):
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n).tolist()
         with open(d / name, "wb") as f:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -363,11 +364,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     if summary is not None:
         summary["hub"] = pusher.status() if pusher else None
         atomic_write_json(run.summary_json, summary)
-        line = (f"train: {step} steps in {summary['seconds']:.0f}s ({summary['images_per_s']:.1f} img/s), "
-                f"final loss {summary['final_loss']}, samples {summary['samples']}")
-        run.add_summary_line(line)
-        print(f"[fpdiff] {line}\n[fpdiff] outputs in {run_dir}/: checkpoints/, export/ (EMA weights, model card), "
-              f"samples.png, metrics.jsonl, summary.json, summary.txt", flush=True)
+        run.add_summary_line(f"train: {step} steps in {summary['seconds']:.0f}s ({summary['images_per_s']:.1f} img/s), "
+                             f"final loss {summary['final_loss']}, samples {summary['samples']}")
         tracker.summary({k: v for k, v in summary.items() if k not in ("loss_curve", "hub")})
     tracker.finish()
     backend.barrier()
@@ -412,8 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, run_dir = training_config(args.config, args.run_dir, args.resume, args.overrides, force=args.force)
-        return train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
+        code = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                      deepspeed_config=args.deepspeed, overwrite=args.overwrite)
+        if code == EXIT_OK and os.environ.get("RANK", "0") == "0":  # where it all went, last
+            summary = RunDir(run_dir).summary_txt.read_text().splitlines()[-1]
+            print(f"[fpdiff] {summary}\n[fpdiff] outputs in {run_dir}/: checkpoints/, export/ (EMA weights, "
+                  f"model card), samples.png, metrics.jsonl, summary.json, summary.txt", flush=True)
+        return code
     except ckpt.CheckpointError as e:
         print(f"fpdiff: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
