@@ -279,3 +279,13 @@ def test_no_third_party_warnings_on_a_cpu_eval(tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith("[fpdiff] eval fpe: mean residual") and r.stderr.strip() == ""
+
+
+def test_import_help_lists_the_score_sde_config_names(capsys):
+    from pipeline.cli import main
+    from pipeline.publish.score_sde_import import SCORE_SDE_CONFIGS
+
+    with pytest.raises(SystemExit):
+        main(["import", "score-sde", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in SCORE_SDE_CONFIGS)

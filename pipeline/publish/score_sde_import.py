@@ -267,7 +267,7 @@ def import_main(argv: list[str] | None = None) -> int:
     p.add_argument("kind", choices=["score-sde"], help="checkpoint format")
     p.add_argument("checkpoint", help="the .pth file")
     p.add_argument("--config", required=True, metavar="NAME", choices=sorted(SCORE_SDE_CONFIGS),
-                   help="score_sde config the checkpoint was trained with, e.g. vp/cifar10_ddpmpp_continuous")
+                   help="score_sde config the checkpoint was trained with: " + ", ".join(sorted(SCORE_SDE_CONFIGS)))
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="new run directory")
     p.add_argument("overrides", nargs="*", help="dotted fpdiff config overrides (e.g. data.shards=...)")
     args = p.parse_intermixed_args(argv)
