@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.cliargs import nearest
+
 USAGE = """usage: fpdiff <command> [options]
 
 Train score-based diffusion models with the FP-Diffusion score Fokker-Planck regularizer.
@@ -22,17 +24,27 @@ commands:
   push          upload a run's exported EMA weights, config and model card to the Hugging Face Hub
   import        import score-sde CHECKPOINT --config NAME --out RUN_DIR: a score_sde / FP-Diffusion
                 checkpoint as an fpdiff run directory (sample, eval, push, fine-tune from it)
+  config show   every config key with its value, type and meaning ([--config FILE] [KEY])
 
 `fpdiff <command> --help` shows each command's options.
 """
 
 
+COMMANDS = ("demo", "train", "data", "eval", "sample", "classifier", "push", "import", "config")
+
+
 def _dispatch(cmd: str, argv: list[str]) -> int:
     if cmd == "data":
         if not argv or argv[0] != "shards":
-            print("usage: fpdiff data shards [options]   (see fpdiff data shards --help)", file=sys.stderr)
-            return 2
+            asked = bool(argv) and argv[0] in ("-h", "--help")
+            hint = " (did you mean shards?)" if argv and not asked and nearest(argv[0], ["shards"]) else ""
+            print(f"usage: fpdiff data shards SOURCE --out DIR [--name NAME] [options]   "
+                  f"(see fpdiff data shards --help){hint}", file=sys.stdout if asked else sys.stderr)
+            return 0 if asked else 2
         argv = argv[1:]
+    if cmd == "config":
+        from pipeline.config_doc import config_main
+        return config_main(argv)
     if cmd == "import":
         from pipeline.publish.score_sde_import import import_main
         return import_main(argv)
@@ -42,7 +54,9 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
     stages = {"demo": "pipeline.demo", "train": "pipeline.train", "data": "pipeline.data", "eval": "pipeline.eval",
               "sample": "pipeline.sample", "push": "pipeline.publish"}
     if cmd not in stages:
-        print(f"fpdiff: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        close = nearest(cmd, COMMANDS)
+        print(f"fpdiff: unknown command {cmd!r}" + (f"; did you mean {close}?" if close else "")
+              + f"\n\n{USAGE}", file=sys.stderr)
         return 2
     import importlib
     return importlib.import_module(stages[cmd]).main(argv)
@@ -56,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import __version__
         print(__version__)
         return 0
+    from pipeline.quiet import quiet_third_party
+    quiet_third_party()
     return int(_dispatch(argv[0], argv[1:]) or 0)
 
 

@@ -12,7 +12,8 @@ name of this layout::
                                     card), samples.png: what is pushed (``pipeline.publish``)
         metrics.jsonl               training metrics, one JSON object a line; wandb_run_id.txt, wandb/
         eval/                       metrics.jsonl (in-training evaluation), <metric>-step<S>.json
-        samples.png, samples.npz    the final samples; samples/ (grids during training, ``fpdiff sample``)
+        samples.png, samples.npz    the final samples; samples/ (grids during training; sample-NNN/: one
+                                    ``fpdiff sample`` call each)
         summary.json, summary.txt   the end of training (and one line per ``fpdiff eval``)
         STOP                        asks a running trainer to checkpoint and exit
         classifier/                 ``fpdiff classifier``;  imported/: ``fpdiff import``
@@ -104,6 +105,19 @@ class RunDir:
     @property
     def samples_dir(self) -> Path:
         return self.path / "samples"
+
+    def new_samples_folder(self) -> Path:
+        """A new, empty ``samples/sample-NNN`` (the next free number) for one ``fpdiff sample`` call."""
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        taken = [int(p.name[7:]) for p in self.samples_dir.glob("sample-*") if p.name[7:].isdigit()]
+        n = max(taken, default=0) + 1
+        while True:
+            folder = self.samples_dir / f"sample-{n:03d}"
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:  # another call took it meanwhile
+                n += 1
 
     def sample_grid(self, step: int) -> Path:
         return self.samples_dir / f"{STEP_PREFIX}{step:08d}.png"
@@ -328,6 +342,18 @@ def load_state_into(model, state: Mapping, *, source: str = "weights") -> None:
                          f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
                          f"e.g. {unexpected[:3]})")
     model.load_state_dict(state, strict=True)
+
+
+def require_test_shards(cfg, given: Optional[str], *, command: str, flag: str = "--shards") -> str:
+    """The test shards a command reads: ``given`` (its ``flag``) or the run's ``data.test_shards``.
+    Never the training shards: a run without test shards is refused in one line."""
+    from pipeline.config import ConfigError
+
+    spec = given or cfg.data.test_shards
+    if not spec:
+        raise ConfigError(f"{command}: needs test data, and this run has none (data.test_shards is empty); "
+                          f"pass {flag}{'' if flag.endswith('=') else ' '}PATTERN (e.g. the data.test_shards=... line of `fpdiff data shards`)")
+    return spec
 
 
 def load_for_eval(source, device="cpu", overrides: Optional[list[str]] = None):

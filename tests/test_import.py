@@ -133,7 +133,7 @@ def test_imported_run_samples_and_initialises_finetuning(tmp_path):
     for (k, a), b in zip(ft.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
     assert cli(["sample", "--run-dir", str(run), "--num-samples", "2", "sampling.num_steps=3"]) == 0
-    assert (run / "samples" / "grid.png").is_file()
+    assert (run / "samples" / "sample-001" / "grid.png").is_file()  # a new folder each call
     info = (run / "imported" / "import.json").read_text()
     assert '"step": 7' in info and '"ema_decay": 0.999' in info
 

@@ -14,7 +14,7 @@ from pipeline.config import DataConfig
 from pipeline.data.loader import ShardLoader
 from pipeline.data.reader import decode_sample
 from pipeline.data.sources import ShardWriteError
-from pipeline.data.shards import ensure_mnist_shards, shards_main, verify_index, write_shards
+from pipeline.data.shards import default_set_name, ensure_mnist_shards, shards_main, verify_index, write_shards
 
 
 def _read_all(out_dir, index):
@@ -93,12 +93,14 @@ def test_image_folder(tmp_path):
         write_shards(tmp_path / "imgs", tmp_path / "o", "pets")
 
 
-def test_cifar10_pickle_batches(tmp_path):
+def _cifar10_batches(tmp_path, sizes=(6, 4, 5)) -> tuple[Path, dict]:
+    """A small folder laid out as CIFAR-10's python download (pickled batches of random images):
+    ``sizes`` images in data_batch_1, data_batch_2 and test_batch."""
     rng = np.random.default_rng(3)
     d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
+    d.mkdir(parents=True)
     batches = {}
-    for name, n in (("data_batch_1", 6), ("data_batch_2", 4), ("test_batch", 5)):
+    for name, n in zip(("data_batch_1", "data_batch_2", "test_batch"), sizes):
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n).tolist()
         with open(d / name, "wb") as f:
@@ -108,6 +110,11 @@ def test_cifar10_pickle_batches(tmp_path):
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
     with open(d / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": names, b"num_vis": 3072}, f)
+    return d, batches
+
+
+def test_cifar10_pickle_batches(tmp_path):
+    d, batches = _cifar10_batches(tmp_path)
     res = write_shards(d, tmp_path / "o", "cifar10")  # keeps CIFAR's own split
     assert res["train"]["num_samples"] == 10 and res["test"]["num_samples"] == 5
     assert res["train"]["class_names"][9] == "truck" and res["train"]["image_size"] == 32
@@ -118,6 +125,27 @@ def test_cifar10_pickle_batches(tmp_path):
         i = int(k)
         assert np.array_equal(arr, all_x[i].reshape(3, 32, 32).transpose(1, 2, 0)) and lab == all_y[i]
     assert all(int(k) >= 10 for k in _read_all(tmp_path / "o", res["test"]))
+
+
+def test_cli_naming_rule_and_lines_to_paste(tmp_path, capsys):
+    """Files are NAME-train-000000.tar ... (NAME: --name, else the source's name without extension);
+    the printed lines name exactly those files, the test split under data.test_shards."""
+    d, _ = _cifar10_batches(tmp_path)
+    assert shards_main([str(d), "--out", str(tmp_path / "default"), "--max-samples", "4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "default").glob("*.tar")) == [
+        "cifar-10-batches-py-test-000000.tar", "cifar-10-batches-py-test-000001.tar",
+        "cifar-10-batches-py-train-000000.tar", "cifar-10-batches-py-train-000001.tar",
+        "cifar-10-batches-py-train-000002.tar"]
+    capsys.readouterr()
+    assert shards_main([str(d), "--out", str(tmp_path / "c"), "--name", "cifar10", "--max-samples", "4"]) == 0
+    out = capsys.readouterr().out
+    train = f"{(tmp_path / 'c').resolve()}/cifar10-train-{{000000..000002}}.tar"
+    test = f"{(tmp_path / 'c').resolve()}/cifar10-test-{{000000..000001}}.tar"
+    assert f"  data.shards={train}\n" in out and f"  data.test_shards={test}\n" in out
+    assert out.splitlines()[-1].endswith(f"data.shards={train} data.test_shards={test}")
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.json")) == ["cifar10-test.json", "cifar10-train.json"]
+    assert default_set_name("data/cmnist.npz") == "cmnist" and default_set_name("mnist") == "mnist"
+    assert default_set_name("a/my.data.npz") == "my_data"
 
 
 def test_cli_and_mnist_reuse(tmp_path, capsys, mnist_shards):

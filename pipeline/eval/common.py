@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from pipeline.data.reader import iter_images, shard_urls
+from pipeline.data.reader import iter_images, resolve_shards, shard_urls
 from pipeline.eval.features import MissingFileError, batched, ceil_div
 from pipeline.collectives import broadcast_float
 from pipeline.collectives import dist_rank_world
@@ -90,6 +90,39 @@ def rank_test_batches(images, shards, channels: int, bs: int, rank: int, world: 
             yield k, u8
 
 
+# a bar counting (possibly fractional) images: whole numbers shown, an ETA when the total is known
+IMAGE_BAR = "{l_bar}{bar}| {n:.0f}/{total_fmt} img [{elapsed}<{remaining}, {rate_fmt}]"
+
+
+def local_shard_counts(shards: Optional[str]) -> Optional[list[int]]:
+    """Images per shard (from the indexes, else the tar headers) when every shard is a local file,
+    for progress bars; None for remote shards (counting would download them) or on any problem."""
+    try:
+        urls = shard_urls(shards or "")
+        if any(u.startswith(("pipe:", "http:", "https:", "s3:", "gs:")) for u in urls):
+            return None
+        return resolve_shards(shards, key="test shards").counts
+    except Exception:  # noqa: BLE001 - a bar without a total, the reader reports the problem
+        return None
+
+
+def rank_share(images, shards, bs: int, rank: int, world: int, max_samples: Optional[int] = None,
+               num_batches: Optional[int] = None) -> Optional[int]:
+    """How many test images ``rank_test_batches`` gives this rank (None: unknown), for its bar."""
+    if images is not None:
+        total = int(images.shape[0])
+    else:
+        counts = local_shard_counts(shards)
+        if counts is None:
+            return None
+        total = sum(counts)
+    if max_samples is not None:
+        total = min(total, max_samples)
+    if num_batches is not None:
+        total = min(total, num_batches * bs)
+    return sum(min(bs, total - k * bs) for k in range(rank, ceil_div(total, bs), world))
+
+
 @contextlib.contextmanager
 def eval_pass(model, progress: bool = False, **bar_kwargs):
     """Model in eval mode for the duration (its mode restored after, errors included) and a tqdm
@@ -98,7 +131,8 @@ def eval_pass(model, progress: bool = False, **bar_kwargs):
 
     was_training = model.training
     model.eval()
-    bar = tqdm(disable=not progress, unit="batch", dynamic_ncols=True, **bar_kwargs)
+    bar_kwargs.setdefault("unit", "batch")
+    bar = tqdm(disable=not progress, dynamic_ncols=True, **bar_kwargs)
     try:
         yield bar
     finally:

@@ -13,7 +13,6 @@ end of training. ``fpdiff push RUN_DIR --repo-id user/name`` does the same by ha
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.cliargs import ArgumentParser
 from pipeline.rundir import (CONFIG, EMA_WEIGHTS, EXPORT_FILES, EXPORT_METRICS, SAMPLES_PNG, RunDir, find_weights,
                              load_state_into, read_weights)
 
@@ -41,6 +41,8 @@ def _is_retryable(exc: BaseException) -> bool:
     if isinstance(code, int) and 400 <= code < 500 and code not in (408, 409, 425, 429):
         return False
     if isinstance(exc, (ValueError, FileNotFoundError, PermissionError)) and code is None:
+        return False
+    if type(exc).__name__ == "OfflineModeIsEnabled":  # HF_HUB_OFFLINE=1: no retry can succeed
         return False
     return True
 
@@ -255,7 +257,7 @@ PUSH_USAGE = "fpdiff push RUN_DIR --repo-id USER/NAME [--private|--public] [--en
 
 def push_main(argv: list[str] | None = None) -> int:
     """``fpdiff push RUN_DIR --repo-id X``: upload RUN_DIR/export (or RUN_DIR if it is an export)."""
-    ap = argparse.ArgumentParser(prog="fpdiff push", description="Upload a run's export (EMA weights, "
+    ap = ArgumentParser(prog="fpdiff push", description="Upload a run's export (EMA weights, "
                                  "config, model card) to the Hugging Face Hub.")
     ap.add_argument("run_dir", metavar="RUN_DIR", help="run directory (holding export/) or an export folder")
     ap.add_argument("--repo-id", required=True, help="target repository, user/name")
@@ -265,9 +267,11 @@ def push_main(argv: list[str] | None = None) -> int:
     vis.add_argument("--public", dest="private", action="store_false", help="create the repo public")
     ap.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     ap.add_argument("--token", default=None, help="access token (default: HF_TOKEN or the saved login)")
-    ap.add_argument("--commit-message", default=None)
-    ap.add_argument("--max-retries", type=int, default=3)
-    ap.add_argument("--retry-backoff", type=float, default=2.0)
+    ap.add_argument("--commit-message", default=None, help="commit message (default: 'fpdiff export, step S')")
+    ap.add_argument("--max-retries", type=int, default=3, help="upload attempts after the first (network errors only)")
+    ap.add_argument("--retry-backoff", type=float, default=2.0,
+                    help="seconds before the first retry; doubles each time (max 60 s)")
+    ap.add_argument("--dry-run", action="store_true", help="list what would be uploaded, and where; no network")
     args = ap.parse_args(argv)
 
     run_dir = Path(args.run_dir)
@@ -287,6 +291,13 @@ def push_main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             step = None
         message = f"fpdiff export, step {step}" if step is not None else "fpdiff export"
+    if args.dry_run:
+        files = [f for f in sorted(export.iterdir()) if f.name in EXPORT_UPLOADS and f.is_file() and not f.is_symlink()]
+        for f in files:
+            print(f"  {f.name} ({f.stat().st_size:,} bytes)")
+        print(f"[fpdiff] dry run: would push {len(files)} files of {export} to {args.repo_id} "
+              f"({'private' if args.private else 'public'}), message {message!r}; nothing uploaded")
+        return 0
     pusher = HubPusher(args.repo_id, max_retries=args.max_retries, private=args.private, token=args.token,
                        endpoint=args.endpoint, backoff=args.retry_backoff)
     pusher.push(export, message)

@@ -25,7 +25,6 @@ starts a fresh Adam).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import pickle
@@ -36,6 +35,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from pipeline.cliargs import ArgumentParser
 from pipeline.rundir import MODEL_WEIGHTS, OPTIMIZER, RunDir, save_weights
 
 EXIT_BAD = 2
@@ -311,13 +311,13 @@ def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrid
 
 
 def import_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fpdiff import", description=(
+    p = ArgumentParser(prog="fpdiff import", description=(
         "Import a score_sde_pytorch / FP-Diffusion checkpoint (checkpoint_N.pth or checkpoints-meta/checkpoint.pth) "
         "as an fpdiff run directory (EMA + raw weights as safetensors, fpdiff config)."))
     p.add_argument("kind", choices=["score-sde"], help="checkpoint format")
     p.add_argument("checkpoint", help="the .pth file")
     p.add_argument("--config", required=True, metavar="NAME", choices=sorted(SCORE_SDE_CONFIGS),
-                   help="score_sde config the checkpoint was trained with, e.g. vp/cifar10_ddpmpp_continuous")
+                   help="score_sde config the checkpoint was trained with: " + ", ".join(sorted(SCORE_SDE_CONFIGS)))
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="new run directory")
     p.add_argument("overrides", nargs="*", help="dotted fpdiff config overrides (e.g. data.shards=...)")
     args = p.parse_intermixed_args(argv)

@@ -1,6 +1,9 @@
 """``python -m pipeline.train`` / ``accelerate launch -m pipeline.train``: the training stage."""
 import sys
 
-from pipeline.train.loop import main
+from pipeline.quiet import quiet_third_party
+
+quiet_third_party()  # before Accelerate (and DeepSpeed with it) is imported
+from pipeline.train.loop import main  # noqa: E402
 
 sys.exit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -26,13 +27,14 @@ import torch
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.train import checkpoint as ckpt
-from pipeline.config import Config, ConfigError, load_config, save_config
+from pipeline.config import Config, ConfigError, save_config
 from pipeline.collectives import seed_for
 from pipeline.ema import EMA
-from pipeline.images import save_grid, to_uint8
+from pipeline.images import label_columns, save_grid, to_uint8
 from pipeline.rundir import SAMPLES_PNG, RunDir
 from pipeline.score import get_score_fn, sampling_score_fn
 from pipeline.sde import build_sde
+from pipeline.cliargs import ArgumentParser
 
 EXIT_OK, EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE = 0, 2, 3, 75
 
@@ -133,7 +135,7 @@ def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, prog
         arrays["labels"] = labels.numpy()
     with atomic_path(path.with_suffix(".npz")) as tmp:
         np.savez_compressed(tmp, **arrays)
-    return save_grid(x, path, centered=cfg.data.centered)
+    return save_grid(x, path, centered=cfg.data.centered, nrow=label_columns(arrays.get("labels")))
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
@@ -346,7 +348,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             last_metrics = metrics
             tracker.log(metrics, step=step)
             bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < end_step:
+        if cfg.eval.every and step % cfg.eval.every == 0:  # the last step's too (eval.every = n_steps)
             eval_metrics = evaluate_in_training(ema.model, cfg, sde, dist_state, step=step, run_dir=run_dir)
             tracker.log(eval_metrics, step=step)
             last_metrics.update(eval_metrics)
@@ -363,6 +365,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
         if stop_now and step < end_step:
             if is_main:
                 stop.consume()
+                bar.close()  # the message on its own line, not glued to the bar
                 say(f"stop requested: checkpoint at step {step} "
                     f"{'not written (non-finite streak)' if counters.consecutive_nonfinite else 'written'}, "
                     f"exiting {EXIT_REQUEUE}")
@@ -409,10 +412,14 @@ def export(run_dir: Path, cfg: Config, ema: EMA, step: int, counters: Counters, 
 
 # --------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a score model (DSM + FPE regularizer).")
-    p.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
+    p = ArgumentParser(prog=prog, description="Train a score model (DSM + FPE regularizer).")
+    p.add_argument("--config", default=None,
+                   help="YAML experiment config (configs/*.yaml); a resumed run reads RUN/config.yaml without it")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<name>)")
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint dir")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint "
+                   "dir; continues the run's config (RUN/config.yaml), overrides given now applied on top")
+    p.add_argument("--force", action="store_true",
+                   help="resume even with a changed key that breaks exact resume (batch size, seed, data, model)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --run-dir (its checkpoints, export, metrics) instead of refusing")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
@@ -425,12 +432,18 @@ def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.eval.features import MissingFileError
 
-    args = build_parser("python -m pipeline.train").parse_args(argv)
+    from pipeline.train.resume import training_config
+
+    args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
-        return train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
+        cfg, run_dir = training_config(args.config, args.run_dir, args.resume, args.overrides, force=args.force)
+        code = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                      deepspeed_config=args.deepspeed, overwrite=args.overwrite)
+        if code == EXIT_OK and os.environ.get("RANK", "0") == "0":  # where it all went, last
+            summary = RunDir(run_dir).summary_txt.read_text().splitlines()[-1]
+            print(f"[fpdiff] {summary}\n[fpdiff] outputs in {run_dir}/: checkpoints/, export/ (EMA weights, "
+                  f"model card), samples.png, metrics.jsonl, summary.json, summary.txt", flush=True)
+        return code
     except ckpt.CheckpointError as e:
         print(f"fpdiff: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
