@@ -139,6 +139,7 @@ class Study:
         self.inception = Path(a.inception).resolve() if a.inception else None
         self.ref_inception = self.work / "ref_inception_test.npz"
         self.proto = protocol(self.scale, self.cfg)
+        self.lw = bool(self.cfg["training"].get("likelihood_weighting", False))
         self.done = self.skipped = 0
 
     @property
@@ -228,15 +229,8 @@ class Study:
             raise SystemExit(f"fpe_study: `fpdiff {' '.join(args[:2])}` exited {rc}; log {path}:\n{tail}")
 
     def shards(self, split: str) -> str:
-        """The base run's data.shards / test_shards when it has them (its continuation then reads the
-        same shards), else the data stage's."""
-        import yaml
-
-        saved = self.base / "config.yaml"
-        if saved.is_file():
-            data = (yaml.safe_load(saved.read_text()) or {}).get("data", {})
-            if data.get("shards" if split == "train" else "test_shards"):
-                return data["shards" if split == "train" else "test_shards"]
+        """The data stage's shards, relative to the repository root when under it (as the base is started:
+        ``data.shards=runs/fpe_study/data/...``; a continuation compares the patterns)."""
         idx = read_json(self.data_dir / f"mnist-{split}.json")
         if not idx:
             raise SystemExit(f"fpe_study: no {split} shards in {self.data_dir}; run the 'data' stage")
@@ -273,18 +267,21 @@ class Study:
         resume = ["--resume", "auto"] if ckpts else (["--overwrite"] if run.exists() else [])
         s = self.scale
         return ["train", "--config", config, "--run-dir", run, "--no-progress", *resume,
-                *([f"data.shards={self.shards('train')}", f"data.test_shards={self.shards('test')}", *s["model"]]
-                  if config == CONFIG else []),
+                f"data.shards={self.shards('train')}", f"data.test_shards={self.shards('test')}",
+                *(s["model"] if config == CONFIG else []),
                 f"sampling.num_samples={s['train_grid_samples']}",
                 *([f"sampling.num_steps={s['pc_steps']}"] if s["pc_steps"] else []), *overrides]
 
     def train_record(self, run: Path, extra: dict) -> dict:
+        import torch
+
         summary = read_json(run / "summary.json") or {}
         batch = self.proto["batch_size"]
         return {**extra, "final_step": summary.get("steps"), "final_loss": summary.get("final_loss"),
                 "seconds_per_step": batch / summary["images_per_s"] if summary.get("images_per_s") else None,
                 "threads": os.environ.get("OMP_NUM_THREADS") or f"unset ({os.cpu_count()} cores)",
-                "cpu_count": os.cpu_count()}
+                "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                "ran_with": "in process" if self.a.in_process else "one interpreter per command"}
 
     def base_target(self) -> int:
         import yaml
@@ -302,7 +299,8 @@ class Study:
         if self.base_step() < 0 and (saved / "base.json").is_file():
             report.restore_base(saved, self.base)
             say(f"base: restored step {self.base_step()} from {self.rel(saved)}")
-        if self.base_step() >= self.base_target():
+        finished = read_json(self.base / "summary.json") and (self.base / "export" / "ema.safetensors").is_file()
+        if finished or self.base_step() >= self.base_target():
             self.skip(f"base (step {self.base_step()})")
         else:
             self.check_base_idle()
@@ -332,6 +330,20 @@ class Study:
     def all_arms(self) -> list[tuple[str, int]]:
         return [(k, s) for k, arm in self.proto["arms"].items() for s in arm["seeds"]]
 
+    def base_config(self) -> Path:
+        """The base's own config.yaml: every arm continues it with only the objective and seed changed."""
+        import yaml
+
+        own = self.base / "config.yaml"
+        if not own.is_file():
+            raise SystemExit(f"fpe_study: no base run in {self.rel(self.base)}; run the 'base' stage")
+        tc = yaml.safe_load(own.read_text())["training"]
+        for key, want in (("batch_size", self.proto["batch_size"]), ("likelihood_weighting", self.lw)):
+            if tc.get(key, False) != want:
+                raise SystemExit(f"fpe_study: the base's training.{key} is {tc.get(key)}, the protocol's {want} "
+                                 f"({self.rel(CONFIG)}); the protocol must describe the base its arms continue")
+        return own
+
     def stage_arms(self) -> None:
         for arm, seed in self.all_arms():
             name = self.arm_name(arm, seed)
@@ -344,7 +356,7 @@ class Study:
                          "training.keep_last=1", *self.proto["arms"][arm]["overrides"]]
             if not (run / "export" / "ema.safetensors").is_file():
                 say(f"train {name}: {' '.join(overrides[2:])}")
-                self.fpdiff(self.train_args(run, overrides), f"train_{name}")
+                self.fpdiff(self.train_args(run, overrides, self.base_config()), f"train_{name}")
             self.write(rec_path, self.train_record(run, {"arm": arm, "seed": seed, "overrides": overrides,
                                                          "finetune_steps": self.proto["finetune_steps"]}),
                        f"arm {name} trained")

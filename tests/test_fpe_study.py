@@ -187,9 +187,11 @@ def test_fpe_study_quick(tmp_path):
     # a fresh machine: the base comes back from the committed copy, nothing is trained or measured again
     import shutil
     shutil.rmtree(tmp_path / "work")
+    (out / "arms" / "c_s0.json").unlink()  # ... and one arm continues the restored base again
+    shutil.rmtree(out / "metrics" / "c_s0")
     out4 = _study(tmp_path, npz, out, "--inception", str(incep))
     assert "base: restored step 6" in out4 and "training to step" not in out4
-    assert " 0 results written" in out4, out4[-2000:]
+    assert "train c_s0" in out4 and " 8 results written" in out4, out4[-2000:]
 
 
 def test_reading_check_catches_an_unfounded_number():
