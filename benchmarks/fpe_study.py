@@ -458,7 +458,7 @@ class Study:
             ck = self.base / "checkpoints" / f"step_{step:08d}"
             folder, feats = self.out / "gate" / f"step_{step:08d}", self.work / "features" / f"gate_{step}"
             for m in ("bpd", "fid_pc", "legibility"):
-                if not (read_json(folder / f"{m}.json") or {}).get("value") and not ck.is_dir():
+                if "value" not in (read_json(folder / f"{m}.json") or {}) and not ck.is_dir():
                     say(f"gate: {m} of step {step} not measured ({self.rel(ck)} is not on this machine)")
                     continue
                 self.metric(folder / f"{m}.json", m, ck, feats, self.scale["gate_fid_n"])

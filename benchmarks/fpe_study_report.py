@@ -336,7 +336,9 @@ def write_report(out: Path, proto: dict, setup: dict, arms: dict, metrics: dict,
           f"- Start: {proto['start']}. Every arm runs {proto['finetune_steps']} fine-tune steps of batch {proto['batch_size']}.",
           f"- FPE settings: {proto['fpe_settings']}. DSM term: {proto['dsm_weighting']}.",
           f"- α search: {proto['alpha_search']}.", f"- Pairing: {proto['pairing']}.",
-          *[f"- {k}: {v}" for k, v in proto["metrics"].items()], f"- Statistics: {proto['statistics']}.", "",
+          *[f"- {k}: {v}" for k, v in proto["metrics"].items()],
+          f"- Inception file: {setup['inception'] or 'none given, so Inception FID is not measured in this run'}.",
+          f"- Statistics: {proto['statistics']}.", "",
           "### Base convergence gate", "", gate_text, "", "### Tables", "", *tables, "",
           "An interval over seeds says where the mean over training seeds lies (evaluation inputs fixed); a paired "
           "interval says where the mean per-seed difference to (a) lies: one that excludes 0 is a difference at the "
