@@ -225,7 +225,7 @@ def plot_curves(proto: dict, metrics: dict, name_of, source: str, field: str, yl
 
 
 def plot_paired(pairs: dict, path: Path) -> bool:
-    """Paired differences with their 95% intervals, one panel per metric."""
+    """Paired differences: mean with its 95% interval and each seed's difference, one panel per metric."""
     keys = [k for k in METRICS if any(pairs[d].get(k, {}).get("mean") is not None for d in pairs)]
     if not keys:
         return False
@@ -238,6 +238,8 @@ def plot_paired(pairs: dict, path: Path) -> bool:
             if r and r.get("mean") is not None:
                 err = [[r["mean"] - r["low"]], [r["high"] - r["mean"]]] if r.get("low") is not None else None
                 ax.errorbar([i], [r["mean"]], yerr=err, fmt="o", capsize=4)
+                seeds = list(r["per_seed"].values())
+                ax.scatter([i + 0.12] * len(seeds), seeds, s=9, color="gray", alpha=0.6)  # one dot per seed
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xticks(range(len(pairs)))
         ax.set_xticklabels([f"({d[0]})−({d[2]})" for d in pairs])
@@ -337,7 +339,7 @@ def write_report(out: Path, proto: dict, setup: dict, arms: dict, metrics: dict,
           f"- FPE settings: {proto['fpe_settings']}. DSM term: {proto['dsm_weighting']}.",
           f"- α search: {proto['alpha_search']}.", f"- Pairing: {proto['pairing']}.",
           *[f"- {k}: {v}" for k, v in proto["metrics"].items()],
-          f"- Inception file: {setup['inception'] or 'none given, so Inception FID is not measured in this run'}.",
+          f"- Inception file: {setup['inception'] or 'none given to this run: Inception FID appears only where an earlier run measured it'}.",
           f"- Statistics: {proto['statistics']}.", "",
           "### Base convergence gate", "", gate_text, "", "### Tables", "", *tables, "",
           "An interval over seeds says where the mean over training seeds lies (evaluation inputs fixed); a paired "
