@@ -25,6 +25,7 @@ skipped on rerun; ``--commit`` commits each one (``git commit --only``) as it fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -97,7 +98,9 @@ def protocol(scale: dict, cfg: dict) -> dict:
         "pairing": "seed s of every arm: the same training.seed; every arm is scored on the same test images, "
                    f"dequantisation, probes, times and sampling noise (eval seed {EVAL_SEED})",
         "fpe_settings": f"the paper's: alpha {PAPER_ALPHA}, residual weighted by g(t)^2 (fpe.weighting=likelihood), "
-                        f"other fpe.* at fpdiff's defaults; default subsample {default_sub} of a batch",
+                        f"other fpe.* at fpdiff's defaults (fpe_defaults); default subsample {default_sub} of a batch",
+        "fpe_defaults": {f.name: getattr(FPEConfig, f.name) for f in dataclasses.fields(FPEConfig)
+                         if f.name not in ("enabled", "alpha", "weighting", "subsample")},
         "dsm_weighting": ("likelihood weighting (g^2), as the base uses it" if lw else
                           "the base's unweighted DSM loss (training.likelihood_weighting=false: the "
                           "score-matching weighting lambda(t)=sigma(t)^2), as the base uses it; the official "
