@@ -118,3 +118,21 @@ def test_cli_writes_json_and_summary(tmp_path):
     bad = subprocess.run([sys.executable, str(worker), "conservativity", str(export), "--num-buckets", "0"],
                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--num-buckets: must be >= 1" in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    """7 images in batches of 3 (the last partial) over 2 ranks: the same per-image draws (seeded by global
+    batch index), so the same ratios and standard errors as 1 rank."""
+    pattern = write_test_shards(tmp_path / "shards", sizes=(5, 2))
+    export = make_export(tmp_path / "run")
+    worker = write_worker(tmp_path)
+    out = {}
+    for procs in (1, 2):
+        run_eval(worker, ["conservativity", str(export), "--shards", pattern, "--batch-size", "3", "--num-buckets", "2",
+                          "--max-samples", "7", "--no-progress", "--out", str(tmp_path / f"c{procs}.json")],
+                 procs, clean_env())
+        out[procs] = json.loads((tmp_path / f"c{procs}.json").read_text())
+    assert out[1]["N"] == out[2]["N"] == 7 and out[2]["world_size"] == 2
+    assert out[2]["ratio"] == pytest.approx(out[1]["ratio"], rel=1e-6)
+    assert out[2]["stderr"] == pytest.approx(out[1]["stderr"], rel=1e-5)
