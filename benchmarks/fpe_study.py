@@ -20,7 +20,11 @@ stage runs fpdiff's own commands (``python -m pipeline.cli ...``):
   report   OUT/results.json, table.md, report.md, plots (benchmarks/fpe_study_report.py)
 
 Resumable at any point: a finished piece is a small JSON under OUT (no machine path in it) and is
-skipped on rerun; ``--commit`` commits each one (``git commit --only``) as it finishes.
+skipped on rerun; ``--commit`` commits each one (``git commit --only``) as it finishes. A base that is
+unfinished and was written in the last 15 minutes is left alone (another process may be training it;
+``--resume-base`` overrides). ``--in-process`` runs the commands in this process (no interpreter start
+each; ``--quick`` does so unless ``--subprocess``). Cost knobs: SCALE below; the study's model is the
+config's.
 """
 from __future__ import annotations
 
