@@ -145,6 +145,7 @@ def test_fpe_study_quick(tmp_path):
         arm = json.loads((out / "arms" / f"{name}.json").read_text())
         assert arm["seconds_per_step"] > 0 and arm["threads"] == "1"
         assert "training.init_from=WORK/arms/base" in arm["overrides"]
+        assert arm["final_step"] == 6 + 3  # continues the base's step 6 for the 3 fine-tune steps
         ms = ["fid_pc", "legibility", "fid_ode", "ode_pc", "bpd", "fpe", "conservativity"]
         ms += ["fid_inception"] if name[0] in "ab" else []
         for m in ms:
