@@ -35,6 +35,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -148,6 +149,7 @@ class Study:
         self.proto = protocol(self.scale, self.cfg)
         self.lw = bool(self.cfg["training"].get("likelihood_weighting", False))
         self.done = self.skipped = 0
+        self.lock = threading.Lock()
 
     @property
     def sde(self):
@@ -186,12 +188,17 @@ class Study:
     def write(self, path: Path, obj, what: str) -> None:
         from pipeline.atomic import atomic_write_json
         atomic_write_json(path, self.portable(obj))
-        self.done += 1
+        with self.lock:
+            self.done += 1
         self.commit([path], what)
 
     def commit(self, paths: list[Path], what: str) -> None:
         if not self.a.commit:
             return
+        with self.lock:  # one git index: --jobs commit one at a time
+            self._commit(paths, what)
+
+    def _commit(self, paths: list[Path], what: str) -> None:
         top = subprocess.run(["git", "-C", str(self.out), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
         if top.returncode:
             raise SystemExit(f"fpe_study: --commit: {self.out} is not in a git work tree")
@@ -202,8 +209,19 @@ class Study:
                            check=True)
 
     def skip(self, what: str) -> None:
-        self.skipped += 1
+        with self.lock:
+            self.skipped += 1
         say(f"skip {what} (done)")
+
+    def parallel(self, fn, items: list) -> None:
+        """fn(*item) for every item, --jobs at a time (each a chain of fpdiff subprocesses)."""
+        if self.a.jobs <= 1:
+            for it in items:
+                fn(*it)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(self.a.jobs) as pool:
+            list(pool.map(lambda it: fn(*it), items))
 
     def fpdiff(self, args: list, log: str) -> None:
         """fpdiff ARGS with its output in WORK/logs/LOG.log (a subprocess ``python -m pipeline.cli``, or
@@ -288,7 +306,8 @@ class Study:
                 "seconds_per_step": batch / summary["images_per_s"] if summary.get("images_per_s") else None,
                 "threads": os.environ.get("OMP_NUM_THREADS") or f"unset ({os.cpu_count()} cores)",
                 "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                "ran_with": "in process" if self.a.in_process else "one interpreter per command"}
+                "ran_with": "in process" if self.a.in_process else "one interpreter per command",
+                "jobs_side_by_side": self.a.jobs}
 
     def base_target(self) -> int:
         import yaml
@@ -352,21 +371,23 @@ class Study:
         return own
 
     def stage_arms(self) -> None:
-        for arm, seed in self.all_arms():
-            name = self.arm_name(arm, seed)
-            rec_path, run = self.out / "arms" / f"{name}.json", self.work / "arms" / name
-            if read_json(rec_path):
-                self.skip(f"train {name}")
-                continue
-            overrides = [f"training.init_from={self.arg(self.base)}", f"training.n_steps={self.proto['finetune_steps']}",
-                         f"training.seed={seed}", f"training.ckpt_every={self.scale['ckpt_every']}",
-                         "training.keep_last=1", *self.proto["arms"][arm]["overrides"]]
-            if not (run / "export" / "ema.safetensors").is_file():
-                say(f"train {name}: {' '.join(overrides[2:])}")
-                self.fpdiff(self.train_args(run, overrides, self.base_config()), f"train_{name}")
-            self.write(rec_path, self.train_record(run, {"arm": arm, "seed": seed, "overrides": overrides,
-                                                         "finetune_steps": self.proto["finetune_steps"]}),
-                       f"arm {name} trained")
+        self.base_config()  # checked once, before any arm starts
+        self.parallel(self.train_arm, self.all_arms())
+
+    def train_arm(self, arm: str, seed: int) -> None:
+        name = self.arm_name(arm, seed)
+        rec_path, run = self.out / "arms" / f"{name}.json", self.work / "arms" / name
+        if read_json(rec_path):
+            return self.skip(f"train {name}")
+        overrides = [f"training.init_from={self.arg(self.base)}", f"training.n_steps={self.proto['finetune_steps']}",
+                     f"training.seed={seed}", f"training.ckpt_every={self.scale['ckpt_every']}",
+                     "training.keep_last=1", *self.proto["arms"][arm]["overrides"]]
+        if not (run / "export" / "ema.safetensors").is_file():
+            say(f"train {name}: {' '.join(overrides[2:])}")
+            self.fpdiff(self.train_args(run, overrides, self.base_config()), f"train_{name}")
+        self.write(rec_path, self.train_record(run, {"arm": arm, "seed": seed, "overrides": overrides,
+                                                     "finetune_steps": self.proto["finetune_steps"]}),
+                   f"arm {name} trained")
 
     # ------------------------------------------------------------------ metrics
     def metric_args(self, metric: str, weights: Path, feats: Path, fid_n: int) -> list:
@@ -428,7 +449,7 @@ class Study:
         if file.exists():
             return
         say(f"re-making {self.rel(file)} ({metric}, seed {EVAL_SEED})")
-        self.fpdiff(self.metric_args(metric, weights, feats, fid_n) + ["--out", self.work / "scratch" / "remake.json"],
+        self.fpdiff(self.metric_args(metric, weights, feats, fid_n) + ["--out", self.work / "scratch" / f"remake_{feats.name}.json"],
                     f"remake_{feats.name}")
 
     def arm_metrics(self, arm: str) -> list[str]:
@@ -436,18 +457,20 @@ class Study:
         return ["fid_pc", "legibility", *extra, "fid_ode", "ode_pc", "bpd", "fpe", "conservativity"]
 
     def stage_metrics(self) -> None:
-        for arm, seed in self.all_arms():
-            name = self.arm_name(arm, seed)
-            weights = self.work / "arms" / name / "export"
-            if not read_json(self.out / "arms" / f"{name}.json"):
-                raise SystemExit(f"fpe_study: arm {name} is not trained; run the 'arms' stage")
-            for m in self.arm_metrics(arm):
-                done = read_json(self.out / "metrics" / name / f"{m}.json")
-                if not (done and "value" in done) and not (weights / "ema.safetensors").is_file():
-                    raise SystemExit(f"fpe_study: {m} of {name} needs {weights}, which this machine lacks; "
-                                     f"retrain the arm (delete {self.rel(self.out / 'arms' / (name + '.json'))})")
-                self.metric(self.out / "metrics" / name / f"{m}.json", m, weights, self.work / "features" / name,
-                            self.scale["fid_n"])
+        self.parallel(self.measure_arm, self.all_arms())
+
+    def measure_arm(self, arm: str, seed: int) -> None:
+        name = self.arm_name(arm, seed)
+        weights = self.work / "arms" / name / "export"
+        if not read_json(self.out / "arms" / f"{name}.json"):
+            raise SystemExit(f"fpe_study: arm {name} is not trained; run the 'arms' stage")
+        for m in self.arm_metrics(arm):
+            done = read_json(self.out / "metrics" / name / f"{m}.json")
+            if not (done and "value" in done) and not (weights / "ema.safetensors").is_file():
+                raise SystemExit(f"fpe_study: {m} of {name} needs {weights}, which this machine lacks; "
+                                 f"retrain the arm (delete {self.rel(self.out / 'arms' / (name + '.json'))})")
+            self.metric(self.out / "metrics" / name / f"{m}.json", m, weights, self.work / "features" / name,
+                        self.scale["fid_n"])
 
     def stage_gate(self) -> None:
         from pipeline.rundir import RunDir, checkpoint_step
@@ -501,11 +524,15 @@ def main(argv=None) -> int:
     p.add_argument("--in-process", action="store_true", help="run the fpdiff commands in this process instead "
                    "of one interpreter each (saves the start-up of every command; the default with --quick)")
     p.add_argument("--subprocess", action="store_true", help="with --quick: one interpreter per command all the same")
+    p.add_argument("--jobs", type=int, default=1, help="arms trained / measured side by side (subprocesses; "
+                   "with OMP_NUM_THREADS=1, one per core; every arm's s/step is then measured side by side)")
     p.add_argument("--commit", action="store_true", help="git-commit each finished result under --out as it lands")
     p.add_argument("--resume-base", action="store_true", help="resume an unfinished base even if it was written "
                    "in the last 15 minutes (by default the study waits for a base another process may be training)")
     a = p.parse_args(argv)
-    a.in_process = (a.in_process or a.quick) and not a.subprocess
+    if a.jobs > 1 and a.in_process:
+        p.error("--jobs: more than one job needs a subprocess per command (not --in-process)")
+    a.in_process = (a.in_process or a.quick) and not a.subprocess and a.jobs <= 1
     suffix = "_quick" if a.quick else ""
     a.work = a.work or str(ROOT / "runs" / f"fpe_study{suffix}")
     a.out = a.out or str(ROOT / "benchmarks" / "results" / f"fpe_study{suffix}")

@@ -181,10 +181,12 @@ def test_fpe_study_quick(tmp_path):
     # a rerun computes nothing
     out2 = _study(tmp_path, npz, out, "--inception", str(incep), "--commit")
     assert " 0 results written" in out2, out2[-2000:]
-    # a deleted metric is recomputed alone
+    # deleted metrics are recomputed alone
     (out / "metrics" / "a_s1" / "bpd.json").unlink()
-    out3 = _study(tmp_path, npz, out, "--inception", str(incep), "--subprocess")  # the full run's way
-    assert "bpd of OUT/metrics/a_s1" in out3 and " 1 results written" in out3, out3[-2000:]
+    (out / "metrics" / "b_s1" / "fpe.json").unlink()
+    out3 = _study(tmp_path, npz, out, "--inception", str(incep), "--jobs", "2")  # a subprocess each, 2 at once
+    assert "bpd of OUT/metrics/a_s1" in out3 and "fpe of OUT/metrics/b_s1" in out3, out3[-2000:]
+    assert " 2 results written" in out3, out3[-2000:]
     # a fresh machine: the base comes back from the committed copy, nothing is trained or measured again
     import shutil
     shutil.rmtree(tmp_path / "work")
