@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import fpe_study_stats as stats
-from fpe_study_stats import CONFIDENCE, EXPECTED_EFFECT, METRICS, sig  # noqa: F401  (EXPECTED_EFFECT: the protocol's)
+from fpe_study_stats import CONFIDENCE, METRICS, sig
 
 
 # --------------------------------------------------------------------------- inputs
