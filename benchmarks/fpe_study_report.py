@@ -189,8 +189,10 @@ def reading(pairs: dict, detect: dict, gate: dict) -> list[str]:
     for name, d in detect.items():
         if d["verdict"] in ("seen", "ruled out", "inconclusive"):
             size = f"{sig(d['size'] * 100, 3):g}% of (a)'s value" if d["relative"] else f"{sig(d['size']):g}"
-            out.append(f"- Expected effect, {_diff_label(name.split()[0])} {METRICS[name.split()[1]][0]} (table 'Expected effects'): "
-                       f"an effect of {size} was {d['verdict']}.")
+            verdict = (f"an effect of {size} was {d['verdict']}." if d["verdict"] != "inconclusive" else
+                       f"inconclusive: the interval holds both no effect and one of {size}.")
+            out.append(f"- Expected effect, {_diff_label(name.split()[0])} {METRICS[name.split()[1]][0]} "
+                       f"(table 'Expected effects'): {verdict}")
     return out
 
 
