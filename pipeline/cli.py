@@ -17,7 +17,7 @@ commands:
   demo          train a tiny VP model on 5,000 real MNIST digits (CPU, a few minutes), write samples + summary
   train         train from a YAML config (one process; use `accelerate launch -m pipeline.train` for many)
   data shards   write WebDataset tar shards from MNIST / an image folder / .npz / CIFAR-10 pickles
-  eval          evaluate a run: fid | bpd | ref-stats | fpe
+  eval          evaluate a run: fid | bpd | ref-stats | fpe | conservativity
   sample        draw samples (PNG grid + .npz) from a trained run with its EMA weights; inpainting,
                 class-conditional sampling
   classifier    train a time-dependent classifier on a run's data (for `sample --class-label`)

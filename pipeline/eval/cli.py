@@ -1,8 +1,8 @@
 """Evaluation stage: distributed FID / KID (clean-fid), bits/dim, reference statistics, FPE residual.
 
-    python -m pipeline.eval {fid,bpd,ref-stats,fpe} ...       (one process)
+    python -m pipeline.eval {fid,bpd,ref-stats,fpe,conservativity} ...       (one process)
     accelerate launch --multi_gpu --num_processes K -m pipeline.eval fid RUN ...
-    fpdiff eval {fid,bpd,ref-stats,fpe} ...                       (``evaluate_main(argv)``)
+    fpdiff eval {fid,bpd,ref-stats,fpe,conservativity} ...        (``evaluate_main(argv)``)
 
 Work is split by GLOBAL batch index: the N samples (or test images) are cut into batches of
 ``batch_size`` in a fixed order, batch k runs on rank k mod W with a generator seeded by
@@ -18,7 +18,7 @@ The trainer calls ``evaluate_fid`` / ``evaluate_bpd`` (every rank, they are coll
 ``check_eval_inputs`` once at start-up.
 
 This module holds the stage entry (CLI) and the trainer hooks; the metrics are in
-``pipeline.eval.fid``, ``pipeline.eval.bpd`` and ``pipeline.eval.fpe``, finding and loading the model in ``pipeline.rundir``, shared
+``pipeline.eval.fid``, ``pipeline.eval.bpd``, ``pipeline.eval.fpe`` and ``pipeline.eval.conservativity``, finding and loading the model in ``pipeline.rundir``, shared
 helpers in ``pipeline.eval.common`` (all re-exported here).
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pipeline.cliargs import ArgumentParser
 from pipeline.rundir import RunDir, find_weights, load_for_eval, require_test_shards
 from pipeline.eval.bpd import evaluate_bpd
 from pipeline.eval.fpe import evaluate_fpe
+from pipeline.eval.conservativity import evaluate_conservativity
 from pipeline.eval.common import _device, _is_main, _main_first, _rank_world, get_state, local_shard_counts
 from pipeline.data.reader import shard_urls
 from pipeline.eval.fid import compute_ref_stats, evaluate_fid
@@ -119,6 +120,9 @@ def _summary_line(r: dict) -> str:
                 f"NFE {r['nfe']:.0f}, step {step}, {r['seconds']:.0f}s)")
     if m == "fpe":
         return f"eval fpe: mean residual {r['value']:.4g} over {len(r['t'])} times (N={r['N']}, step {step})"
+    if m == "conservativity":
+        return (f"eval conservativity: relative Jacobian asymmetry {r['value']:.4g} ± {r['stderr']:.2g} "
+                f"(mean over {len(r['t'])} t-buckets, N={r['N']}, step {step})")
     return f"eval {m}: {r.get('value')}"
 
 
@@ -177,6 +181,14 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     e.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
     e.add_argument("--num-times", type=int, default=20, help="points of the t-grid in [fpe.t_min, fpe.t_max]")
     e.add_argument("--max-samples", type=int, default=256, help="only the first M test images")
+
+    c = sub.add_parser("conservativity", help="relative asymmetry of the score's Jacobian, E|(J-J^T)v|^2 / E|Jv|^2 "
+                       "(Rademacher v; 0 for a gradient field), per t-bucket of [fpe.t_min, fpe.t_max] on test images")
+    common(c)
+    c.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
+    c.add_argument("--num-buckets", type=int, default=10, help="equal t-buckets; each image gets a t uniform in each")
+    c.add_argument("--max-samples", type=int, default=256, help="the first M test images")
+    c.add_argument("--probes", type=int, default=1, help="Rademacher probes per image and bucket")
     return p
 
 
@@ -199,6 +211,11 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
         if not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    if args.cmd == "conservativity":
+        for flag, v, low in (("--num-buckets", args.num_buckets, 1), ("--probes", args.probes, 1),
+                             ("--max-samples", args.max_samples, 2)):
+            if v < low:
+                parser.error(f"{flag}: must be >= {low}, got {v}")
     state = get_state()
     try:
         if args.cmd == "ref-stats":
@@ -249,7 +266,7 @@ def _cmd_run(args, state) -> int:
         fe_path = _main_first(state, lambda dl: check_feature_extractor(fe_spec, download=dl))
         ref_path = _main_first(state, lambda dl: check_ref_stats(args.ref_stats or cfg0.eval.ref_stats,
                                                                    cfg0.data.image_size, download=dl))
-    if args.cmd in ("bpd", "fpe"):  # test data, never the training shards; checked before the model loads
+    if args.cmd in ("bpd", "fpe", "conservativity"):  # test data, never the training shards; checked before the model loads
         from pipeline.config import load_saved_config
         require_test_shards(load_saved_config(weights.config, args.overrides), args.shards,
                             command=f"fpdiff eval {args.cmd}")
@@ -289,6 +306,11 @@ def _cmd_run(args, state) -> int:
         res = evaluate_fpe(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
                            batch_size=args.batch_size, num_times=args.num_times,
                            max_samples=args.max_samples, seed=args.seed, device=dev, progress=progress)
+    elif args.cmd == "conservativity":
+        res = evaluate_conservativity(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
+                                      batch_size=args.batch_size, num_buckets=args.num_buckets,
+                                      max_samples=args.max_samples, n_probes=args.probes, seed=args.seed,
+                                      progress=progress, device=dev)
     else:  # pragma: no cover - argparse guards this
         raise ValueError(args.cmd)
     res["checkpoint_step"] = step
