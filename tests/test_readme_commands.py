@@ -36,7 +36,7 @@ NOT_RUN = {
     "fpdiff train --config runs/ddpmpp-sde": "needs the imported CIFAR-10 model",
     "fpdiff push runs/tiny --repo-id you/fpdiff-mnist-tiny$": "the network (tests/test_hub.py: a local fake Hub)",
     "RUN_DIR=": "Slurm (tests/test_slurm.py)",
-    "python benchmarks/fpe_study.py": "about two hours of CPU (its --quick form is tests/test_fpe_study.py)",
+    "python benchmarks/fpe_study.py": "about 6 hours of 2 CPU cores, resumable (its --quick form is tests/test_fpe_study.py)",
 }
 # the package is installed already, and README's demo takes minutes on CPU: its smoke-test form
 REWRITES = {"pip install -e \".[dev]\" && fpdiff demo": "fpdiff demo --quick"}
@@ -49,13 +49,15 @@ SMALL_CIFAR = ["model.nf=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "m
 # command prefix -> what is appended (later options win)
 REDUCTIONS = {
     "fpdiff demo": ["training.n_steps=4", "sampling.num_steps=4", "training.log_every=2"],
-    "fpdiff train --config configs/demo.yaml": ["training.batch_size=8"],    "fpdiff data shards path/to/cifar-10-batches-py": ["--max-samples", "1"],  # 50 + 10 images: 50 + 10 shards
+    "fpdiff train --config configs/demo.yaml": ["training.batch_size=8"],
+    "fpdiff data shards path/to/cifar-10-batches-py": ["--max-samples", "1"],  # 50 + 10 images: 50 + 10 shards
     "fpdiff classifier": ["--steps", "5", "--eval-samples", "20", "--batch-size", "8"],
     "fpdiff eval ref-stats": ["--feature-extractor", "tiny_extractor.pt"],
     "python -m pipeline.eval fid": ["--num-samples", "4", "--batch-size", "4", "--feature-extractor",
                                     "tiny_extractor.pt", "sampling.num_steps=2"],
     "python -m pipeline.eval bpd": ["--passes", "1", "--max-samples", "2", "--rtol", "1e-2", "--atol", "1e-2"],
     "fpdiff eval fpe": ["--num-times", "2", "--max-samples", "2"],
+    "fpdiff eval conservativity": ["--num-buckets", "2", "--max-samples", "2"],
     "fpdiff sample --run-dir runs/tiny --method ode": ["sampling.rtol=1e-2", "sampling.atol=1e-2"],
 }
 GPU_LAUNCHERS = (r"accelerate launch --config_file \S+ ", r"accelerate launch --multi_gpu --num_processes 8 ")
