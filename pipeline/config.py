@@ -7,6 +7,7 @@ one line naming the key path (``ConfigError``), before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -325,6 +326,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    # "export": written into an export by fpdiff (``exported_config``); such a config, like any out of a
+    # run dir or the Hub, gets the saved-config rules (``apply_saved_config_rules``) in every command
+    provenance: Literal["user", "export"] = "user"
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -357,6 +361,19 @@ def _positive(value, path: str) -> None:
         raise ConfigError(f"{path}: must be > 0, got {value}")
 
 
+MAX_SHOWN = 200  # characters of a value shown in a message (an alias bomb expands to gigabytes)
+
+
+def short_repr(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters; a huge nested value is not spelled out first."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > 16:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = value if isinstance(value, str) else repr(value)
+    if isinstance(value, (list, tuple, dict)) and len(text) > limit:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -367,6 +384,8 @@ def _coerce(value: Any, tp, path: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value}")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -381,33 +400,33 @@ def _coerce(value: Any, tp, path: str) -> Any:
                 return _coerce(value, a, path)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {short_repr(value)}")
     if origin is Literal:
         if isinstance(value, bool):  # YAML 1.1 reads a bare `no` / `off` as false
             spelled = [a for a in (("no", "off", "false") if not value else ("yes", "on", "true")) if a in args]
             value = spelled[0] if spelled else value
         if value not in args:
-            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {short_repr(value)}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {short_repr(value)}")
         return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {short_repr(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {short_repr(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {short_repr(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {short_repr(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
@@ -423,7 +442,7 @@ def _build(cls, data: Any, path: str):
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        key_path = f"{path}.{key}" if path else str(key)
+        key_path = f"{path}.{short_repr(key)}" if path else short_repr(key)
         if key not in names:
             raise ConfigError(f"{key_path}: unknown key (known: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(value, hints[key], key_path)
@@ -462,8 +481,16 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply dotted overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                trusted: bool | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides, validate.
+
+    A config file that came out of fpdiff (``provenance: export``, or ``looks_saved``: in an
+    export, a run dir, the Hub cache) gets the saved-config rules unless ``trusted``; a
+    ``hub.endpoint`` read from any file is dropped (the Hub token goes only to an endpoint from
+    the environment, HF_ENDPOINT, or the command line)."""
+    import sys
+
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -472,43 +499,130 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             tree = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML ({short_repr(str(e).splitlines()[0])})") from None
         if tree is None:  # an empty file would silently train the CIFAR-10 defaults
             raise ConfigError(f"{p}: empty config file")
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
-    for key, value in parse_overrides(overrides):
+    given = parse_overrides(overrides)
+    for key, value in given:
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
     cfg.validate()
+    overridden = {key for key, _ in given}
+    if path is not None and not trusted and (cfg.provenance == EXPORT_PROVENANCE or looks_saved(path)):
+        apply_saved_config_rules(cfg, path, overridden, keep_local_paths=cfg.provenance != EXPORT_PROVENANCE)
+    if path is not None and cfg.hub.endpoint and "hub.endpoint" not in overridden:
+        print(f"[fpdiff] warning: {p}: hub.endpoint is not read from a file (the Hub token goes only to an "
+              f"endpoint from HF_ENDPOINT or the command line: hub.endpoint=URL)", file=sys.stderr, flush=True)
+        cfg.hub.endpoint = ""
     return cfg
 
 
-# keys whose value may be a ``pipe:`` URL, i.e. a shell command run to read the shards
-SHELL_URL_KEYS = ("data.shards", "data.test_shards", "data.index")
+# keys that say where things live on a machine (data, weights, feature extractors, the Hub, wandb):
+# a saved config (an export, a run dir, a Hub download) may not choose them, and an export drops them
+LOCATION_KEYS = ("data.shards", "data.test_shards", "data.index", "training.init_from", "eval.feature_extractor",
+                 "eval.ref_stats", "hub.repo_id", "hub.endpoint", "logging.entity", "run_dir")
+# of those, the ones a run dir's own config may keep when they name local files (its data, its
+# feature extractor): the trainer on this machine wrote them there
+RUN_LOCAL_KEYS = ("data.shards", "data.test_shards", "data.index", "training.init_from", "eval.feature_extractor",
+                  "eval.ref_stats")
+EXPORT_PROVENANCE = "export"
+
+
+def _get(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    *parents, name = key.split(".")
+    node = cfg
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, name, value)
+
+
+def _is_local_path(value: str) -> bool:
+    """A plain path (no ``pipe:`` shell command, no ``scheme://`` URL of any part of a ``::`` list)."""
+    import re
+
+    return not any(part.strip().startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", part.strip())
+                   and not part.strip().startswith("file://") for part in value.split("::"))
+
+
+def apply_saved_config_rules(cfg: Config, origin: str | Path, overridden: typing.Iterable[str] = (), *,
+                             keep_local_paths: bool = False) -> Config:
+    """The saved-config rules for a config.yaml out of an export, a run dir or the Hub (which may
+    have been downloaded): no shell command, no network fetch, no Hub endpoint or repo, no local
+    path is taken from it. Each ``LOCATION_KEYS`` value it sets is blanked, with one line on
+    stderr naming it, unless the person typing the command gave that key (``overridden``).
+    ``keep_local_paths``: a run dir's own config keeps its local data / feature-extractor paths
+    (``RUN_LOCAL_KEYS``), never a ``pipe:`` command or a URL."""
+    import sys
+
+    overridden = set(overridden)
+    for key in LOCATION_KEYS:
+        value = _get(cfg, key)
+        if key in overridden or not value:
+            continue
+        if keep_local_paths and key in RUN_LOCAL_KEYS and _is_local_path(value):
+            continue
+        _set(cfg, key, "")
+        what = "a pipe: URL (a shell command)" if "pipe:" in value else \
+            "a URL" if not _is_local_path(value) else "a location on the machine that wrote it"
+        print(f"[fpdiff] warning: {short_repr(origin)}: {key} is {what}, not taken from a saved config; "
+              f"give it on the command line", file=sys.stderr, flush=True)
+    cfg.provenance = "user"  # what is left describes the model and its training
+    return cfg
 
 
 def strip_shell_urls(cfg: Config, origin: str | Path, overridden: typing.Iterable[str] = ()) -> Config:
-    """Blank the ``pipe:`` URLs of a config read out of a run dir or an export (which may have been
-    downloaded): shell commands come only from the person typing the command (``overridden``
-    keys) or their own config file. Each one blanked is named on stderr."""
-    import sys
-
-    for key in SHELL_URL_KEYS:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if key not in overridden and "pipe:" in value:
-            setattr(getattr(cfg, section), name, "")
-            print(f"[fpdiff] warning: {origin}: {key} is a pipe: URL (a shell command), not run from a saved "
-                  f"config; pass the shards on the command line", file=sys.stderr, flush=True)
-    return cfg
+    """A run dir's own config (``apply_saved_config_rules`` keeping its local paths)."""
+    return apply_saved_config_rules(cfg, origin, overridden, keep_local_paths=True)
 
 
-def load_saved_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """``load_config`` for the config.yaml of a run dir or an export: its ``pipe:`` URLs are dropped
-    (``strip_shell_urls``) unless given again as ``overrides``."""
-    cfg = load_config(path, overrides)
-    return strip_shell_urls(cfg, path, {key for key, _ in parse_overrides(overrides)})
+def looks_saved(path: str | Path) -> bool:
+    """Whether a config file came out of fpdiff rather than from the user: beside weights (an
+    export, a checkpoint), in a run dir (``checkpoints/``, ``export/`` beside it) or in the
+    Hugging Face cache (``models--*``)."""
+    p = Path(path).resolve()
+    folder = p.parent
+    if any((folder / name).exists() for name in ("ema.safetensors", "checkpoints", "export", "metrics.jsonl")):
+        return True
+    return any(part.startswith("models--") for part in p.parts)
+
+
+def load_saved_config(path: str | Path, overrides: list[str] | None = None, *,
+                      keep_local_paths: bool | None = None) -> Config:
+    """``load_config`` for the config.yaml of a run dir or an export: ``apply_saved_config_rules``
+    (keys given again as ``overrides`` are kept). A run dir's own config keeps its local paths
+    unless it is marked as exported (``provenance: export``)."""
+    cfg = load_config(path, overrides, trusted=True)
+    if keep_local_paths is None:
+        keep_local_paths = cfg.provenance != EXPORT_PROVENANCE
+    return apply_saved_config_rules(cfg, path, {key for key, _ in parse_overrides(overrides)},
+                                    keep_local_paths=keep_local_paths)
+
+
+def exported_config(cfg_dict: dict) -> dict:
+    """The config.yaml of an export: the model and how it was trained, not where the data, the
+    weights or the Hub lived on the machine that trained it (``LOCATION_KEYS`` blanked), and
+    marked ``provenance: export`` so that every command reading it applies the saved-config rules."""
+    import copy
+
+    out = copy.deepcopy(dict(cfg_dict))
+    for key in LOCATION_KEYS:
+        node = out
+        *parents, name = key.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            node[name] = ""
+    out["provenance"] = EXPORT_PROVENANCE
+    return out
 
 
 def config_from_dict(tree: dict) -> Config:

@@ -15,6 +15,7 @@ name of this layout::
         samples.png, samples.npz    the final samples; samples/ (grids during training, ``fpdiff sample``)
         summary.json, summary.txt   the end of training (and one line per ``fpdiff eval``)
         STOP                        asks a running trainer to checkpoint and exit
+        .lock                       the pid of the process training into it (``RunLock``)
         classifier/                 ``fpdiff classifier``;  imported/: ``fpdiff import``
 
 ``find_weights(path)`` resolves what a person may pass for "a trained model" (a run dir, its
@@ -41,6 +42,7 @@ MODEL_CARD = "README.md"
 EXPORT_FILES = (EMA_WEIGHTS, CONFIG, EXPORT_METRICS, MODEL_CARD)
 SAMPLES_PNG = "samples.png"
 STEP_PREFIX = "step_"
+LOCK_FILE = ".lock"  # held by the process training into the run (``RunLock``)
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -144,6 +146,8 @@ class RunDir:
         its metrics be cut and its export replaced by a different model."""
         from pipeline.config import ConfigError
 
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path}: the run dir is a file, not a folder; choose another --run-dir")
         if resume or overwrite:
             return
         found = [p.name for p in (self.checkpoints, self.export, self.metrics_log) if p.exists()]
@@ -244,8 +248,9 @@ def find_weights(path, *, prefer_export: bool = False, need_config: bool = True)
     if prefer_export and run.find_export() == run.export:
         return Weights(run.export / EMA_WEIGHTS, run.export / CONFIG, run)
     if (p / EMA_WEIGHTS).is_file():
-        if (p / CONFIG).is_file():  # an export folder
-            return Weights(p / EMA_WEIGHTS, p / CONFIG, _run_of_export(p))
+        if (p / CONFIG).is_file():  # an export folder; a run's own is described by the run's config
+            owner = _run_of_export(p)
+            return Weights(p / EMA_WEIGHTS, owner.config if owner and owner.config.is_file() else p / CONFIG, owner)
         owner = RunDir(p.parents[1]) if len(p.parents) > 1 else None
         if p.parent.name == run.checkpoints.name and owner is not None and owner.config.is_file():
             return Weights(p / EMA_WEIGHTS, owner.config, owner)
@@ -256,7 +261,7 @@ def find_weights(path, *, prefer_export: bool = False, need_config: bool = True)
     if ckpt is not None and (ckpt / EMA_WEIGHTS).is_file() and (run.config.is_file() or not need_config):
         return Weights(ckpt / EMA_WEIGHTS, run.config if run.config.is_file() else None, run)
     if not prefer_export and (run.export / EMA_WEIGHTS).is_file():
-        return Weights(run.export / EMA_WEIGHTS, run.export / CONFIG, run)
+        return Weights(run.export / EMA_WEIGHTS, run.config if run.config.is_file() else run.export / CONFIG, run)
     if prefer_export:
         raise FileNotFoundError(f"no {EMA_WEIGHTS} in {p} (nor its export/ or checkpoints/)")
     raise FileNotFoundError(f"{p}: no checkpoints/{STEP_PREFIX}*/{EMA_WEIGHTS} (with {CONFIG}) "
@@ -336,3 +341,65 @@ def load_for_eval(source, device="cpu", overrides: Optional[list[str]] = None):
     load_state_into(model, read_weights(weights.file), source=str(weights.file))
     model.to(device).eval().requires_grad_(False)
     return model, cfg, weights.step
+
+
+# ============================================================================ one writer per run
+class RunLock:
+    """An exclusive lock on a run dir (``RUN/.lock``, flock, holding the writer's pid), held for a
+    training run: a second writer is refused with one line; a lock left by a process that died is
+    taken over with one line. ``release()`` (or the holder's exit) frees it."""
+
+    def __init__(self, run_dir):
+        self.path = RunDir(run_dir).path / LOCK_FILE
+        self._fh = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import os
+        import sys
+
+        from pipeline.config import ConfigError
+
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fh = open(self.path, "a+")
+            except OSError as e:  # a file in the way, a read-only filesystem, no permission
+                raise ConfigError(f"{self.path.parent}: cannot write the run dir here "
+                                  f"({e.strerror or type(e).__name__}: {e.filename})") from None
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "?"
+                fh.close()
+                raise ConfigError(f"{self.path.parent}: another process (pid {holder}) is training into this run "
+                                  f"dir; wait for it, stop it, or choose another --run-dir") from None
+            # the file may have been released and removed between our open and our lock: lock the one on disk
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()
+        fh.seek(0)
+        stale = fh.read().strip()
+        if stale and stale != str(os.getpid()):
+            print(f"[fpdiff] {self.path}: taking over the lock of process {stale}, which is no longer running",
+                  file=sys.stderr, flush=True)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no one else can be holding it
+            self._fh.close()
+            self._fh = None
+
+    def __del__(self):
+        self.release()

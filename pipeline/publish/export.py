@@ -5,7 +5,9 @@ Layout written by ``write_export`` (the trainer writes it to ``RUN/export/``; na
 
     RUN/export/
         ema.safetensors   EMA weights of the score network (what sampling/evaluation use)
-        config.yaml       the full experiment config (``pipeline.config`` schema)
+        config.yaml       the experiment config (``pipeline.config`` schema) without where things lived
+                          (``exported_config``: no data locations, paths, Hub endpoint; marked
+                          ``provenance: export``, so every command reading it distrusts it)
         metrics.json      metrics so far, including ``step``
         README.md         generated model card: what the model is, SDE, data, metrics, how to load
 
@@ -23,6 +25,7 @@ from typing import Any, Mapping
 import yaml
 
 from pipeline.atomic import atomic_directory
+from pipeline.config import exported_config
 from pipeline.rundir import CONFIG, EMA_WEIGHTS, EXPORT_METRICS, MODEL_CARD, save_weights
 from pipeline.train.tracking import plain_json
 
@@ -122,6 +125,7 @@ def write_export(export_dir: str | Path, ema_state_dict: Mapping, config_dict: M
     config_dict = plain_json(dict(config_dict))
     if repo_id is None:
         repo_id = ((config_dict.get("hub") or {}).get("repo_id") or None)
+    config_dict = exported_config(config_dict)  # no data locations, shell commands, paths, Hub endpoint
     with atomic_directory(export_dir) as tmp:
         meta = {"format": "pt", "producer": "fpdiff"}
         if metrics.get("step") is not None:

@@ -50,6 +50,17 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:300]
 
 
+def _linked_elsewhere(src: Path, parent: Path) -> bool:
+    """Whether ``src`` is a hard link of a file outside its export: more links than itself and
+    the snapshots of earlier pushes (``.push-*`` beside the export) account for."""
+    st = src.stat()
+    if st.st_nlink <= 1:
+        return False
+    ours = sum(1 for f in parent.glob(".push-*/*")
+               if not f.is_symlink() and (f.stat().st_dev, f.stat().st_ino) == (st.st_dev, st.st_ino))
+    return st.st_nlink > 1 + ours
+
+
 class _Job:
     def __init__(self, staging: Path, message: str, owned: bool):
         self.staging, self.message, self.owned = staging, message, owned
@@ -96,6 +107,8 @@ class HubPusher:
 
     @classmethod
     def from_config(cls, hub_cfg, token: str | None = None) -> "HubPusher":
+        # hub.endpoint is only ever set from the command line (``load_config`` drops one read from
+        # a file): the token goes to no server a downloaded config chose
         return cls(hub_cfg.repo_id, max_retries=hub_cfg.max_retries, private=hub_cfg.private,
                    token=token, endpoint=getattr(hub_cfg, "endpoint", "") or None,
                    backoff=getattr(hub_cfg, "retry_backoff", 2.0))
@@ -172,6 +185,9 @@ class HubPusher:
             for name in EXPORT_UPLOADS:
                 src = folder / name
                 if src.is_symlink() or not src.is_file():
+                    continue
+                if _linked_elsewhere(src, folder.parent):
+                    logger.warning("hub push: %s is hard-linked to a file outside the export; not uploaded", src)
                     continue
                 dst = staging / name
                 try:
@@ -327,9 +343,7 @@ def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revisio
     The model is built with ``pipeline.models.build_model(cfg)``, loaded with the EMA weights and
     put in eval mode on ``device``.
     """
-    import yaml
-
-    from pipeline.config import config_from_dict, strip_shell_urls
+    from pipeline.config import load_saved_config
     from pipeline.models import build_model
 
     folder = _export_folder(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
@@ -338,7 +352,7 @@ def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revisio
     for f in (cfg_path, w_path):
         if not f.is_file():
             raise FileNotFoundError(f"{path_or_repo_id}: missing {f.name}")
-    cfg = strip_shell_urls(config_from_dict(yaml.safe_load(cfg_path.read_text()) or {}), cfg_path)
+    cfg = load_saved_config(cfg_path, keep_local_paths=False)
     model = build_model(cfg)
     load_state_into(model, read_weights(w_path), source=str(path_or_repo_id))
     return model.to(device).eval(), cfg

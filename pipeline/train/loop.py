@@ -8,7 +8,8 @@ equal to an uninterrupted one, and a step is the same update for any split of th
 global batch into ranks x accumulation steps.
 
 Exit codes: 0 finished, 75 stopped by SIGUSR1/SIGTERM after a checkpoint (requeue),
-2 bad configuration, 3 too many consecutive non-finite steps.
+2 bad configuration (or a run dir another process is training into), 3 too many consecutive
+non-finite steps, or a run that ends on non-finite steps or weights (nothing exported).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pipeline.config import Config, ConfigError, load_config, save_config
 from pipeline.collectives import seed_for
 from pipeline.ema import EMA
 from pipeline.images import save_grid, to_uint8
-from pipeline.rundir import SAMPLES_PNG, RunDir
+from pipeline.rundir import SAMPLES_PNG, RunDir, RunLock
 from pipeline.score import get_score_fn, sampling_score_fn
 from pipeline.sde import build_sde
 
@@ -138,10 +139,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
 
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
-    run.check_free(resume, overwrite)
     stop = StopRequest(run_dir)  # first: a preemption signal during start-up must not kill the job
     backend = build_backend(cfg, deepspeed_config)
     rank, world, is_main, device = backend.rank, backend.world, backend.is_main, backend.device
+    lock = RunLock(run_dir).acquire() if is_main and run_dir.is_dir() else None  # one writer per run dir
+    run.check_free(resume, overwrite)
     tc = cfg.training
     if tc.batch_size % (world * tc.grad_accum):
         raise ConfigError(f"training.batch_size: {tc.batch_size} not divisible by processes x grad_accum "
@@ -209,6 +211,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     streams = [iter(loader) for loader in loaders]
     # the run is known to start: only now is anything written into the run dir
     if is_main:
+        lock = lock or RunLock(run_dir).acquire()
         if overwrite and resume is None:
             run.clear_outputs()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -342,6 +345,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             exit_code = EXIT_REQUEUE
             break
     bar.close()
+    if exit_code == EXIT_OK:
+        exit_code = _check_final_weights(run_dir, counters, step, raw_model, ema, is_main)
 
     summary = None
     if exit_code == EXIT_OK and is_main:
@@ -367,7 +372,28 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     tracker.finish()
     backend.barrier()
     backend.end()
+    if lock is not None:
+        lock.release()
     return exit_code
+
+
+def _check_final_weights(run_dir: Path, counters: Counters, step: int, model, ema: EMA, is_main: bool) -> int:
+    """A run never ends with exit 0 on non-finite weights: one that ends inside a non-finite streak
+    (shorter than training.max_nonfinite) keeps only the checkpoints from before it, and weights that
+    are not finite are neither exported nor sampled."""
+    if counters.consecutive_nonfinite:
+        if is_main:
+            kept = ckpt.drop_checkpoints_after(run_dir, step - counters.consecutive_nonfinite)
+            say(f"stopping: the last {counters.consecutive_nonfinite} steps were non-finite; no export"
+                + (f"; kept {kept.name}, the last checkpoint before them" if kept else ""))
+        return EXIT_NONFINITE
+    bad = [name for net in (model, ema.model) for name, p in net.state_dict().items()
+           if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        if is_main:
+            say(f"stopping: {len(bad)} weight tensors are not finite (e.g. {bad[0]}); no export")
+        return EXIT_NONFINITE
+    return EXIT_OK
 
 
 def export(run_dir: Path, cfg: Config, ema: EMA, step: int, counters: Counters, metrics: dict,
