@@ -107,9 +107,15 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     resampled: bool = False
+    # bounds on what a small shard may make the reader allocate: a tar member (a 1.5 MB gzip shard can
+    # hold a 1.5 GB one) and a decoded image (a 15 KB PNG can be 11000 x 11000); larger ones are skipped
+    max_member_bytes: int = 64 << 20
+    max_image_pixels: int = 4096 * 4096
 
     def validate(self, path: str) -> None:
         _positive(self.image_size, f"{path}.image_size")
+        _positive(self.max_member_bytes, f"{path}.max_member_bytes")
+        _positive(self.max_image_pixels, f"{path}.max_image_pixels")
         if self.num_channels not in (1, 3, 4):
             raise ConfigError(f"{path}.num_channels: must be 1, 3 or 4, got {self.num_channels}")
         if self.num_workers < 0:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import sys
@@ -25,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
+from pipeline.data.reader import file_sha256
 from pipeline.data.sources import ShardWriteError, _Source, load_source
 
 INDEX_FORMAT = "fpdiff-shards"
@@ -42,14 +42,6 @@ def encode_png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shard_writer(pattern: str, max_samples: Optional[int], max_bytes: Optional[int], opener, post):
@@ -91,7 +83,7 @@ def _write_set(src: _Source, order: np.ndarray, out_dir: Path, set_name: str, sp
             tmp, fh = temps.pop(fname)
             fh.close()
             shards.append({"file": Path(fname).name, "count": counts.get(fname, 0),
-                           "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)})
+                           "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)})
 
         if len(order):
             pattern = str(out_dir / set_name).replace("%", "%%") + "-%06d.tar"
@@ -182,7 +174,7 @@ def verify_index(index_path) -> list[str]:
         p = index_path.parent / s["file"]
         if not p.exists():
             problems.append(f"{p}: missing")
-        elif _sha256(p) != s["sha256"]:
+        elif file_sha256(p) != s["sha256"]:
             problems.append(f"{p}: sha256 mismatch")
     return problems
 
