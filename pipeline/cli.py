@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import __version__
         print(__version__)
         return 0
-    return int(_dispatch(argv[0], argv[1:]) or 0)
+    try:
+        return int(_dispatch(argv[0], argv[1:]) or 0)
+    except KeyboardInterrupt:  # every file is written atomically: nothing half-written is left
+        print(f"\nfpdiff {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

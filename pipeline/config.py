@@ -306,7 +306,9 @@ class HubConfig:
     private: bool = True
     max_retries: int = 5
     retry_backoff: float = 2.0  # seconds before the first retry; doubles each time (max 60 s)
-    endpoint: str = ""  # empty: huggingface_hub's default (HF_ENDPOINT or https://huggingface.co)
+    # empty: huggingface_hub's default (HF_ENDPOINT or https://huggingface.co); taken only from the
+    # command line (hub.endpoint=URL), never from a file: the Hub token goes where it points
+    endpoint: str = ""
 
     def validate(self, path: str) -> None:
         if self.push_every < 0:

@@ -269,6 +269,19 @@ def find_weights(path, *, prefer_export: bool = False, need_config: bool = True)
 
 
 # ============================================================================ weight files
+def write_errors() -> tuple:
+    """What writing a weights file raises on a full disk, a quota or a lost mount: OSError from
+    Python, RuntimeError from torch.save, SafetensorError from safetensors."""
+    from safetensors import SafetensorError
+
+    return (OSError, RuntimeError, SafetensorError)
+
+
+def write_error_text(e: BaseException) -> str:
+    """One line for ``write_errors()``: the OS's reason when there is one."""
+    text = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {text[:200]}"
+
 def cpu_tensors(state_dict: Mapping) -> dict:
     """A state dict as contiguous CPU tensors that own their memory (safetensors refuses tensors
     that share storage); entries that are not tensors are left out."""
@@ -283,22 +296,41 @@ def save_weights(path, state_dict: Mapping, metadata: Optional[dict] = None) -> 
     (``pipeline.atomic.atomic_directory``) by every caller."""
     from safetensors.torch import save_file
 
+    from pipeline.atomic import shared_mode
+
     save_file(cpu_tensors(state_dict), str(path), metadata=metadata)
+    shared_mode(path, 0o666)  # safetensors writes 0600
     return Path(path)
 
 
+def check_finite(state: Mapping, source: str) -> Mapping:
+    """``state`` unchanged; a one-line ConfigError naming ``source`` when a float tensor in it holds
+    NaN or infinity (bytes corrupted inside the data of a file that still parses, a diverged run)."""
+    import torch
+
+    from pipeline.config import ConfigError
+
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(f"{source}: weights are not finite ({len(bad)} tensors hold NaN or infinity, "
+                          f"e.g. {str(bad[0])[:100]})")
+    return state
+
+
 def read_weights(path) -> dict:
-    """A safetensors file on CPU; an unreadable one (truncated, not safetensors) is a one-line
-    ConfigError naming it."""
+    """A safetensors file on CPU; an unreadable one (truncated, not safetensors) or one holding
+    non-finite values is a one-line ConfigError naming it."""
     from safetensors.torch import load_file
 
     from pipeline.config import ConfigError
 
     try:
-        return load_file(str(path), device="cpu")
+        state = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - truncated or not a safetensors file
         raise ConfigError(f"{path}: unreadable weights file ({type(e).__name__}: "
                           f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    return check_finite(state, str(path))
 
 
 def _clean_keys(state: Mapping) -> dict:
@@ -317,6 +349,8 @@ def _clean_keys(state: Mapping) -> dict:
 def load_state_into(model, state: Mapping, *, source: str = "weights") -> None:
     """``model.load_state_dict`` (strict) after stripping ``module.`` / ``_orig_mod.`` prefixes,
     with a one-line error naming the first missing / unexpected keys."""
+    from pipeline.config import ConfigError  # a ValueError: one line wherever it is caught
+
     state = _clean_keys(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -325,6 +359,11 @@ def load_state_into(model, state: Mapping, *, source: str = "weights") -> None:
         raise ValueError(f"{source}: weights do not match the model built from its config "
                          f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
                          f"e.g. {unexpected[:3]})")
+    wrong = [k for k, v in own.items() if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        k = wrong[0]
+        raise ConfigError(f"{source}: weights do not match the model built from its config ({len(wrong)} of another "
+                         f"shape, e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model)")
     model.load_state_dict(state, strict=True)
 
 

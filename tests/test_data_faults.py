@@ -129,3 +129,22 @@ def test_a_huge_image_is_refused_before_it_is_decoded(monkeypatch):
     with pytest.raises(ValueError, match="expected 8x8"):
         decode_sample({"png": small_file}, 8, 8, 1)
     assert decoded == []
+
+
+def test_data_shards_bad_sources_and_out_are_one_line(tmp_path, capsys):
+    from pipeline.data.shards import shards_main
+
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, x=np.array([np.zeros((8, 8)), "not an image"], dtype=object), y=np.zeros(2))
+    not_npz = tmp_path / "fake.npz"
+    not_npz.write_bytes(b"PK\x03\x04 but not a zip")
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((4, 8, 8), np.uint8), y=np.zeros(4, np.int64))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for source, out, expected in ((objects, tmp_path / "o1", "objects.npz"), (not_npz, tmp_path / "o2", "fake.npz"),
+                                  (good, a_file, "a_file"), (good, a_file / "sub", "a_file")):
+        assert shards_main([str(source), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and expected in err
+        assert not out.exists() or out == a_file

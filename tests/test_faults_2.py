@@ -115,3 +115,229 @@ def test_non_finite_weights_are_never_exported(tmp_path, mnist_shards, monkeypat
     assert "not finite" in capsys.readouterr().err
     assert not RunDir(run_dir).export.exists()
     assert not RunDir(run_dir).summary_json.exists()
+
+
+# --------------------------------------------------------------------------- imported and loaded weights
+def test_a_score_sde_checkpoint_with_nan_inside_a_tensor_is_not_imported(tmp_path, capsys):
+    """Bytes corrupted inside a tensor's data: the file still unpickles, the values are NaN."""
+    from test_import import fpdiff_config, run_import, small_overrides, write_checkpoint
+
+    name = "vp/cifar10_ddpmpp_continuous"
+    write_checkpoint(tmp_path / "c.pth", fpdiff_config(name, small_overrides(name)),
+                     edit=lambda c: c["ema"]["shadow_params"][3].view(-1)[:5].fill_(float("nan")))
+    assert run_import(tmp_path, name, tmp_path / "c.pth") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "c.pth" in err and "not finite" in err
+    assert not (tmp_path / "run").exists()
+
+
+def tiny_export(folder, edit=None):
+    """An export of the tiny model (random weights), its tensors changed by ``edit(state)``."""
+    from pipeline.models import build_model
+    from pipeline.publish.export import write_export
+
+    cfg = load_config(TINY, ["logging.backend=none"])
+    state = build_model(cfg).state_dict()
+    if edit:
+        edit(state)
+    return write_export(folder, state, cfg.to_dict(), {"step": 1})
+
+
+def nan_first(state):
+    next(iter(state.values())).view(-1)[0] = float("nan")
+
+
+def wrong_shape(state):
+    key = next(k for k, v in state.items() if v.ndim == 4)
+    state[key] = state[key].repeat(2, 1, 1, 1)  # twice the output channels
+
+
+@pytest.mark.parametrize("edit, expected", [(nan_first, "not finite"), (wrong_shape, "of another shape")])
+def test_export_weights_that_are_not_finite_or_do_not_fit(tmp_path, mnist_shards, capsys, edit, expected):
+    from pipeline.sample.cli import sample_main
+
+    export = tiny_export(tmp_path / "download" / "export", edit)
+    out = tmp_path / "samples"
+    assert sample_main(["--run-dir", str(export), "--num-samples", "2", "--out", str(out), "--device", "cpu",
+                        "sampling.num_steps=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err and "ema.safetensors" in err
+    assert not out.exists()
+    # fine-tuning from it: one line naming training.init_from, nothing written
+    assert run_train(tmp_path / "run", mnist_shards, f"training.init_from={export}") == EXIT_BAD_CONFIG
+    line = one_line_error(capsys)
+    assert "training.init_from" in line and expected in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_with_non_finite_weights_is_passed_over_on_resume(tmp_path, mnist_shards, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, mnist_shards, "training.n_steps=4", "training.keep_last=5") == 0
+    newest = RunDir(run_dir).latest_checkpoint()
+    state = load_file(str(newest / "ema.safetensors"))
+    nan_first(state)
+    save_file(state, str(newest / "ema.safetensors"))
+    capsys.readouterr()
+    assert run_train(run_dir, mnist_shards, "training.n_steps=5", "training.keep_last=5", "--resume", "auto") == 0
+    err = capsys.readouterr().err
+    assert "not finite" in err and "resuming from the previous checkpoint step_00000002" in err
+
+
+# --------------------------------------------------------------------------- bounded work
+def test_sample_streams_to_disk_in_batches(tmp_path, monkeypatch):
+    """--num-samples is drawn and written batch by batch (no more than sampling.batch_size in memory),
+    and gives the same samples as drawing them all at once."""
+    import numpy as np
+    import torch
+
+    import pipeline.sampling as sampling
+    from pipeline.sample.cli import sample_main
+
+    export = tiny_export(tmp_path / "export")
+    original, asked = sampling.sample, []
+
+    def recording(cfg, eps, score_fn, sde, shape, **kw):
+        asked.append(shape[0])
+        return original(cfg, eps, score_fn, sde, shape, **kw)
+
+    monkeypatch.setattr(sampling, "sample", recording)
+    out = tmp_path / "out"
+    assert sample_main(["--run-dir", str(export), "--num-samples", "7", "--out", str(out), "--device", "cpu",
+                        "--seed", "3", "sampling.num_steps=2", "sampling.batch_size=3"]) == 0
+    assert asked == [3, 3, 1]
+    streamed = np.load(out / "samples.npz")["images"]
+    from pipeline.images import to_uint8
+    from pipeline.rundir import load_for_eval
+    from pipeline.sde import build_sde
+    from pipeline.score import get_score_fn
+
+    model, cfg, _ = load_for_eval(export)
+    cfg.sampling.num_steps, cfg.sampling.batch_size = 2, 3
+    sde = build_sde(cfg.sde)
+    x, _ = original(cfg.sampling, cfg.sde.sampling_eps, get_score_fn(model, sde), sde, (7, 1, 28, 28),
+                    device="cpu", generator=torch.Generator().manual_seed(3))
+    assert streamed.shape == (7, 1, 28, 28) and np.array_equal(streamed, to_uint8(x, cfg.data.centered).numpy())
+
+
+def test_an_alias_bomb_in_a_typed_field_is_one_short_line(tmp_path, mnist_shards, capsys):
+    """Six nested aliases of 9: half a million values, 1.6 MB when spelled out."""
+    levels = ["&a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"&{c} [{', '.join([f'*{p}'] * 9)}]"
+                                                     for p, c in zip("abcde", "bcdef")]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"model:\n  ch_mult: [{', '.join(levels)}]\n")
+    assert len(bomb.read_bytes()) < 1000
+    assert main(["--config", str(bomb), "--run-dir", str(tmp_path / "run"), *FAST]) == EXIT_BAD_CONFIG
+    line = one_line_error(capsys)
+    assert len(line) < 500 and "model.ch_mult" in line
+
+
+# --------------------------------------------------------------------------- one line, not a traceback
+def disk_full_safetensors(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                          '"No space left on device" })')
+
+
+def disk_full_torch(*args, **kwargs):
+    raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                       "data/0: file write failed")
+
+
+@pytest.mark.parametrize("target, fault", [("pipeline.train.checkpoint.save_weights", disk_full_safetensors),
+                                           ("torch.save", disk_full_torch),
+                                           ("pipeline.publish.export.save_weights", disk_full_safetensors)])
+def test_disk_full_while_writing_a_checkpoint_or_the_export(tmp_path, mnist_shards, monkeypatch, capsys,
+                                                            target, fault):
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(target, fault)
+    assert run_train(run_dir, mnist_shards) == EXIT_BAD_CONFIG
+    line = one_line_error(capsys)
+    written = "export" if "export" in target else "step_00000002"
+    assert f"{written}: " in line and ("No space left" in line or "file write failed" in line)
+    assert not list(run_dir.rglob(".*tmp*")) and not RunDir(run_dir).export.exists()
+
+
+@pytest.mark.parametrize("content", ['{"step": "two"}', "[]", '{"step": 3}', '{"step": 4, "loader": 7}'])
+def test_a_state_json_with_wrong_content_falls_back_to_the_previous_checkpoint(tmp_path, mnist_shards, capsys,
+                                                                             content):
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, mnist_shards, "training.n_steps=4", "training.keep_last=5") == 0
+    (RunDir(run_dir).latest_checkpoint() / "state.json").write_text(content)
+    capsys.readouterr()
+    assert run_train(run_dir, mnist_shards, "training.n_steps=5", "training.keep_last=5", "--resume", "auto") == 0
+    err = capsys.readouterr().err
+    assert "step_00000004/state.json" in err and "resuming from the previous checkpoint step_00000002" in err
+
+
+def test_ctrl_c_checkpoints_like_sigterm(tmp_path, mnist_shards, monkeypatch, capsys):
+    import signal
+
+    import pipeline.losses as losses
+
+    original, calls = losses.DSMLoss.__call__, []
+
+    def interrupted_at_step_3(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(losses.DSMLoss, "__call__", interrupted_at_step_3)
+    before = signal.getsignal(signal.SIGINT)
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, mnist_shards, "training.n_steps=10", "training.ckpt_every=100") == 75
+    assert [p.name for p in RunDir(run_dir).list_checkpoints()] == ["step_00000003"]
+    assert "Ctrl-C" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # the trainer's handler goes with the run
+
+
+def test_ctrl_c_in_sample_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import pipeline.sampling as sampling
+    from pipeline.cli import main as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "sample", interrupted)
+    out = tmp_path / "out"
+    assert cli(["sample", "--run-dir", str(tiny_export(tmp_path / "export")), "--out", str(out),
+                "--num-samples", "4", "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.strip() == "fpdiff sample: interrupted"
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_files_are_shared_like_the_umask_says(tmp_path, mnist_shards):
+    from pipeline.atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        run_dir = tmp_path / "run"
+        assert run_train(run_dir, mnist_shards) == 0
+        modes = {p.relative_to(run_dir).as_posix(): p.stat().st_mode & 0o777 for p in run_dir.rglob("*")}
+        assert {m for p, m in modes.items() if not (run_dir / p).is_dir()} == {0o644}, modes
+        assert {m for p, m in modes.items() if (run_dir / p).is_dir()} == {0o755}, modes
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_messages_that_say_what_is_wrong(tmp_path, mnist_shards, capsys):
+    from pipeline.eval.common import rank_test_batches
+
+    not_a_tar = tmp_path / "x.tar"
+    not_a_tar.write_bytes(b"this is not a tar file" * 100)
+    assert main(["--config", TINY, "--run-dir", str(tmp_path / "run"), "--no-progress", *FAST,
+                 f"data.shards={not_a_tar}"]) == EXIT_BAD_CONFIG
+    assert f"{not_a_tar} is not a readable tar shard" in one_line_error(capsys)
+    # test images of two sizes (for --inpaint): the image named, not numpy's message
+    from test_data_faults import png, write_shards
+    from PIL import Image
+
+    write_shards(tmp_path / "mixed", [[("a", png(Image.new("L", (8, 8)))), ("b", png(Image.new("L", (9, 9))))]])
+    with pytest.raises(ValueError, match="test image b is 9x9, the first ones 8x8"):
+        list(rank_test_batches(None, str(tmp_path / "mixed" / "t-000000.tar"), 1, 4, 0, 1))

@@ -229,7 +229,10 @@ def resolve_shards(spec: str, index: str = "", key: str = "data.shards") -> Shar
             log.warning("data: no index for %d remote shard(s) (set data.index); scanning them once to count "
                         "samples", len(remote))
         for i in todo:
-            counts[i] = count_samples(urls[i])
+            errors: list = []
+            counts[i] = count_samples(urls[i], errors)
+            if errors and not counts[i]:  # not "holds no samples": say what it is
+                raise DataError(f"{key}: {urls[i]} is not a readable tar shard ({errors[0][1]})")
     h = w = c = None
     names = None
     for d in used:
@@ -402,12 +405,15 @@ def read_shard(url: str, start: int = 0, stop: Optional[int] = None, errors: Opt
         _close(stream)
 
 
-def count_samples(url: str) -> int:
-    """Samples in one shard, from its tar headers (member data is skipped, not read)."""
+def count_samples(url: str, errors: Optional[list] = None) -> int:
+    """Samples in one shard, from its tar headers (member data is skipped, not read); a read error
+    (not a tar, cut short) is appended to ``errors`` as ``(key, message)``."""
+    errors = [] if errors is None else errors
     cursor = _Cursor(1 << 62, 1 << 62)  # selects nothing, counts keys
     try:
-        stream, members, _ = _tar_files(url, cursor, [])
-    except Exception:  # noqa: BLE001
+        stream, members, _ = _tar_files(url, cursor, errors)
+    except Exception as e:  # noqa: BLE001
+        errors.append((None, f"{type(e).__name__}: {str(e)[:200]}"))
         return 0
     try:
         for _ in members:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
-from pipeline.data.reader import file_sha256
+from pipeline.data.reader import file_sha256 as _sha256
 from pipeline.data.sources import ShardWriteError, _Source, load_source
 
 INDEX_FORMAT = "fpdiff-shards"
@@ -83,7 +83,7 @@ def _write_set(src: _Source, order: np.ndarray, out_dir: Path, set_name: str, sp
             tmp, fh = temps.pop(fname)
             fh.close()
             shards.append({"file": Path(fname).name, "count": counts.get(fname, 0),
-                           "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)})
+                           "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)})
 
         if len(order):
             pattern = str(out_dir / set_name).replace("%", "%%") + "-%06d.tar"
@@ -174,7 +174,7 @@ def verify_index(index_path) -> list[str]:
         p = index_path.parent / s["file"]
         if not p.exists():
             problems.append(f"{p}: missing")
-        elif file_sha256(p) != s["sha256"]:
+        elif _sha256(p) != s["sha256"]:
             problems.append(f"{p}: sha256 mismatch")
     return problems
 
@@ -231,12 +231,22 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--verify", action="store_true", help="re-hash the written shards against the index")
     args = p.parse_args(argv)
     name = args.name or Path(str(args.source).rstrip("/")).stem.replace(".", "_") or "data"
+    import zipfile
+
     try:
+        out = Path(args.out)
+        if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+            raise ShardWriteError(f"--out {out}: is (or lies under) a file, not a folder")
         result = write_shards(args.source, args.out, name, max_samples=args.max_samples,
                               max_bytes=args.max_bytes, test_fraction=args.test_fraction, seed=args.seed,
                               shuffle=not args.no_shuffle, limit=args.limit)
     except ShardWriteError as e:
         print(f"fpdiff data shards: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy / zip / the disk on a bad source
+        why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"fpdiff data shards: {args.source}: cannot be read as a source ({type(e).__name__}: {why})",
+              file=sys.stderr)
         return 2
     for split, idx in result.items():
         print(f"{split}: {idx['num_samples']} samples in {len(idx['shards'])} shards, "

@@ -363,13 +363,15 @@ def load_weights_into(model, source: str | Path, *, token: str | None = None,
     """Initialise ``model`` from EMA weights (``training.init_from``): a weights file, an export
     folder, a checkpoint folder, a run dir (its ``export/``, else its newest checkpoint:
     ``find_weights(prefer_export=True)``), or a Hub repo id. Returns the weights file used."""
+    from pipeline.config import ConfigError
+
     p = Path(source).expanduser()
-    if p.exists():
-        try:
+    try:
+        if p.exists():
             w = find_weights(p, prefer_export=True, need_config=False).file
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"training.init_from: {e}") from None
-    else:
-        w = _export_folder(str(source), token=token, endpoint=endpoint) / EMA_WEIGHTS
-    load_state_into(model, read_weights(w), source=str(source))
+        else:
+            w = _export_folder(str(source), token=token, endpoint=endpoint) / EMA_WEIGHTS
+        load_state_into(model, read_weights(w), source=str(w))
+    except (FileNotFoundError, ValueError) as e:  # ConfigError included: one line naming the key
+        raise ConfigError(f"training.init_from: {e}") from None
     return w

@@ -7,7 +7,7 @@ the micro-shard index m = rank * grad_accum + micro_step. Hence a resumed run is
 equal to an uninterrupted one, and a step is the same update for any split of the same
 global batch into ranks x accumulation steps.
 
-Exit codes: 0 finished, 75 stopped by SIGUSR1/SIGTERM after a checkpoint (requeue),
+Exit codes: 0 finished, 75 stopped by SIGUSR1/SIGTERM/SIGINT after a checkpoint (requeue),
 2 bad configuration (or a run dir another process is training into), 3 too many consecutive
 non-finite steps, or a run that ends on non-finite steps or weights (nothing exported).
 """
@@ -44,15 +44,24 @@ def say(msg: str) -> None:
 
 
 class StopRequest:
-    """SIGUSR1 / SIGTERM (or a STOP file in the run dir) ask the loop to checkpoint and exit."""
+    """SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) (or a STOP file in the run dir) ask the loop to checkpoint
+    and exit; a second Ctrl-C interrupts at once."""
 
     def __init__(self, run_dir: Path):
         self.flag = False
         self.stop_file = RunDir(run_dir).stop_file
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+
+    def close(self) -> None:
+        """The handlers from before (the run is over)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.flag:
+                raise KeyboardInterrupt
+            say("Ctrl-C: checkpointing after this step, then exiting (Ctrl-C again to stop at once)")
         self.flag = True
 
     def requested(self) -> bool:
@@ -374,6 +383,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     backend.end()
     if lock is not None:
         lock.release()
+    stop.close()
     return exit_code
 
 
@@ -425,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.eval.features import MissingFileError
 
     args = build_parser("python -m pipeline.train").parse_args(argv)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
@@ -439,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     except MissingFileError as e:
         print(f"fpdiff: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except OSError as e:  # a full disk or a lost mount while writing metrics, samples, the summary
+        print(f"fpdiff: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    finally:  # a run that failed to start leaves no handler of its StopRequest behind
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
