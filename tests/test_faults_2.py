@@ -79,6 +79,20 @@ def test_float_options_refuse_nan_and_infinity(key, value):
         load_config(TINY, [f"{key}={value}"])
 
 
+@pytest.mark.parametrize("argv", [["sample", "--run-dir", "RUN", "--guidance-scale", "nan"],
+                                  ["eval", "bpd", "RUN", "--rtol", "inf"], ["classifier", "--run-dir", "RUN", "--lr=-inf"],
+                                  ["push", "RUN", "--repo-id", "a/b", "--retry-backoff", "nan"],
+                                  ["data", "shards", "mnist", "--out", "OUT", "--test-fraction", "nan"]])
+def test_float_flags_refuse_nan_and_infinity(argv, tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli([str(tmp_path / a) if a in ("RUN", "OUT") else a for a in argv])
+    assert stopped.value.code == 2
+    assert "must be a finite number" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_lr_nan_on_the_command_line_is_one_line(tmp_path, mnist_shards, capsys):
     assert run_train(tmp_path / "run", mnist_shards, "training.lr=.nan") == EXIT_BAD_CONFIG
     assert "training.lr: must be a finite number" in one_line_error(capsys)

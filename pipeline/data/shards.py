@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.data.reader import file_sha256 as _sha256
 from pipeline.data.sources import ShardWriteError, _Source, load_source
+from pipeline.config import finite_float
 
 INDEX_FORMAT = "fpdiff-shards"
 INDEX_VERSION = 1
@@ -223,7 +224,7 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-samples", type=int, default=None, help="samples per shard (default 1000 if no --max-bytes)")
     p.add_argument("--max-bytes", type=int, default=None,
                    help="start a new shard once one holds this many bytes (tar headers included)")
-    p.add_argument("--test-fraction", type=float, default=None,
+    p.add_argument("--test-fraction", type=finite_float, default=None,
                    help="write NAME-train and NAME-test sets with this fraction held out")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the sample order")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order")

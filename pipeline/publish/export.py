@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import yaml
 
 from pipeline.atomic import atomic_directory
-from pipeline.config import ConfigError, exported_config
+from pipeline.config import ConfigError
+from pipeline.saved_config import exported_config
 from pipeline.rundir import CONFIG, EMA_WEIGHTS, EXPORT_METRICS, MODEL_CARD, save_weights, write_error_text, write_errors
 from pipeline.train.tracking import plain_json
 

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.config import finite_float
 from pipeline.rundir import (CONFIG, EMA_WEIGHTS, EXPORT_FILES, EXPORT_METRICS, SAMPLES_PNG, RunDir, find_weights,
                              load_state_into, read_weights)
 
@@ -283,7 +284,7 @@ def push_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token", default=None, help="access token (default: HF_TOKEN or the saved login)")
     ap.add_argument("--commit-message", default=None)
     ap.add_argument("--max-retries", type=int, default=3)
-    ap.add_argument("--retry-backoff", type=float, default=2.0)
+    ap.add_argument("--retry-backoff", type=finite_float, default=2.0)
     args = ap.parse_args(argv)
 
     run_dir = Path(args.run_dir)

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.rundir import RunDir
+from pipeline.config import finite_float
 
 
 def sample_main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--class-label", default=None, metavar="Y",
                    help="class-conditional sampling with the run's time-dependent classifier "
                         "(`fpdiff classifier`): a label, or 'all' for labels 0,1,2,... in turn")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
+    p.add_argument("--guidance-scale", type=finite_float, default=1.0,
                    help="weight of ∇x log p_t(y|x) (1: the conditional score by Bayes' rule)")
     p.add_argument("--classifier", default=None, help="classifier folder (default RUN/classifier)")
     p.add_argument("--data", default=None, help="shards for --inpaint (default data.test_shards, else data.shards)")
