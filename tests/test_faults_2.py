@@ -70,6 +70,18 @@ def test_run_dir_that_is_a_file_or_under_one(tmp_path, mnist_shards, capsys):
     assert a_file.read_text() == "not a folder"
 
 
+def test_run_dir_on_a_read_only_filesystem(tmp_path, mnist_shards, monkeypatch, capsys):
+    import errno
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr("pipeline.rundir.open", read_only, raising=False)  # the first file a run writes
+    assert run_train(tmp_path / "run", mnist_shards) == EXIT_BAD_CONFIG
+    line = one_line_error(capsys)
+    assert str(tmp_path / "run") in line and os.strerror(errno.EROFS) in line
+
+
 # --------------------------------------------------------------------------- non-finite
 @pytest.mark.parametrize("key", ["training.lr", "training.grad_clip", "fpe.alpha", "sde.beta_max", "fpe.subsample",
                                  "hub.retry_backoff"])
