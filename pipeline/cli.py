@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pipeline.quiet import quiet_third_party
     quiet_third_party()
-    return int(_dispatch(argv[0], argv[1:]) or 0)
+    try:
+        return int(_dispatch(argv[0], argv[1:]) or 0)
+    except KeyboardInterrupt:  # every file is written atomically: nothing half-written is left
+        print(f"\nfpdiff {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

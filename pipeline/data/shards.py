@@ -14,7 +14,6 @@ only once the whole set is written, the index last (``pipeline.atomic``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import sys
@@ -25,7 +24,9 @@ import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.cliargs import ArgumentParser
+from pipeline.data.reader import file_sha256 as _sha256
 from pipeline.data.sources import ShardWriteError, _Source, load_source
+from pipeline.config import finite_float
 
 INDEX_FORMAT = "fpdiff-shards"
 INDEX_VERSION = 1
@@ -42,14 +43,6 @@ def encode_png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shard_writer(pattern: str, max_samples: Optional[int], max_bytes: Optional[int], opener, post):
@@ -245,7 +238,7 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-samples", type=int, default=None, help="samples per shard (default 1000 if no --max-bytes)")
     p.add_argument("--max-bytes", type=int, default=None,
                    help="start a new shard once one holds this many bytes (tar headers included)")
-    p.add_argument("--test-fraction", type=float, default=None,
+    p.add_argument("--test-fraction", type=finite_float, default=None,
                    help="write NAME-train and NAME-test sets with this fraction held out")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the sample order")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
@@ -253,12 +246,22 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--verify", action="store_true", help="re-hash the written shards against the index")
     args = p.parse_args(argv)
     name = args.name or default_set_name(args.source)
+    import zipfile
+
     try:
+        out = Path(args.out)
+        if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+            raise ShardWriteError(f"--out {out}: is (or lies under) a file, not a folder")
         result = write_shards(args.source, args.out, name, max_samples=args.max_samples,
                               max_bytes=args.max_bytes, test_fraction=args.test_fraction, seed=args.seed,
                               shuffle=not args.no_shuffle, limit=args.limit)
     except ShardWriteError as e:
         print(f"fpdiff data shards: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy / zip / the disk on a bad source
+        why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"fpdiff data shards: {args.source}: cannot be read as a source ({type(e).__name__}: {why})",
+              file=sys.stderr)
         return 2
     for split, idx in result.items():
         print(f"{split}: {idx['num_samples']} samples in {len(idx['shards'])} shards, "

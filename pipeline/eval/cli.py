@@ -44,6 +44,7 @@ from pipeline.eval.fid import compute_ref_stats, evaluate_fid
 from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
                                     check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
 from pipeline.collectives import barrier
+from pipeline.config import finite_float
 
 
 # --------------------------------------------------------------------------- in-training / library API
@@ -163,9 +164,9 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     b.add_argument("--max-samples", type=int, default=None, help="only the first M test images (default all)")
     b.add_argument("--hutchinson", choices=["rademacher", "gaussian", "exact"], default=None,
                    help="trace estimator probes (default eval.hutchinson); exact: D VJPs per step (tiny data only)")
-    b.add_argument("--rtol", type=float, default=None, help="likelihood ODE relative tolerance (default eval.rtol)")
-    b.add_argument("--atol", type=float, default=None, help="likelihood ODE absolute tolerance (default eval.atol)")
-    b.add_argument("--eps", type=float, default=None, help="likelihood ODE starts at t=eps (default eval.likelihood_eps)")
+    b.add_argument("--rtol", type=finite_float, default=None, help="likelihood ODE relative tolerance (default eval.rtol)")
+    b.add_argument("--atol", type=finite_float, default=None, help="likelihood ODE absolute tolerance (default eval.atol)")
+    b.add_argument("--eps", type=finite_float, default=None, help="likelihood ODE starts at t=eps (default eval.likelihood_eps)")
     b.add_argument("--no-dequantize", action="store_true", help="no uniform dequantisation (u8/255)")
 
     r = sub.add_parser("ref-stats", help="reference feature statistics of shards -> .npz")

@@ -69,7 +69,13 @@ def _test_batches(images: Optional[torch.Tensor], shards: Optional[str], channel
             yield k, images[k * bs:(k + 1) * bs]
         return
     urls = shard_urls(shards or "", key="test shards (--shards / data.test_shards)")
+    first = None
     for k, chunk in enumerate(batched(iter_images(urls, channels), bs)):
+        for key, a, _ in chunk:  # one line naming the image, not numpy's "must have the same shape"
+            first = first or a.shape
+            if a.shape != first:
+                raise ValueError(f"{shards}: test image {key} is {a.shape[0]}x{a.shape[1]}, the first ones "
+                                 f"{first[0]}x{first[1]}; the test images must have one size")
         yield k, torch.from_numpy(np.stack([a for _, a, _ in chunk])).permute(0, 3, 1, 2).contiguous()
 
 

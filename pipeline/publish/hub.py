@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from pipeline.cliargs import ArgumentParser
+from pipeline.config import finite_float
 from pipeline.rundir import (CONFIG, EMA_WEIGHTS, EXPORT_FILES, EXPORT_METRICS, SAMPLES_PNG, RunDir, find_weights,
                              load_state_into, read_weights)
 
@@ -50,6 +51,17 @@ def _is_retryable(exc: BaseException) -> bool:
 def _short(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {msg}"[:300]
+
+
+def _linked_elsewhere(src: Path, parent: Path) -> bool:
+    """Whether ``src`` is a hard link of a file outside its export: more links than itself and
+    the snapshots of earlier pushes (``.push-*`` beside the export) account for."""
+    st = src.stat()
+    if st.st_nlink <= 1:
+        return False
+    ours = sum(1 for f in parent.glob(".push-*/*")
+               if not f.is_symlink() and (f.stat().st_dev, f.stat().st_ino) == (st.st_dev, st.st_ino))
+    return st.st_nlink > 1 + ours
 
 
 class _Job:
@@ -98,6 +110,8 @@ class HubPusher:
 
     @classmethod
     def from_config(cls, hub_cfg, token: str | None = None) -> "HubPusher":
+        # hub.endpoint is only ever set from the command line (``load_config`` drops one read from
+        # a file): the token goes to no server a downloaded config chose
         return cls(hub_cfg.repo_id, max_retries=hub_cfg.max_retries, private=hub_cfg.private,
                    token=token, endpoint=getattr(hub_cfg, "endpoint", "") or None,
                    backoff=getattr(hub_cfg, "retry_backoff", 2.0))
@@ -174,6 +188,9 @@ class HubPusher:
             for name in EXPORT_UPLOADS:
                 src = folder / name
                 if src.is_symlink() or not src.is_file():
+                    continue
+                if _linked_elsewhere(src, folder.parent):
+                    logger.warning("hub push: %s is hard-linked to a file outside the export; not uploaded", src)
                     continue
                 dst = staging / name
                 try:
@@ -269,7 +286,7 @@ def push_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token", default=None, help="access token (default: HF_TOKEN or the saved login)")
     ap.add_argument("--commit-message", default=None, help="commit message (default: 'fpdiff export, step S')")
     ap.add_argument("--max-retries", type=int, default=3, help="upload attempts after the first (network errors only)")
-    ap.add_argument("--retry-backoff", type=float, default=2.0,
+    ap.add_argument("--retry-backoff", type=finite_float, default=2.0,
                     help="seconds before the first retry; doubles each time (max 60 s)")
     ap.add_argument("--dry-run", action="store_true", help="list what would be uploaded, and where; no network")
     args = ap.parse_args(argv)
@@ -338,9 +355,7 @@ def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revisio
     The model is built with ``pipeline.models.build_model(cfg)``, loaded with the EMA weights and
     put in eval mode on ``device``.
     """
-    import yaml
-
-    from pipeline.config import config_from_dict, strip_shell_urls
+    from pipeline.config import load_saved_config
     from pipeline.models import build_model
 
     folder = export_folder(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
@@ -349,7 +364,7 @@ def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revisio
     for f in (cfg_path, w_path):
         if not f.is_file():
             raise FileNotFoundError(f"{path_or_repo_id}: missing {f.name}")
-    cfg = strip_shell_urls(config_from_dict(yaml.safe_load(cfg_path.read_text()) or {}), cfg_path)
+    cfg = load_saved_config(cfg_path, keep_local_paths=False)
     model = build_model(cfg)
     load_state_into(model, read_weights(w_path), source=str(path_or_repo_id))
     return model.to(device).eval(), cfg
@@ -360,13 +375,15 @@ def load_weights_into(model, source: str | Path, *, token: str | None = None,
     """Initialise ``model`` from EMA weights (``training.init_from``): a weights file, an export
     folder, a checkpoint folder, a run dir (its ``export/``, else its newest checkpoint:
     ``find_weights(prefer_export=True)``), or a Hub repo id. Returns the weights file used."""
+    from pipeline.config import ConfigError
+
     p = Path(source).expanduser()
-    if p.exists():
-        try:
+    try:
+        if p.exists():
             w = find_weights(p, prefer_export=True, need_config=False).file
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"training.init_from: {e}") from None
-    else:
-        w = export_folder(str(source), token=token, endpoint=endpoint) / EMA_WEIGHTS
-    load_state_into(model, read_weights(w), source=str(source))
+        else:
+            w = export_folder(str(source), token=token, endpoint=endpoint) / EMA_WEIGHTS
+        load_state_into(model, read_weights(w), source=str(w))
+    except (FileNotFoundError, ValueError) as e:  # ConfigError included: one line naming the key
+        raise ConfigError(f"training.init_from: {e}") from None
     return w

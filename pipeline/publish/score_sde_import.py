@@ -290,6 +290,7 @@ def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrid
     """Check everything, then write the run directory; ImportFailure (nothing written) otherwise."""
     from pipeline.config import ConfigError
     from pipeline.data.shards import _sha256
+    from pipeline.rundir import check_finite
 
     out = Path(out)
     if out.exists():
@@ -300,6 +301,14 @@ def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrid
         raise ImportFailure(f"config error: {e}") from None
     ckpt = load_checkpoint(checkpoint)
     weights, ema, optimizer = convert(ckpt, cfg, name)
+    try:  # bytes corrupted inside a tensor's data still unpickle
+        check_finite(weights, f"{checkpoint} (model)")
+        check_finite(ema, f"{checkpoint} (ema)")
+        if optimizer is not None:
+            for i, st in optimizer["state"].items():
+                check_finite({k: v for k, v in st.items() if k != "step"}, f"{checkpoint} (optimizer, parameter {i})")
+    except ConfigError as e:
+        raise ImportFailure(str(e)) from None
     e = ckpt["ema"]
     step = ckpt.get("step")
     info = {"source": str(checkpoint), "sha256": _sha256(Path(checkpoint)), "score_sde_config": name,

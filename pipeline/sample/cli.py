@@ -14,6 +14,7 @@ import torch
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.rundir import RunDir
 from pipeline.cliargs import ArgumentParser
+from pipeline.config import finite_float
 
 
 def sample_main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--class-label", default=None, metavar="Y",
                    help="class-conditional sampling with the run's time-dependent classifier "
                         "(`fpdiff classifier`): a label, or 'all' for labels 0,1,2,... in turn")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
+    p.add_argument("--guidance-scale", type=finite_float, default=1.0,
                    help="weight of ∇x log p_t(y|x) (1: the conditional score by Bayes' rule)")
     p.add_argument("--classifier", default=None, help="classifier folder (default RUN/classifier)")
     p.add_argument("--data", default=None, help="test shards for --inpaint / --colorize (default the run's data.test_shards)")
@@ -86,8 +87,8 @@ def sample_main(argv: list[str] | None = None) -> int:
                                             command=f"fpdiff sample --{'colorize' if args.colorize else 'inpaint'}")
         sde = build_sde(cfg.sde)
         # a class-conditional model: labels 0..K-1 in turn, classifier-free guidance (sampling.guidance_weight)
-        score_fn, labels_for = sampling_score_fn(model, sde, cfg)
-        labels, clf = labels_for(args.num_samples, cfg.sampling.batch_size), None
+        score_fn, _ = sampling_score_fn(model, sde, cfg)
+        labels, clf = None, None
         if args.class_label is not None:
             score_fn, labels, clf = _guided(args, get_score_fn(model, sde), sde)
             cfg.sampling.batch_size = args.num_samples  # the labels go with the whole batch
@@ -106,6 +107,8 @@ def sample_main(argv: list[str] | None = None) -> int:
             print(f"fpdiff sample: {e}", file=sys.stderr)
             return 2
     t0 = time.time()
+    if clf is None:  # streamed to disk batch by batch: any --num-samples in bounded memory
+        return _stream_samples(args, cfg, score_fn, sde, shape, g, out, step)
     x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, shape,
                     device=args.device, generator=g, progress=True)
     seconds = time.time() - t0
@@ -114,22 +117,74 @@ def sample_main(argv: list[str] | None = None) -> int:
     arrays = {"images": to_uint8(x, cfg.data.centered).cpu().numpy()}
     record = {"num_samples": args.num_samples, "seed": args.seed, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
-    if clf is not None:
-        from pipeline.train.classifier import input_scale
-        t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
-        with torch.no_grad():
-            logp = torch.log_softmax(clf(x, t_end, input_scale(sde, t_end)).float(), 1)
-        record.update(class_labels=labels.tolist(), guidance_scale=args.guidance_scale,
-                      classifier_agrees=float((logp.argmax(1) == labels).float().mean()),
-                      classifier_log_prob=float(logp.gather(1, labels[:, None]).mean()))
-    elif labels is not None:
-        record.update(class_labels=labels.tolist(), guidance_weight=cfg.sampling.guidance_weight)
-    if labels is not None:
-        arrays["labels"] = labels.cpu().numpy()
+    from pipeline.train.classifier import input_scale
+    t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
+    with torch.no_grad():
+        logp = torch.log_softmax(clf(x, t_end, input_scale(sde, t_end)).float(), 1)
+    record.update(class_labels=labels.tolist(), guidance_scale=args.guidance_scale,
+                  classifier_agrees=float((logp.argmax(1) == labels).float().mean()),
+                  classifier_log_prob=float(logp.gather(1, labels[:, None]).mean()))
+    arrays["labels"] = labels.cpu().numpy()
     with atomic_path(out / "samples.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
     atomic_write_json(out / "samples.json", record)
     print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
+    return 0
+
+
+GRID_MAX = 256  # samples shown in grid.png (all of them are in samples.npz)
+
+
+def _npy_member(zf, name: str, shape: tuple, dtype, chunks) -> None:
+    """Write an array member of an .npz (``np.load`` reads it) from ``chunks`` of its rows, never
+    holding more than one chunk."""
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+        np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(shape)})
+        for chunk in chunks:
+            fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def _stream_samples(args, cfg, score_fn, sde, shape, g, out: Path, step) -> int:
+    """Draw ``shape[0]`` samples in batches of ``sampling.batch_size`` (the same draws as one
+    ``sample`` call: it batches the same way) and write each to samples.npz as it comes."""
+    import zipfile
+
+    from pipeline.images import save_grid, to_uint8
+    from pipeline.sampling import batch_sizes, sample
+    from pipeline.score import cycled_labels
+
+    sizes = batch_sizes(shape[0], cfg.sampling.batch_size)
+    conditional = cfg.model.num_classes > 0  # labels 0..K-1 in turn in each batch (``sampling_score_fn``)
+    nfes, shown, t0 = [], [], time.time()
+
+    def image_batches():
+        for size in sizes:
+            x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, (size, *shape[1:]),
+                            device=args.device, generator=g, progress=True)
+            nfes.append(nfe)
+            if sum(len(b) for b in shown) < GRID_MAX:
+                shown.append(x[:GRID_MAX - sum(len(b) for b in shown)].cpu())
+            yield to_uint8(x, cfg.data.centered).cpu().numpy()
+
+    with atomic_path(out / "samples.npz") as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            _npy_member(zf, "images", shape, np.uint8, image_batches())
+            if conditional:
+                _npy_member(zf, "labels", (shape[0],), np.int64,
+                            (cycled_labels(size, cfg.model.num_classes).numpy() for size in sizes))
+    seconds = time.time() - t0
+    nfe = round(sum(nfes) / len(nfes))
+    grid = save_grid(torch.cat(shown), out / "grid.png", centered=cfg.data.centered)
+    record = {"num_samples": args.num_samples, "method": cfg.sampling.method, "nfe": int(nfe),
+              "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
+    if conditional:  # the labels of the samples in the grid (all of them are in samples.npz)
+        in_grid = batch_sizes(min(shape[0], GRID_MAX), cfg.sampling.batch_size)
+        record.update(class_labels=[int(y) for size in in_grid for y in cycled_labels(size, cfg.model.num_classes)],
+                      guidance_weight=cfg.sampling.guidance_weight)
+    atomic_write_json(out / "samples.json", record)
+    print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): "
+          f"{out / 'samples.npz'}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
     return 0
 
 

@@ -21,6 +21,7 @@ from pipeline.fpe import mean_by_t_bucket
 from pipeline.models.layers import timestep_embedding
 from pipeline.sde import SDE, _bcast
 from pipeline.cliargs import ArgumentParser
+from pipeline.config import finite_float
 
 WEIGHTS, META = "model.safetensors", "classifier.json"
 
@@ -185,7 +186,7 @@ def classifier_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default RUN/classifier)")
     p.add_argument("--steps", type=int, default=2000, help="training steps")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=finite_float, default=2e-3, help="Adam learning rate")
     p.add_argument("--nf", type=int, default=32, help="channels of the first block")
     p.add_argument("--num-classes", type=int, default=10, help="classes (the shards' .cls labels lie in [0, K))")
     p.add_argument("--eval-samples", type=int, default=1000, help="test images for the accuracy report")

@@ -7,8 +7,9 @@ the micro-shard index m = rank * grad_accum + micro_step. Hence a resumed run is
 equal to an uninterrupted one, and a step is the same update for any split of the same
 global batch into ranks x accumulation steps.
 
-Exit codes: 0 finished, 75 stopped by SIGUSR1/SIGTERM after a checkpoint (requeue),
-2 bad configuration, 3 too many consecutive non-finite steps.
+Exit codes: 0 finished, 75 stopped by SIGUSR1/SIGTERM/SIGINT after a checkpoint (requeue),
+2 bad configuration (or a run dir another process is training into), 3 too many consecutive
+non-finite steps, or a run that ends on non-finite steps or weights (nothing exported).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pipeline.config import Config, ConfigError, save_config
 from pipeline.collectives import seed_for
 from pipeline.ema import EMA
 from pipeline.images import label_columns, save_grid, to_uint8
-from pipeline.rundir import SAMPLES_PNG, RunDir
+from pipeline.rundir import SAMPLES_PNG, RunDir, RunLock
 from pipeline.score import get_score_fn, sampling_score_fn
 from pipeline.sde import build_sde
 from pipeline.cliargs import ArgumentParser
@@ -45,15 +46,24 @@ def say(msg: str) -> None:
 
 
 class StopRequest:
-    """SIGUSR1 / SIGTERM (or a STOP file in the run dir) ask the loop to checkpoint and exit."""
+    """SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) (or a STOP file in the run dir) ask the loop to checkpoint
+    and exit; a second Ctrl-C interrupts at once."""
 
     def __init__(self, run_dir: Path):
         self.flag = False
         self.stop_file = RunDir(run_dir).stop_file
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+
+    def close(self) -> None:
+        """The handlers from before (the run is over)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.flag:
+                raise KeyboardInterrupt
+            say("Ctrl-C: checkpointing after this step, then exiting (Ctrl-C again to stop at once)")
         self.flag = True
 
     def requested(self) -> bool:
@@ -152,10 +162,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
 
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
-    run.check_free(resume, overwrite)
     stop = StopRequest(run_dir)  # first: a preemption signal during start-up must not kill the job
     backend = build_backend(cfg, deepspeed_config)
     rank, world, is_main, device = backend.rank, backend.world, backend.is_main, backend.device
+    lock = RunLock(run_dir).acquire() if is_main and run_dir.is_dir() else None  # one writer per run dir
+    run.check_free(resume, overwrite)
     tc = cfg.training
     if tc.batch_size % (world * tc.grad_accum):
         raise ConfigError(f"training.batch_size: {tc.batch_size} not divisible by processes x grad_accum "
@@ -235,6 +246,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     streams = [iter(loader) for loader in loaders]
     # the run is known to start: only now is anything written into the run dir
     if is_main:
+        lock = lock or RunLock(run_dir).acquire()
         if overwrite and resume is None:
             run.clear_outputs()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -372,6 +384,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
             exit_code = EXIT_REQUEUE
             break
     bar.close()
+    if exit_code == EXIT_OK:
+        exit_code = _check_final_weights(run_dir, counters, step, raw_model, ema, is_main)
 
     summary = None
     if exit_code == EXIT_OK and is_main:
@@ -397,7 +411,29 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     tracker.finish()
     backend.barrier()
     backend.end()
+    if lock is not None:
+        lock.release()
+    stop.close()
     return exit_code
+
+
+def _check_final_weights(run_dir: Path, counters: Counters, step: int, model, ema: EMA, is_main: bool) -> int:
+    """A run never ends with exit 0 on non-finite weights: one that ends inside a non-finite streak
+    (shorter than training.max_nonfinite) keeps only the checkpoints from before it, and weights that
+    are not finite are neither exported nor sampled."""
+    if counters.consecutive_nonfinite:
+        if is_main:
+            kept = ckpt.drop_checkpoints_after(run_dir, step - counters.consecutive_nonfinite)
+            say(f"stopping: the last {counters.consecutive_nonfinite} steps were non-finite; no export"
+                + (f"; kept {kept.name}, the last checkpoint before them" if kept else ""))
+        return EXIT_NONFINITE
+    bad = [name for net in (model, ema.model) for name, p in net.state_dict().items()
+           if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        if is_main:
+            say(f"stopping: {len(bad)} weight tensors are not finite (e.g. {bad[0]}); no export")
+        return EXIT_NONFINITE
+    return EXIT_OK
 
 
 def export(run_dir: Path, cfg: Config, ema: EMA, step: int, counters: Counters, metrics: dict,
@@ -435,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train.resume import training_config
 
     args = build_parser().parse_args(argv)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
         cfg, run_dir = training_config(args.config, args.run_dir, args.resume, args.overrides, force=args.force)
         code = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
@@ -453,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     except MissingFileError as e:
         print(f"fpdiff: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except OSError as e:  # a full disk or a lost mount while writing metrics, samples, the summary
+        print(f"fpdiff: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    finally:  # a run that failed to start leaves no handler of its StopRequest behind
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
