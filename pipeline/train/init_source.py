@@ -88,7 +88,14 @@ def _from_import(location: str, run: RunDir) -> InitSource:
 
 def load_init_source(location: str) -> InitSource:
     """Read ``training.init_from``: a checkpoint folder, a run dir, an imported run, an export
-    folder or weights file, or a Hub repo id. Errors are one line naming the source."""
+    folder or weights file, or a Hub repo id. Errors are one line naming the key and the file."""
+    try:
+        return _load(location)
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # CheckpointError, non-finite weights included
+        raise ConfigError(f"training.init_from: {e}") from None
+
+
+def _load(location: str) -> InitSource:
     p = Path(location).expanduser()
     if not p.exists():  # a Hub repo id: only its export exists there
         from pipeline.publish.hub import export_folder  # deferred: the Hub client only for Hub ids
@@ -105,7 +112,7 @@ def load_init_source(location: str) -> InitSource:
     try:
         w = find_weights(p, prefer_export=True, need_config=False)
     except FileNotFoundError as e:
-        raise ConfigError(f"training.init_from: {e}") from None
+        raise ConfigError(str(e)) from None
     return InitSource(location, "export", w.file.parent if w.file.parent.is_dir() else p, ema=read_weights(w.file),
                       step=w.step)
 

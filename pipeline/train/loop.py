@@ -32,7 +32,7 @@ from pipeline.config import Config, ConfigError, save_config
 from pipeline.collectives import seed_for
 from pipeline.ema import EMA
 from pipeline.images import label_columns, save_grid, to_uint8
-from pipeline.rundir import SAMPLES_PNG, RunDir, RunLock
+from pipeline.rundir import SAMPLES_PNG, RunDir, RunLock, load_state_into
 from pipeline.score import get_score_fn, sampling_score_fn
 from pipeline.sde import build_sde
 from pipeline.cliargs import ArgumentParser
@@ -105,13 +105,13 @@ def set_optimizer_settings(optimizer, scheduler, tc) -> None:
         group["betas"], group["eps"], group["weight_decay"] = (tc.adam_beta1, tc.adam_beta2), tc.adam_eps, tc.weight_decay
 
 
-def load_model_and_ema(model, ema: EMA, weights: dict, ema_weights: dict, source: Path) -> None:
+def load_model_and_ema(model, ema: EMA, weights: dict, ema_weights: dict, source: Path, key: str = "model") -> None:
+    """Strict loads with one line naming ``key``, the source and the first mismatching tensor."""
     try:
-        model.load_state_dict(weights)
-        ema.load_state_dict(ema_weights)
-    except RuntimeError as e:
-        raise ConfigError(f"model: {source} does not fit the model built from the config "
-                          f"({str(e).splitlines()[0][:200]})") from None
+        load_state_into(model, weights, source=str(source))
+        load_state_into(ema.model, ema_weights, source=str(source))
+    except (ValueError, RuntimeError) as e:  # ConfigError included
+        raise ConfigError(f"{key}: {str(e).splitlines()[0][:300]}") from None
 
 
 def class_labels(y: torch.Tensor, num_classes: int, dropout: float, gen: torch.Generator, device) -> torch.Tensor:
@@ -209,7 +209,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | None = None, progress:
     elif tc.init_from:
         continuation = plan_continuation(load_init_source(tc.init_from), cfg, backend.name == "deepspeed")
         src = continuation.source
-        load_model_and_ema(model, ema, src.start_weights, src.ema, Path(src.path))
+        load_model_and_ema(model, ema, src.start_weights, src.ema, Path(src.path), key="training.init_from")
         start_step = origin_step = continuation.step
         counters.ema_updates = continuation.ema_updates
         loader_state = continuation.loader
