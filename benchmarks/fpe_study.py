@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -249,24 +250,38 @@ class Study:
 
     def stage_base(self) -> None:
         saved = self.out / "base"
-        if self.base_step() < 0 and (saved / "base.json").is_file():
+        restored = self.base_step() < 0 and (saved / "base.json").is_file()
+        if restored:  # (its files are as new as the checkout: no other process is training it)
             report.restore_base(saved, self.base)
             say(f"base: restored step {self.base_step()} from {self.rel(saved)}")
         finished = read_json(self.base / "summary.json") and (self.base / "export" / "ema.safetensors").is_file()
+        if self.a.save_base:  # an unfinished base's newest checkpoint, committed so any machine resumes it
+            self.save_base(saved)
+            return
         if finished or self.base_step() >= self.base_target():
             self.skip(f"base (step {self.base_step()})")
         else:
-            self.check_base_idle()
+            if not restored:
+                self.check_base_idle()
             say(f"base: training to step {self.base_target()}" + (" (resuming)" if self.base_step() >= 0 else ""))
             own = self.base / "config.yaml"
             keep = ["training.keep_last=2", f"training.ckpt_every={self.scale['ckpt_every']}"] if self.quick else []
             steps = [f"training.n_steps={self.scale['base_steps']}"] if self.scale["base_steps"] else []
             self.fpdiff(self.train_args(self.base, ["fpe.enabled=false", *keep, *steps],
                                         own if own.is_file() and self.base_step() >= 0 else CONFIG), "train_base")
-        if not (saved / "base.json").is_file():
-            rec = report.save_base(self.base, saved, self.portable)
-            self.done += 1
-            self.commit([saved], f"base checkpoint (step {rec['step']})")
+        self.save_base(saved)
+
+    def save_base(self, saved: Path) -> None:
+        """Copy the base's newest checkpoint to OUT/base/ unless the copy there is as new (a partial
+        base committed on one day is replaced by the finished one later)."""
+        rec = read_json(saved / "base.json")
+        if rec and rec["step"] >= self.base_step():
+            return
+        for old in saved.glob("step_*"):
+            shutil.rmtree(old)
+        rec = report.save_base(self.base, saved, self.portable)
+        self.done += 1
+        self.commit([saved], f"base checkpoint (step {rec['step']})")
 
     def check_base_idle(self, minutes: float = 15.0) -> None:
         """Stop rather than resume a base that another process may still be training (no lock exists)."""
@@ -454,6 +469,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="arms trained / measured side by side (subprocesses; "
                    "with OMP_NUM_THREADS=1, one per core; every arm's s/step is then measured side by side)")
     p.add_argument("--commit", action="store_true", help="git-commit each finished result under --out as it lands")
+    p.add_argument("--save-base", action="store_true", help="with --stages base: copy the base's newest checkpoint "
+                   "to OUT/base/ (to commit an unfinished base) and train nothing")
     p.add_argument("--resume-base", action="store_true", help="resume an unfinished base even if it was written "
                    "in the last 15 minutes (by default the study waits for a base another process may be training)")
     a = p.parse_args(argv)
