@@ -1,37 +1,41 @@
-"""Issue 15: does the score-FPE regularizer do what FP-Diffusion says, and at what cost?
+"""Issue 24: does the score-FPE regularizer do what FP-Diffusion says, and at what cost? (paired seeds)
 
-    python benchmarks/fpe_study.py --data ../shared/data/mnist.npz            # the full study
-    python benchmarks/fpe_study.py --data /tmp/d.npz --quick --work W --out O  # every stage, minutes
+    python benchmarks/fpe_study.py --data ../shared/data/mnist.npz [--inception FILE] [--commit]
+    python benchmarks/fpe_study.py --data D.npz --quick --work W --out O     # every stage in minutes (a test)
 
-Every stage runs fpdiff's own commands as subprocesses (``python -m pipeline.cli ...``), so it
-measures what users run:
+The protocol (arms, seeds, steps, metrics and their inputs) is fixed in ``protocol()`` and written to
+OUT/protocol.json before anything runs; a rerun with another protocol over the same OUT stops. Every
+stage runs fpdiff's own commands (``python -m pipeline.cli ...``):
 
-  data      ``fpdiff data shards DATA`` (its own train/test split) -> WORK/data
-  digits    the digit feature net (``pipeline.eval.digits``) trained on the training set, saved as
-            TorchScript (WORK/digit_net.pt); ``fpdiff eval ref-stats`` of the test set with it
-            (and with ``--inception FILE`` when given)
-  base      one DSM-only VP run from configs/fpe_study.yaml -> WORK/arms/base
-  arms      fine-tunes from WORK/arms/base, all with the same number of steps: (a) DSM only, seeds
-            0..; (b) DSM+FPE for each alpha of the grid at the 1/64 subsample; the best alpha (lowest
-            mean FPE residual on test images, ``fpdiff eval fpe``) with more seeds; the subsample
-            ablation at the best alpha (whole batch, 1/8, 1/64)
-  metrics   per arm, on its export: ``eval fpe``, ``eval bpd``, ``eval fid`` (digit net, PC sampler),
-            legibility (``pipeline.eval.digits.judge`` of the FID samples); for (a) and the best (b) also
-            ``eval fid --sampler ode`` and the FID between the ODE and PC sample sets; Inception FID
-            with ``--inception``
-  report    OUT/results.json, table.md, report.md and PNG plots (benchmarks/fpe_study_report.py)
+  data     ``fpdiff data shards DATA --name mnist`` -> WORK/data
+  digits   the digit feature net (OUT/digit_net.pt, committed so every machine scores with the same
+           features) and ``fpdiff eval ref-stats`` of the test set with it (and with ``--inception``)
+  base     the DSM-only base WORK/arms/base (configs/fpe_study.yaml): skipped when finished, resumed
+           from its newest checkpoint, or restored from the copy committed in OUT/base/; its final
+           checkpoint is copied to OUT/base/ when it finishes
+  gate     bits/dim and legibility of the base's last two checkpoints (OUT/gate/)
+  arms     fine-tunes that continue the base (``training.init_from``), only the objective and seed set
+  metrics  per arm (OUT/metrics/ARM/METRIC.json): eval bpd, eval fpe, eval conservativity, eval fid
+           (digit net, PC and PF-ODE samples), legibility, the ODE-PC gap, Inception FID for (a), (b)
+  report   OUT/results.json, table.md, report.md, plots (benchmarks/fpe_study_report.py)
 
-Resumable: a finished arm is WORK/arms/NAME/summary.json + export (recorded as OUT/arms/NAME.json),
-a metric is OUT/metrics/NAME/METRIC.json; a rerun skips what exists, a killed training run
-continues from its newest checkpoint. Cost knobs: the config and SCALE below.
+Resumable at any point: a finished piece is a small JSON under OUT (no machine path in it) and is
+skipped on rerun; ``--commit`` commits each one (``git commit --only``) as it finishes. A base that is
+unfinished and was written in the last 15 minutes is left alone (another process may be training it;
+``--resume-base`` overrides). ``--in-process`` runs the commands in this process (no interpreter start
+each; ``--quick`` does so unless ``--subprocess``). Cost knobs: SCALE below; the study's model is the
+config's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,43 +44,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fpe_study_report as report  # noqa: E402
+from fpe_study_protocol import EVAL_SEED, SCALE, protocol  # noqa: E402
 
-# Cost knobs. None: the config's value. Seeds of (a) and the best (b) stay at 3 in "full" (issue 15:
-# shrink the model or the ablation's N, not these seeds).
-SCALE = {
-    "full": dict(  # sized for ~2 hours of 2 shared CPU cores (see benchmarks/RESULTS.md for what was cut)
-        base_steps=None,          # training.n_steps of configs/fpe_study.yaml
-        finetune_steps=60,        # every fine-tune arm (DSM, alpha grid, seeds, ablation)
-        finetune_lr=5e-4,
-        ckpt_every=30,
-        alphas=(0.05, 0.15, 0.5),
-        seeds=3,                  # seeds of arm (a) and of the best (b)
-        digit_images=120_000,     # images the digit net sees while training
-        fpe_max_samples=64, fpe_num_times=10,
-        bpd_max_samples=64, bpd_rtol=1e-3, bpd_batch=64,
-        fid_n=500,                # the other alphas and the subsample ablation
-        fid_n_main=1000,          # arm (a) and best (b) (10000 = the whole test set, if budget allows)
-        fid_n_pooled=2000,        # every arm: a second PC set (eval.seed+1) tops the first up to this N; FID
-                                  # of the pooled set by `eval fid --from-samples` (the table's FID)
-        inception_ref_shards=2,   # Inception reference: the first test shards (1,000 images each; ~4 img/s/core)
-        inception_n=500,          # Inception FID of every main arm: the first N of its first PC set (None: all;
-                                  # ~4 images/s per CPU core at 299x299) ...
-        inception_pooled_seeds=1, # ... and of the whole pooled set (N = fid_n_pooled) for these seeds of (a) / best (b)
-        pc_steps=None,            # sampling.num_steps of the config
-        ode_rtol=1e-3,
-        ode_seeds=1,              # PF-ODE samples (~12 CPU-min per arm at N 1,000) for seed 0 of (a) and best (b)
-        train_grid_samples=16,    # samples.png at the end of each training run
-    ),
-    "quick": dict(
-        base_steps=6, finetune_steps=3, finetune_lr=5e-4, ckpt_every=3, alphas=(0.05, 0.15, 0.5), seeds=2,
-        digit_images=4000, fpe_max_samples=8, fpe_num_times=4, bpd_max_samples=4, bpd_rtol=1e-2, bpd_batch=4,
-        fid_n=64, fid_n_main=64, pc_steps=4, ode_rtol=1e-2, ode_seeds=2, train_grid_samples=4,
-        fid_n_pooled=96, inception_ref_shards=1, inception_n=None, inception_pooled_seeds=1,
-    ),
-}
-STAGES = ("data", "digits", "base", "arms", "metrics", "report")
+STAGES = ("data", "digits", "base", "gate", "arms", "metrics", "report")
 CONFIG = ROOT / "configs" / "fpe_study.yaml"
-NO_INCEPTION = "not measured: no offline Inception file"
 T0 = time.time()
 
 
@@ -91,354 +62,421 @@ def read_json(path: Path):
         return None
 
 
-def write_json(path: Path, obj) -> None:
-    from pipeline.atomic import atomic_write_json
-    atomic_write_json(path, obj)
-
-
-def ref_count(path: Path):
-    """Images behind a reference-statistics .npz (None when it is not there)."""
-    import numpy as np
-    try:
-        with np.load(path) as z:
-            return int(z["n"])
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def fpdiff(args: list, log: Path) -> None:
-    """``python -m pipeline.cli ARGS`` with its output in LOG; a failure raises with the log's tail."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pipeline.cli", *map(str, args)]
-    with open(log, "a") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n")
-        fh.flush()
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise SystemExit(f"fpe_study: `fpdiff {args[0]} {args[1] if len(args) > 1 else ''}` exited {rc}; "
-                         f"log {log}:\n{tail}")
-
-
 class Study:
     def __init__(self, a):
         import yaml
 
-        self.a = a
-        self.scale = dict(SCALE["quick" if a.quick else "full"])
+        self.a, self.quick = a, a.quick
+        self.scale = SCALE["quick" if a.quick else "full"]
         self.work, self.out = Path(a.work).resolve(), Path(a.out).resolve()
         self.cfg = yaml.safe_load(CONFIG.read_text())
-        self.batch = int(self.cfg["training"]["batch_size"])
-        self.data_dir = self.work / "data"
-        self.digit_net = self.work / "digit_net.pt"
-        self.ref = self.work / "ref_digit_test.npz"
+        self.data_dir, self.base = self.work / "data", self.work / "arms" / "base"
+        self.digit_net, self.ref = self.out / "digit_net.pt", self.work / "ref_digit_test.npz"
         self.inception = Path(a.inception).resolve() if a.inception else None
         self.ref_inception = self.work / "ref_inception_test.npz"
-        self.skipped = self.done = 0
+        self.proto = protocol(self.scale, self.cfg)
+        self.lw = bool(self.cfg["training"].get("likelihood_weighting", False))
+        self.done = self.skipped = 0
+        self.lock = threading.Lock()
 
-    # ------------------------------------------------------------------ helpers
+    @property
+    def sde(self):
+        from pipeline.config import load_config
+        from pipeline.sde import build_sde
+        return build_sde(load_config(str(CONFIG)).sde)
+
+    # ------------------------------------------------------------------ paths, files, commands
+    def rel(self, p: Path | str) -> str:
+        """A path as committed files hold it: relative to the repository root, else WORK/..., OUT/...,
+        else its name."""
+        p = Path(p).resolve()
+        for base, label in ((ROOT, ""), (self.work, "WORK"), (self.out, "OUT")):
+            if p == base or base in p.parents:
+                r = p.relative_to(base)
+                return str(Path(label) / r) if label else str(r)
+        return p.name
+
+    def arg(self, p: Path) -> str:
+        """A path as commands get it: relative to the repository root (their working directory) when under it."""
+        p = Path(p).resolve()
+        return str(p.relative_to(ROOT)) if ROOT in p.parents else str(p)
+
+    def portable(self, obj):
+        """``obj`` with every absolute path in its strings made relative (``rel``), also inside KEY=PATH."""
+        if isinstance(obj, dict):
+            return {k: self.portable(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.portable(v) for v in obj]
+        if isinstance(obj, Path):
+            return self.rel(obj)
+        if isinstance(obj, str) and "/" in obj:
+            return re.sub(r"(?<![\w.~])/[^\s:,'\"]+", lambda m: self.rel(m.group(0)), obj)
+        return obj
+
+    def write(self, path: Path, obj, what: str) -> None:
+        from pipeline.atomic import atomic_write_json
+        atomic_write_json(path, self.portable(obj))
+        with self.lock:
+            self.done += 1
+        self.commit([path], what)
+
+    def commit(self, paths: list[Path], what: str) -> None:
+        if not self.a.commit:
+            return
+        with self.lock:  # one git index: --jobs commit one at a time
+            self._commit(paths, what)
+
+    def _commit(self, paths: list[Path], what: str) -> None:
+        top = subprocess.run(["git", "-C", str(self.out), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+        if top.returncode:
+            raise SystemExit(f"fpe_study: --commit: {self.out} is not in a git work tree")
+        files, repo = [str(p) for p in paths], top.stdout.strip()
+        subprocess.run(["git", "-C", repo, "add", "--", *files], check=True)
+        if subprocess.run(["git", "-C", repo, "diff", "--cached", "--quiet", "--", *files]).returncode:
+            subprocess.run(["git", "-C", repo, "commit", "-q", "-m", f"fpe_study: {what}", "--only", "--", *files],
+                           check=True)
+
+    def skip(self, what: str) -> None:
+        with self.lock:
+            self.skipped += 1
+        say(f"skip {what} (done)")
+
+    def parallel(self, fn, items: list) -> None:
+        """fn(*item) for every item, --jobs at a time (each a chain of fpdiff subprocesses)."""
+        if self.a.jobs <= 1:
+            for it in items:
+                fn(*it)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(self.a.jobs) as pool:
+            list(pool.map(lambda it: fn(*it), items))
+
+    def fpdiff(self, args: list, log: str) -> None:
+        """fpdiff ARGS with its output in WORK/logs/LOG.log (a subprocess ``python -m pipeline.cli``, or
+        ``pipeline.cli.main`` in this process with --in-process); a failure stops the study."""
+        import contextlib
+
+        from pipeline.cli import main as fpdiff_main
+
+        path = self.work / "logs" / f"{log}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        args = [str(a) for a in args]
+        with open(path, "a") as fh:
+            fh.write(f"$ fpdiff {' '.join(args)}\n")
+            fh.flush()
+            if not self.a.in_process:
+                rc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, stdout=fh,
+                                    stderr=subprocess.STDOUT).returncode
+            else:
+                cwd = os.getcwd()
+                try:
+                    os.chdir(ROOT)
+                    with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                        rc = fpdiff_main(args)
+                except SystemExit as e:  # argparse errors
+                    rc = e.code if isinstance(e.code, int) else 2
+                finally:
+                    os.chdir(cwd)
+        if rc:
+            tail = "".join(path.read_text().splitlines(keepends=True)[-15:])
+            raise SystemExit(f"fpe_study: `fpdiff {' '.join(args[:2])}` exited {rc}; log {path}:\n{tail}")
+
     def shards(self, split: str) -> str:
+        """The data stage's shards, relative to the repository root when under it (as the base is started:
+        ``data.shards=runs/fpe_study/data/...``; a continuation compares the patterns)."""
         idx = read_json(self.data_dir / f"mnist-{split}.json")
         if not idx:
             raise SystemExit(f"fpe_study: no {split} shards in {self.data_dir}; run the 'data' stage")
-        return str(self.data_dir / idx["pattern"])
+        return self.arg(self.data_dir / idx["pattern"])
 
-    def test_shard_files(self, k: int) -> str:
-        """The first k test shards as a brace pattern (the Inception reference's subset)."""
-        files = sorted(self.data_dir.glob("mnist-test-*.tar"))[:k]
-        if not files:
-            raise SystemExit(f"fpe_study: no test shards in {self.data_dir}; run the 'data' stage")
-        return str(files[0]) if len(files) == 1 else str(self.data_dir / ("{" + ",".join(f.name for f in files) + "}"))
-
-    def skip(self, what: str, quiet: bool = False) -> None:
-        self.skipped += 1
-        if not quiet:
-            say(f"skip {what} (done)")
-
-    def parallel(self, fn, items) -> list:
-        """fn over items, --jobs at a time (each job is one fpdiff subprocess chain)."""
-        if self.a.jobs <= 1:
-            return [fn(*it) for it in items]
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(self.a.jobs) as pool:
-            return list(pool.map(lambda it: fn(*it), items))
-
-    def log(self, name: str) -> Path:
-        return self.work / "logs" / f"{name}.log"
-
-    # ------------------------------------------------------------------ stage 1
+    # ------------------------------------------------------------------ data, digits
     def stage_data(self) -> None:
         if all(read_json(self.data_dir / f"mnist-{s}.json") for s in ("train", "test")):
             return self.skip("data shards")
-        say(f"data: fpdiff data shards {self.a.data} -> {self.data_dir}")
-        fpdiff(["data", "shards", Path(self.a.data).resolve(), "--out", self.data_dir, "--name", "mnist"],
-               self.log("data"))
-        self.done += 1
+        say(f"data: fpdiff data shards -> {self.data_dir}")
+        self.fpdiff(["data", "shards", Path(self.a.data).resolve(), "--out", self.data_dir, "--name", "mnist"], "data")
 
-    # ------------------------------------------------------------------ stage 2
     def stage_digits(self) -> None:
         if self.digit_net.is_file() and read_json(self.out / "digit_net.json"):
             self.skip("digit net")
         else:
-            import numpy as np
-            import torch
-
-            from pipeline.atomic import atomic_path
-            from pipeline.eval.digits import train_digit_net
-            from pipeline.data.sources import load_source
-
-            say(f"digits: training the digit feature net on the training set ({self.scale['digit_images']} images seen)")
-            src = load_source(Path(self.a.data).resolve())
-            split = src.natural_split or {"train": np.arange(len(src)), "test": np.arange(0)}
-            arr = {f"{k}_{s}": v for s in ("train", "test")
-                   for k, v in (("x", np.stack([src.images[i][..., 0] for i in split[s]]) if len(split[s]) else
-                                 np.zeros((0, 28, 28), np.uint8)), ("y", src.labels[split[s]]))}
-            t0 = time.time()
-            torch.manual_seed(0)
-            net, acc = train_digit_net(arr, images_seen=self.scale["digit_images"], progress=False)
-            with atomic_path(self.digit_net) as tmp:
-                torch.jit.save(torch.jit.script(net), str(tmp))
-            write_json(self.out / "digit_net.json", {"test_accuracy": acc, "seconds": time.time() - t0,
-                                                     "images_seen": self.scale["digit_images"],
-                                                     "file": str(self.digit_net), "features": 128})
-            say(f"digits: test accuracy {acc:.4f}")
-            self.done += 1
-        refs = [(self.ref, self.digit_net, "digit net")]
+            say(f"digits: training the digit feature net ({self.scale['digit_images']} images seen)")
+            rec = report.train_digit_net_file(Path(self.a.data).resolve(), self.digit_net, self.scale["digit_images"])
+            self.write(self.out / "digit_net.json", {**rec, "file": self.digit_net}, "digit feature network")
+            self.commit([self.digit_net], "digit feature network (TorchScript)")
+        refs = [(self.ref, self.digit_net, self.shards("test"))]
         if self.inception:
-            refs.append((self.ref_inception, self.inception, "Inception"))
-        for ref, fe, what in refs:
-            if ref.is_file():
-                self.skip(f"reference statistics ({what})")
-                continue
-            say(f"digits: fpdiff eval ref-stats of the test set ({what})")
-            shards = self.shards("test") if fe is self.digit_net else self.test_shard_files(self.scale["inception_ref_shards"])
-            fpdiff(["eval", "ref-stats", "--shards", shards, "--feature-extractor", fe,
-                    "--channels", "1", "--out", ref, "--no-progress", "--keep-features", "10000"], self.log(ref.stem))
-            self.done += 1
+            files = sorted(self.data_dir.glob("mnist-test-*.tar"))[: self.scale["inception_ref_shards"]]
+            refs.append((self.ref_inception, self.inception, "::".join(self.arg(f) for f in files)))
+        for ref, fe, shards in refs:
+            if not ref.is_file():
+                say(f"digits: fpdiff eval ref-stats ({fe.name})")
+                self.fpdiff(["eval", "ref-stats", "--shards", shards, "--feature-extractor", fe, "--channels", "1",
+                             "--out", ref, "--no-progress", "--keep-features", "10000"], ref.stem)
 
     # ------------------------------------------------------------------ training
-    def train(self, name: str, overrides: list[str], meta: dict) -> dict:
-        """One training run WORK/arms/NAME; its record OUT/arms/NAME.json."""
-        rec_path, run = self.out / "arms" / f"{name}.json", self.work / "arms" / name
-        rec = read_json(rec_path)
-        if rec and (run / "export" / "ema.safetensors").is_file():
-            self.skip(f"train {name}")
-            return rec
-        summary = read_json(run / "summary.json")
-        if not (summary and (run / "export" / "ema.safetensors").is_file()):
-            ckpts = sorted((run / "checkpoints").glob("step_*")) if (run / "checkpoints").is_dir() else []
-            resume = ["--resume", "auto"] if ckpts else (["--overwrite"] if run.exists() else [])
-            say(f"train {name}: {' '.join(overrides)}" + (" (resuming)" if ckpts else ""))
-            fpdiff(["train", "--config", CONFIG, "--run-dir", run, "--no-progress", *resume,
-                    f"data.shards={self.shards('train')}", f"data.test_shards={self.shards('test')}",
-                    f"training.ckpt_every={self.scale['ckpt_every']}", "training.keep_last=1",
-                    f"sampling.num_samples={self.scale['train_grid_samples']}",
-                    *([f"sampling.num_steps={self.scale['pc_steps']}"] if self.scale["pc_steps"] else []),
-                    *overrides], self.log(f"train_{name}"))
-            summary = read_json(run / "summary.json")
-            self.done += 1
-            resumed = bool(ckpts)
-        else:
-            resumed = False
-        s_per_step = self.batch / summary["images_per_s"]
-        rec = {"arm": name, **meta, "overrides": overrides, "steps": summary["steps"],
-               "seconds_per_step": s_per_step, "wall_s": s_per_step * summary["steps"],
-               "seconds_this_process": summary["seconds"], "resumed": resumed, "final_loss": summary["final_loss"],
-               "batch_size": self.batch, "threads": os.environ.get("OMP_NUM_THREADS", ""),
-               "jobs_side_by_side": self.a.jobs, "export": str(run / "export")}
-        write_json(rec_path, rec)
-        say(f"train {name}: {summary['steps']} steps, {s_per_step:.3f} s/step")
-        return rec
-
-    def fpe_knobs(self, denominator: int) -> list[str]:
-        """The fraction 1/denominator of each batch as fpe.subsample (+ fpe.every below one sample a step)."""
-        if denominator == 1:
-            return ["fpe.subsample=1.0", "fpe.every=1"]
-        k = self.batch / denominator
-        if k >= 1:
-            return [f"fpe.subsample={int(round(k))}", "fpe.every=1"]
-        return ["fpe.subsample=1", f"fpe.every={int(round(1 / k))}"]
-
-    def ft_overrides(self, seed: int) -> list[str]:
+    def train_args(self, run: Path, overrides: list[str], config: Path = CONFIG) -> list:
+        ckpts = list((run / "checkpoints").glob("step_*")) if (run / "checkpoints").is_dir() else []
+        resume = ["--resume", "auto"] if ckpts else (["--overwrite"] if run.exists() else [])
         s = self.scale
-        return [f"training.init_from={self.work / 'arms' / 'base'}", f"training.n_steps={s['finetune_steps']}",
-                f"training.seed={seed}", *([f"training.lr={s['finetune_lr']}"] if s["finetune_lr"] else [])]
+        return ["train", "--config", config, "--run-dir", run, "--no-progress", *resume,
+                f"data.shards={self.shards('train')}", f"data.test_shards={self.shards('test')}",
+                *(s["model"] if config == CONFIG else []),
+                f"sampling.num_samples={s['train_grid_samples']}",
+                *([f"sampling.num_steps={s['pc_steps']}"] if s["pc_steps"] else []), *overrides]
 
-    def arm_dsm(self, seed: int) -> dict:
-        return self.train(f"dsm_s{seed}", self.ft_overrides(seed) + ["fpe.enabled=false"],
-                          {"group": "dsm", "alpha": 0.0, "subsample": None, "seed": seed})
+    def train_record(self, run: Path, extra: dict) -> dict:
+        import torch
 
-    def arm_fpe(self, alpha: float, den: int, seed: int) -> dict:
-        return self.train(f"fpe_a{alpha:g}_sub{den}_s{seed}",
-                          self.ft_overrides(seed) + ["fpe.enabled=true", f"fpe.alpha={alpha:g}", *self.fpe_knobs(den)],
-                          {"group": f"fpe_a{alpha:g}_sub{den}", "alpha": alpha, "subsample": f"1/{den}", "seed": seed})
+        summary = read_json(run / "summary.json") or {}
+        batch = self.proto["batch_size"]
+        return {**extra, "final_step": summary.get("steps"), "final_loss": summary.get("final_loss"),
+                "seconds_per_step": batch / summary["images_per_s"] if summary.get("images_per_s") else None,
+                "threads": os.environ.get("OMP_NUM_THREADS") or f"unset ({os.cpu_count()} cores)",
+                "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                "ran_with": "in process" if self.a.in_process else "one interpreter per command",
+                "jobs_side_by_side": self.a.jobs}
 
-    # ------------------------------------------------------------------ stages 3, 4
+    def base_target(self) -> int:
+        import yaml
+        saved = self.base / "config.yaml"
+        cfg = yaml.safe_load(saved.read_text()) if saved.is_file() else self.cfg
+        return int(self.scale["base_steps"] or cfg["training"]["n_steps"])
+
+    def base_step(self) -> int:
+        from pipeline.rundir import RunDir, checkpoint_step
+        last = RunDir(self.base).latest_checkpoint()
+        return checkpoint_step(last) if last is not None else -1
+
     def stage_base(self) -> None:
-        s = self.scale
-        self.train("base", ["fpe.enabled=false", *([f"training.n_steps={s['base_steps']}"] if s["base_steps"] else [])],
-                   {"group": "base", "alpha": 0.0, "subsample": None, "seed": 0})
+        saved = self.out / "base"
+        restored = self.base_step() < 0 and (saved / "base.json").is_file()
+        if restored:  # (its files are as new as the checkout: no other process is training it)
+            report.restore_base(saved, self.base)
+            say(f"base: restored step {self.base_step()} from {self.rel(saved)}")
+        finished = read_json(self.base / "summary.json") and (self.base / "export" / "ema.safetensors").is_file()
+        if self.a.save_base:  # an unfinished base's newest checkpoint, committed so any machine resumes it
+            self.save_base(saved)
+            return
+        if finished or self.base_step() >= self.base_target():
+            self.skip(f"base (step {self.base_step()})")
+        else:
+            if not restored:
+                self.check_base_idle()
+            say(f"base: training to step {self.base_target()}" + (" (resuming)" if self.base_step() >= 0 else ""))
+            own = self.base / "config.yaml"
+            keep = ["training.keep_last=2", f"training.ckpt_every={self.scale['ckpt_every']}"] if self.quick else []
+            steps = [f"training.n_steps={self.scale['base_steps']}"] if self.scale["base_steps"] else []
+            self.fpdiff(self.train_args(self.base, ["fpe.enabled=false", *keep, *steps],
+                                        own if own.is_file() and self.base_step() >= 0 else CONFIG), "train_base")
+        self.save_base(saved)
 
-    def best_alpha(self) -> float:
-        path = self.out / "best_alpha.json"
-        rec = read_json(path)
-        if rec:
-            return rec["alpha"]
-        res = {}
-        for alpha in self.scale["alphas"]:
-            arm = f"fpe_a{alpha:g}_sub64_s0"
-            res[f"{alpha:g}"] = self.metric(arm, "fpe")["value"]
-        best = min(res, key=res.get)
-        write_json(path, {"alpha": float(best), "rule": "lowest mean FPE residual (fpdiff eval fpe, mean over the "
-                          "t-grid) of the seed-0 arms at the 1/64 subsample", "mean_residual": res})
-        say(f"best alpha {best} by the mean FPE residual: {res}")
-        return float(best)
+    def save_base(self, saved: Path) -> None:
+        """Copy the base's newest checkpoint to OUT/base/ unless the copy there is as new (a partial
+        base committed on one day is replaced by the finished one later)."""
+        rec = read_json(saved / "base.json")
+        if rec and rec["step"] >= self.base_step():
+            return
+        for old in saved.glob("step_*"):
+            shutil.rmtree(old)
+        rec = report.save_base(self.base, saved, self.portable)
+        self.done += 1
+        self.commit([saved], f"base checkpoint (step {rec['step']})")
+
+    def check_base_idle(self, minutes: float = 15.0) -> None:
+        """Stop rather than resume a base that another process may still be training (no lock exists)."""
+        logs = [p for p in (self.base / "metrics.jsonl", self.base / "summary.txt") if p.is_file()]
+        logs += list((self.base / "checkpoints").glob("step_*")) if (self.base / "checkpoints").is_dir() else []
+        age = time.time() - max((p.stat().st_mtime for p in logs), default=0.0)
+        if age < minutes * 60 and not self.a.resume_base:
+            raise SystemExit(f"fpe_study: the base {self.rel(self.base)} is unfinished and was written {age:.0f}s ago: "
+                             "another process may be training it; rerun when it finished, or pass --resume-base")
+
+    def arm_name(self, arm: str, seed: int) -> str:
+        return f"{arm}_s{seed}"
+
+    def all_arms(self) -> list[tuple[str, int]]:
+        return [(k, s) for k, arm in self.proto["arms"].items() for s in arm["seeds"]]
+
+    def base_config(self) -> Path:
+        """The base's own config.yaml: every arm continues it with only the objective and seed changed."""
+        import yaml
+
+        own = self.base / "config.yaml"
+        if not own.is_file():
+            raise SystemExit(f"fpe_study: no base run in {self.rel(self.base)}; run the 'base' stage")
+        tc = yaml.safe_load(own.read_text())["training"]
+        for key, want in (("batch_size", self.proto["batch_size"]), ("likelihood_weighting", self.lw)):
+            if tc.get(key, False) != want:
+                raise SystemExit(f"fpe_study: the base's training.{key} is {tc.get(key)}, the protocol's {want} "
+                                 f"({self.rel(CONFIG)}); the protocol must describe the base its arms continue")
+        return own
 
     def stage_arms(self) -> None:
-        n = self.scale["seeds"]
-        self.parallel(lambda f, *a: f(*a), [(self.arm_dsm, seed) for seed in range(n)] +
-                      [(self.arm_fpe, alpha, 64, 0) for alpha in self.scale["alphas"]])
-        best = self.best_alpha()
-        self.parallel(self.arm_fpe, [(best, 64, seed) for seed in range(1, n)] + [(best, den, 0) for den in (1, 8)])
+        self.base_config()  # checked once, before any arm starts
+        self.parallel(self.train_arm, self.all_arms())
 
-    def arm_names(self) -> list[str]:
-        """Every arm of the study (base first); the best alpha must be known."""
-        n, best = self.scale["seeds"], self.best_alpha()
-        names = ["base"] + [f"dsm_s{i}" for i in range(n)] + [f"fpe_a{a:g}_sub64_s0" for a in self.scale["alphas"]]
-        names += [f"fpe_a{best:g}_sub64_s{i}" for i in range(1, n)] + [f"fpe_a{best:g}_sub{d}_s0" for d in (1, 8)]
-        return names
+    def train_arm(self, arm: str, seed: int) -> None:
+        name = self.arm_name(arm, seed)
+        rec_path, run = self.out / "arms" / f"{name}.json", self.work / "arms" / name
+        if read_json(rec_path):
+            return self.skip(f"train {name}")
+        overrides = [f"training.init_from={self.arg(self.base)}", f"training.n_steps={self.proto['finetune_steps']}",
+                     f"training.seed={seed}", f"training.ckpt_every={self.scale['ckpt_every']}",
+                     "training.keep_last=1", *self.proto["arms"][arm]["overrides"]]
+        if not (run / "export" / "ema.safetensors").is_file():
+            say(f"train {name}: {' '.join(overrides[2:])}")
+            self.fpdiff(self.train_args(run, overrides, self.base_config()), f"train_{name}")
+        self.write(rec_path, self.train_record(run, {"arm": arm, "seed": seed, "overrides": overrides,
+                                                     "finetune_steps": self.proto["finetune_steps"]}),
+                   f"arm {name} trained")
 
-    def main_arms(self) -> list[str]:
-        best = self.best_alpha()
-        return [f"dsm_s{i}" for i in range(self.scale["seeds"])] + \
-               [f"fpe_a{best:g}_sub64_s{i}" for i in range(self.scale["seeds"])]
+    # ------------------------------------------------------------------ metrics
+    def metric_args(self, metric: str, weights: Path, feats: Path, fid_n: int) -> list:
+        s, test = self.scale, self.shards("test")
+        steps = [f"sampling.num_steps={s['pc_steps']}"] if s["pc_steps"] else []
+        common = ["--seed", EVAL_SEED, "--no-progress"]
+        if s["ode_tol"]:
+            steps += [f"sampling.rtol={s['ode_tol']}", f"sampling.atol={s['ode_tol']}"]
+        if metric == "bpd":
+            return ["eval", "bpd", weights, "--shards", test, "--max-samples", s["bpd_n"], "--rtol", s["bpd_tol"],
+                    "--atol", s["bpd_tol"], "--batch-size", s["bpd_batch"], *common]
+        if metric == "fpe":
+            return ["eval", "fpe", weights, "--shards", test, "--max-samples", s["fpe_n"], "--num-times", s["fpe_times"],
+                    *common]
+        if metric == "conservativity":
+            return ["eval", "conservativity", weights, "--shards", test, "--max-samples", s["cons_n"],
+                    "--num-buckets", s["cons_buckets"], *common]
+        if metric in ("fid_pc", "fid_ode"):
+            kind = metric[4:]
+            return ["eval", "fid", weights, "--num-samples", fid_n if kind == "pc" else s["ode_n"], "--sampler", kind,
+                    "--feature-extractor", self.digit_net, "--ref-stats", self.ref, "--save-features",
+                    feats / f"{kind}.npy", "--grid", feats / f"grid_{kind}.png", *common, *steps,
+                    *(["--save-samples", feats / "samples_pc"] if kind == "pc" else [])]
+        if metric == "fid_inception":
+            return ["eval", "fid", weights, "--from-samples", feats / "samples_pc", "--feature-extractor", self.inception,
+                    "--ref-stats", self.ref_inception, *common,
+                    *(["--num-samples", s["inception_n"]] if s["inception_n"] else [])]
+        raise ValueError(metric)
 
-    # ------------------------------------------------------------------ stage 5
-    def metric(self, arm: str, metric: str, quiet: bool = False) -> dict:
-        """OUT/metrics/ARM/METRIC.json, computed by fpdiff's command when missing."""
-        path = self.out / "metrics" / arm / f"{metric}.json"
+    def metric(self, path: Path, metric: str, weights: Path, feats: Path, fid_n: int) -> dict:
+        """PATH (METRIC.json under OUT) by fpdiff's command, or derived from what it saved; skipped when done."""
         rec = read_json(path)
         if rec and "value" in rec:
-            self.skip(f"{metric} of {arm}", quiet)
+            self.skip(f"{metric} of {self.rel(path.parent)}")
             return rec
-        export = self.work / "arms" / arm / "export"
-        if not (export / "ema.safetensors").is_file():
-            raise SystemExit(f"fpe_study: arm {arm} has no export ({export}); run the 'base'/'arms' stages")
-        s, feats = self.scale, self.work / "features" / arm
-        say(f"metric {metric} of {arm}")
-        if metric == "fpe":
-            args = ["eval", "fpe", export, "--shards", self.shards("test"), "--max-samples", s["fpe_max_samples"],
-                    "--num-times", s["fpe_num_times"]]
-        elif metric == "bpd":
-            args = ["eval", "bpd", export, "--shards", self.shards("test"), "--max-samples", s["bpd_max_samples"],
-                    "--rtol", s["bpd_rtol"], "--atol", s["bpd_rtol"], "--batch-size", s["bpd_batch"]]
-        elif metric in ("fid_pc_pooled", "fid_inception_pc", "fid_inception_pooled"):  # saved PC samples, scored again
-            dirs = [feats / "samples_pc"]
-            if metric != "fid_inception_pc":
-                self.metric(arm, "fid_pc_more", quiet=True)
-                dirs.append(feats / "samples_pc_more")
-            fe, ref = (self.inception, self.ref_inception) if "inception" in metric else (self.digit_net, self.ref)
-            args = ["eval", "fid", export, "--from-samples", *dirs, "--feature-extractor", fe, "--ref-stats", ref]
-            if metric == "fid_pc_pooled":
-                args += ["--save-features", feats / "pc_pooled.npy"]
-            elif metric == "fid_inception_pc" and s["inception_n"]:
-                args += ["--num-samples", s["inception_n"]]
-        elif metric in ("fid_pc", "fid_ode", "fid_pc_more"):
-            sampler = "ode" if metric == "fid_ode" else "pc"
-            n = s["fid_n_main"] if arm in self.main_arms() else s["fid_n"]
-            seed = 0
-            if metric == "fid_pc_more":  # the second set: another seed, topping the first up to fid_n_pooled
-                n, seed = max(s["fid_n_pooled"] - self.metric(arm, "fid_pc", quiet=True)["N"], 1), 1
-            fe, ref = self.digit_net, self.ref
-            args = ["eval", "fid", export, "--num-samples", n, "--sampler", sampler, "--feature-extractor", fe,
-                    "--ref-stats", ref, "--seed", seed]
-            if metric != "fid_pc_more":
-                args += ["--save-features", feats / f"{sampler}.npy", "--grid", feats / f"grid_{sampler}.png"]
-            if metric == "fid_pc":
-                args += ["--save-samples", feats / "samples_pc"]
-            if metric == "fid_pc_more":
-                args += ["--save-samples", feats / "samples_pc_more"]
-            args += ["sampling.rtol=%g" % s["ode_rtol"], "sampling.atol=%g" % s["ode_rtol"]]
-            if s["pc_steps"]:
-                args.append(f"sampling.num_steps={s['pc_steps']}")
-        elif metric == "legibility":
-            return self._derived(path, arm, lambda: report.legibility(self.digit_net, feats / "samples_pc"), ["fid_pc"])
-        elif metric == "legibility_pooled":
-            return self._derived(path, arm, lambda: report.legibility(
-                self.digit_net, feats / "samples_pc", feats / "samples_pc_more"), ["fid_pc", "fid_pc_more"])
+        say(f"{metric} of {self.rel(path.parent)}")
+        if metric == "legibility":
+            self.artifact(feats / "samples_pc", "fid_pc", weights, feats, fid_n)
+            rec = {"metric": metric, **report.legibility(self.digit_net, feats / "samples_pc")}
         elif metric == "ode_pc":
-            return self._derived(path, arm, lambda: report.ode_pc_gap(feats / "pc.npy", feats / "ode.npy"),
-                                 ["fid_pc", "fid_ode"])
+            for name, m in (("pc.npy", "fid_pc"), ("ode.npy", "fid_ode")):
+                self.artifact(feats / name, m, weights, feats, fid_n)
+            rec = {"metric": metric, **report.ode_pc_gap(feats / "pc.npy", feats / "ode.npy")}
         else:
-            raise ValueError(metric)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        fpdiff(args + ["--out", tmp, "--no-progress"], self.log(f"{metric}_{arm}"))
-        rec = read_json(tmp)
-        rec["arm"] = arm
-        write_json(path, rec)
-        tmp.unlink(missing_ok=True)
-        self.done += 1
+            if metric == "fid_inception":
+                self.artifact(feats / "samples_pc", "fid_pc", weights, feats, fid_n)
+            scratch = self.work / "scratch" / f"{path.parent.name}_{metric}.json"
+            self.fpdiff(self.metric_args(metric, weights, feats, fid_n) + ["--out", scratch], f"{metric}_{path.parent.name}")
+            rec = read_json(scratch)
+            if metric == "fpe":
+                rec.update(report.g2_weighted(rec, self.sde))
+        rec["weights"] = weights
+        self.write(path, rec, f"{metric} of {self.rel(path.parent)}")
         return rec
 
-    def _derived(self, path: Path, arm: str, compute, needs: list[str]) -> dict:
-        for m in needs:
-            self.metric(arm, m, quiet=True)
-        rec = {"metric": path.stem, "arm": arm, **compute()}
-        write_json(path, rec)
-        self.done += 1
-        return rec
+    def artifact(self, file: Path, metric: str, weights: Path, feats: Path, fid_n: int) -> None:
+        """What a derived metric reads (saved samples or features): made again by the same command
+        (same seed, same samples) when this machine lacks it; the committed JSON is left as it is."""
+        if file.exists():
+            return
+        say(f"re-making {self.rel(file)} ({metric}, seed {EVAL_SEED})")
+        self.fpdiff(self.metric_args(metric, weights, feats, fid_n) + ["--out", self.work / "scratch" / f"remake_{feats.name}.json"],
+                    f"remake_{feats.name}")
+
+    def arm_metrics(self, arm: str) -> list[str]:
+        extra = ["fid_inception"] if self.inception and arm in ("a", "b") else []
+        return ["fid_pc", "legibility", *extra, "fid_ode", "ode_pc", "bpd", "fpe", "conservativity"]
 
     def stage_metrics(self) -> None:
-        main = self.main_arms()
+        self.parallel(self.measure_arm, self.all_arms())
 
-        def one_arm(arm):
-            for m in ("fpe", "bpd", "fid_pc", "legibility", "fid_pc_pooled", "legibility_pooled"):
-                self.metric(arm, m)
-            if arm in main and int(arm.rsplit("_s", 1)[1]) < self.scale["ode_seeds"]:
-                self.metric(arm, "ode_pc")  # runs fid_ode as well
-            if arm in main and self.inception:
-                self.metric(arm, "fid_inception_pc")
-                if int(arm.rsplit("_s", 1)[1]) < self.scale["inception_pooled_seeds"]:
-                    self.metric(arm, "fid_inception_pooled")
-        self.parallel(one_arm, [(arm,) for arm in self.arm_names()])
+    def measure_arm(self, arm: str, seed: int) -> None:
+        name = self.arm_name(arm, seed)
+        weights = self.work / "arms" / name / "export"
+        if not read_json(self.out / "arms" / f"{name}.json"):
+            raise SystemExit(f"fpe_study: arm {name} is not trained; run the 'arms' stage")
+        for m in self.arm_metrics(arm):
+            done = read_json(self.out / "metrics" / name / f"{m}.json")
+            if not (done and "value" in done) and not (weights / "ema.safetensors").is_file():
+                raise SystemExit(f"fpe_study: {m} of {name} needs {weights}, which this machine lacks; "
+                                 f"retrain the arm (delete {self.rel(self.out / 'arms' / (name + '.json'))})")
+            self.metric(self.out / "metrics" / name / f"{m}.json", m, weights, self.work / "features" / name,
+                        self.scale["fid_n"])
 
-    # ------------------------------------------------------------------ stage 6
+    def stage_gate(self) -> None:
+        from pipeline.rundir import RunDir, checkpoint_step
+
+        steps_file = self.out / "gate" / "steps.json"
+        steps = (read_json(steps_file) or {}).get("steps")
+        if not steps:
+            ckpts = RunDir(self.base).list_checkpoints()[-2:]
+            if len(ckpts) < 2 or checkpoint_step(ckpts[-1]) < self.base_target():
+                say("gate: not measured (the base's last two checkpoints are not on this machine)")
+                return
+            steps = [checkpoint_step(c) for c in ckpts]
+            self.write(steps_file, {"steps": steps}, "gate checkpoints")
+        for step in steps:
+            ck = self.base / "checkpoints" / f"step_{step:08d}"
+            folder, feats = self.out / "gate" / f"step_{step:08d}", self.work / "features" / f"gate_{step}"
+            for m in ("bpd", "fid_pc", "legibility"):
+                if "value" not in (read_json(folder / f"{m}.json") or {}) and not ck.is_dir():
+                    say(f"gate: {m} of step {step} not measured ({self.rel(ck)} is not on this machine)")
+                    continue
+                self.metric(folder / f"{m}.json", m, ck, feats, self.scale["gate_fid_n"])
+
+    # ------------------------------------------------------------------ report
     def stage_report(self) -> None:
-        arms = {n: read_json(self.out / "arms" / f"{n}.json") for n in self.arm_names()}
-        metrics = {n: {p.stem: read_json(p) for p in sorted((self.out / "metrics" / n).glob("*.json"))}
-                   for n in arms}
-        for m in metrics.values():  # the table's FID and legibility: the pooled set where it exists
-            for key in ("fid_pc", "legibility"):
-                if f"{key}_pooled" in m:
-                    m[f"{key}_first_set"], m[key] = m[key], m[f"{key}_pooled"]
-        for n in metrics:
-            if "fid_inception_pc" not in metrics[n] and n in self.main_arms():
-                metrics[n]["fid_inception_pc"] = {"status": NO_INCEPTION}
-        setup = {"mode": "quick" if self.a.quick else "full", "scale": self.scale, "config": str(CONFIG.relative_to(ROOT)),
-                 "data": str(self.a.data), "batch_size": self.batch, "threads": os.environ.get("OMP_NUM_THREADS", ""),
-                 "jobs": self.a.jobs, "digit_net": read_json(self.out / "digit_net.json"), "best_alpha": read_json(self.out / "best_alpha.json"),
-                 "main_arms": self.main_arms(), "inception": str(self.inception) if self.inception else NO_INCEPTION,
-                 "inception_ref_images": ref_count(self.ref_inception) if self.inception else None}
-        report.write_report(self.out, setup, arms, metrics, grids={n: self.work / "features" / n / "grid_pc.png"
-                                                                   for n in arms})
-        say(f"report: {self.out / 'report.md'}")
+        names = [self.arm_name(a, s) for a, s in self.all_arms()]
+        arms = {n: read_json(self.out / "arms" / f"{n}.json") for n in names}
+        metrics = {n: {p.stem: read_json(p) for p in sorted((self.out / "metrics" / n).glob("*.json"))} for n in names}
+        gate = {p.name: {m.stem: read_json(m) for m in sorted(p.glob("*.json"))}
+                for p in sorted((self.out / "gate").glob("step_*"))}
+        setup = {"mode": "quick" if self.quick else "full", "scale": self.scale, "config": self.rel(CONFIG),
+                 "data": self.rel(self.a.data), "digit_net": read_json(self.out / "digit_net.json"),
+                 "base": read_json(self.out / "base" / "base.json"), "inception": self.rel(self.inception)
+                 if self.inception else None, "ref_inception_images": report.ref_count(self.ref_inception)
+                 if self.inception else None, "eval_seed": EVAL_SEED}
+        grids = {n: self.work / "features" / n / "grid_pc.png" for n in names}
+        written = report.write_report(self.out, self.proto, setup, arms, metrics, gate, grids, self.portable,
+                                      self.arm_name, self.arm_metrics)
+        self.commit(written, "report")
+        say(f"report: {self.rel(self.out / 'report.md')}")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="keras-style .npz (x_train/y_train/x_test/y_test) or MNIST IDX folder")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="keras-style .npz (x_train/y_train/x_test/y_test)")
     p.add_argument("--work", default=None, help="runs, shards, samples (default runs/fpe_study[_quick])")
-    p.add_argument("--out", default=None, help="JSON results, table, plots, report "
-                   "(default benchmarks/results/fpe_study[_quick])")
+    p.add_argument("--out", default=None, help="the committed results (default benchmarks/results/fpe_study[_quick])")
     p.add_argument("--quick", action="store_true", help="every stage with tiny steps and N (a test)")
-    p.add_argument("--inception", default=None, help="TorchScript Inception with clean-fid's extractor interface "
-                   "(float (B,3,299,299) in [0,255] -> 2048 features); without it Inception FID is not measured")
+    p.add_argument("--inception", default=None, help="TorchScript Inception (clean-fid's extractor interface: float "
+                   "(B,3,299,299) in [0,255] -> 2048 features); without it Inception FID is not measured")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    p.add_argument("--jobs", type=int, default=1, help="fpdiff commands run at once (default 1; more than 1 "
-                   "distorts the s/step of the arms trained side by side)")
+    p.add_argument("--in-process", action="store_true", help="run the fpdiff commands in this process instead "
+                   "of one interpreter each (saves the start-up of every command; the default with --quick)")
+    p.add_argument("--subprocess", action="store_true", help="with --quick: one interpreter per command all the same")
+    p.add_argument("--jobs", type=int, default=1, help="arms trained / measured side by side (subprocesses; "
+                   "with OMP_NUM_THREADS=1, one per core; every arm's s/step is then measured side by side)")
+    p.add_argument("--commit", action="store_true", help="git-commit each finished result under --out as it lands")
+    p.add_argument("--save-base", action="store_true", help="with --stages base: copy the base's newest checkpoint "
+                   "to OUT/base/ (to commit an unfinished base) and train nothing")
+    p.add_argument("--resume-base", action="store_true", help="resume an unfinished base even if it was written "
+                   "in the last 15 minutes (by default the study waits for a base another process may be training)")
     a = p.parse_args(argv)
+    if a.jobs > 1 and a.in_process:
+        p.error("--jobs: more than one job needs a subprocess per command (not --in-process)")
+    a.in_process = (a.in_process or a.quick) and not a.subprocess and a.jobs <= 1
     suffix = "_quick" if a.quick else ""
     a.work = a.work or str(ROOT / "runs" / f"fpe_study{suffix}")
     a.out = a.out or str(ROOT / "benchmarks" / "results" / f"fpe_study{suffix}")
@@ -447,13 +485,19 @@ def main(argv=None) -> int:
     if a.inception and not Path(a.inception).is_file():
         p.error(f"--inception: {a.inception} is not a file")
     st = Study(a)
-    say(f"fpe study ({'quick' if a.quick else 'full'}): work {st.work}, out {st.out}, "
+    old = read_json(st.out / "protocol.json")
+    if old is not None and old != json.loads(json.dumps(st.portable(st.proto))):
+        p.error(f"--out: {st.rel(st.out / 'protocol.json')} holds another protocol; its results are not comparable "
+                "with this one's (move them away first)")
+    if old is None:
+        st.write(st.out / "protocol.json", st.proto, "protocol, fixed before any arm runs")
+    say(f"fpe study ({'quick' if a.quick else 'full'}): work {st.rel(st.work)}, out {st.rel(st.out)}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     for stage in STAGES:
         if stage in a.stages:
             say(f"stage {stage}")
             getattr(st, f"stage_{stage}")()
-    say(f"done: {st.done} steps computed, {st.skipped} skipped (already on disk)")
+    say(f"done: {st.done} results written, {st.skipped} skipped (already on disk)")
     return 0
 
 

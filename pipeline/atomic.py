@@ -31,6 +31,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shared_mode(path: Path, mode: int) -> None:
+    """``mode`` less the umask: mkstemp / mkdtemp make private (0600 / 0700) files; the file or folder
+    they become is shared like any other the user writes (colleagues on a cluster read the shards)."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(dest, *, fsync: bool = False) -> Iterator[Path]:
     """A fresh temporary path beside ``dest`` (same filesystem, hidden, ending in dest's own
@@ -44,6 +56,7 @@ def atomic_path(dest, *, fsync: bool = False) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        shared_mode(tmp, 0o666)
         if fsync:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -87,7 +100,7 @@ def atomic_directory(dest, *, staging=None, fsync: bool = False) -> Iterator[Pat
     dest.parent.mkdir(parents=True, exist_ok=True)
     if staging is None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder it becomes is not
+        shared_mode(tmp, 0o777)
     else:
         tmp = Path(staging)
         tmp.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.cliargs import nearest
 from pipeline.status import EXIT_BAD_CONFIG
 
 USAGE = """usage: fpdiff <command> [options]
@@ -17,37 +18,50 @@ commands:
   demo          train a tiny VP model on 5,000 real MNIST digits (CPU, a few minutes), write samples + summary
   train         train from a YAML config (one process; use `accelerate launch -m pipeline.train` for many)
   data shards   write WebDataset tar shards from MNIST / an image folder / .npz / CIFAR-10 pickles
-  eval          evaluate a run: fid | bpd | ref-stats | fpe
+  eval          evaluate a run: fid | bpd | ref-stats | fpe | conservativity
   sample        draw samples (PNG grid + .npz) from a trained run with its EMA weights; inpainting,
                 class-conditional sampling
   classifier    train a time-dependent classifier on a run's data (for `sample --class-label`)
   push          upload a run's exported EMA weights, config and model card to the Hugging Face Hub
   import        import score-sde CHECKPOINT --config NAME --out RUN_DIR: a score_sde / FP-Diffusion
                 checkpoint as an fpdiff run directory (sample, eval, push, fine-tune from it)
+  config show   every config key with its value, type and meaning ([--config FILE] [KEY])
 
 `fpdiff <command> --help` shows each command's options.
 """
 
 
+COMMANDS = ("demo", "train", "data", "eval", "sample", "classifier", "push", "import", "config")
+
+
 def _dispatch(cmd: str, argv: list[str]) -> int:
     if cmd == "data":
         if not argv or argv[0] != "shards":
-            print("usage: fpdiff data shards [options]   (see fpdiff data shards --help)", file=sys.stderr)
-            return EXIT_BAD_CONFIG
+            asked = bool(argv) and argv[0] in ("-h", "--help")
+            hint = " (did you mean shards?)" if argv and not asked and nearest(argv[0], ["shards"]) else ""
+            print(f"usage: fpdiff data shards SOURCE --out DIR [--name NAME] [options]   "
+                  f"(see fpdiff data shards --help){hint}", file=sys.stdout if asked else sys.stderr)
+            return 0 if asked else EXIT_BAD_CONFIG
         argv = argv[1:]
     if cmd == "train":
         from pipeline.app import train_main
         return train_main(argv)
+    if cmd == "config":
+        from pipeline.config_doc import config_main
+        return config_main(argv)
     if cmd == "import":
         from pipeline.publish.score_sde_import import import_main
         return import_main(argv)
     stages = {"demo": "pipeline.demo", "data": "pipeline.data", "eval": "pipeline.eval",
               "sample": "pipeline.sample", "push": "pipeline.publish", "classifier": "pipeline.classifier"}
     if cmd not in stages:
-        print(f"fpdiff: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        close = nearest(cmd, COMMANDS)
+        print(f"fpdiff: unknown command {cmd!r}" + (f"; did you mean {close}?" if close else "")
+              + f"\n\n{USAGE}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     import importlib
     return importlib.import_module(stages[cmd]).main(argv)
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -58,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import __version__
         print(__version__)
         return 0
-    return int(_dispatch(argv[0], argv[1:]) or 0)
+    from pipeline.quiet import quiet_third_party
+    quiet_third_party()
+    try:
+        return int(_dispatch(argv[0], argv[1:]) or 0)
+    except KeyboardInterrupt:  # every file is written atomically: nothing half-written is left
+        print(f"\nfpdiff {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

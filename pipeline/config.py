@@ -7,6 +7,7 @@ one line naming the key path (``ConfigError``), before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,9 +109,15 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     resampled: bool = False
+    # bounds on what a small shard may make the reader allocate: a tar member (a 1.5 MB gzip shard can
+    # hold a 1.5 GB one) and a decoded image (a 15 KB PNG can be 11000 x 11000); larger ones are skipped
+    max_member_bytes: int = 64 << 20
+    max_image_pixels: int = 4096 * 4096
 
     def validate(self, path: str) -> None:
         _positive(self.image_size, f"{path}.image_size")
+        _positive(self.max_member_bytes, f"{path}.max_member_bytes")
+        _positive(self.max_image_pixels, f"{path}.max_image_pixels")
         if self.num_channels not in (1, 3, 4):
             raise ConfigError(f"{path}.num_channels: must be 1, 3 or 4, got {self.num_channels}")
         if self.num_workers < 0:
@@ -306,7 +313,9 @@ class HubConfig:
     private: bool = True
     max_retries: int = 5
     retry_backoff: float = 2.0  # seconds before the first retry; doubles each time (max 60 s)
-    endpoint: str = ""  # empty: huggingface_hub's default (HF_ENDPOINT or https://huggingface.co)
+    # empty: huggingface_hub's default (HF_ENDPOINT or https://huggingface.co); taken only from the
+    # command line (hub.endpoint=URL), never from a file: the Hub token goes where it points
+    endpoint: str = ""
 
     def validate(self, path: str) -> None:
         if self.push_every < 0:
@@ -332,6 +341,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    # "export": written into an export by fpdiff (``exported_config``); such a config, like any out of a
+    # run dir or the Hub, gets the saved-config rules (``apply_saved_config_rules``) in every command
+    provenance: Literal["user", "export"] = "user"
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -364,7 +376,33 @@ def _positive(value, path: str) -> None:
         raise ConfigError(f"{path}: must be > 0, got {value}")
 
 
-def _type_name(tp) -> str:
+MAX_SHOWN = 200  # characters of a value shown in a message (an alias bomb expands to gigabytes)
+
+
+def short_repr(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters; a huge nested value is not spelled out first."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > 16:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = value if isinstance(value, str) else repr(value)
+    if isinstance(value, (list, tuple, dict)) and len(text) > limit:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` of a float option: NaN and infinity are refused like in a config."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {short_repr(text)}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -374,6 +412,8 @@ def _coerce(value: Any, tp, path: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value}")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -388,33 +428,33 @@ def _coerce(value: Any, tp, path: str) -> Any:
                 return _coerce(value, a, path)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{path}: expected {type_name(tp)}, got {type(value).__name__} {short_repr(value)}")
     if origin is Literal:
         if isinstance(value, bool):  # YAML 1.1 reads a bare `no` / `off` as false
             spelled = [a for a in (("no", "off", "false") if not value else ("yes", "on", "true")) if a in args]
             value = spelled[0] if spelled else value
         if value not in args:
-            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {short_repr(value)}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {short_repr(value)}")
         return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {short_repr(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {short_repr(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {short_repr(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {short_repr(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
@@ -430,7 +470,7 @@ def _build(cls, data: Any, path: str):
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        key_path = f"{path}.{key}" if path else str(key)
+        key_path = f"{path}.{short_repr(key)}" if path else short_repr(key)
         if key not in names:
             raise ConfigError(f"{key_path}: unknown key (known: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(value, hints[key], key_path)
@@ -469,8 +509,16 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply dotted overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                trusted: bool | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides, validate.
+
+    A config file that came out of fpdiff (``provenance: export``, or ``looks_saved``: in an
+    export, a run dir, the Hub cache) gets the saved-config rules unless ``trusted``; a
+    ``hub.endpoint`` read from any file is dropped (the Hub token goes only to an endpoint from
+    the environment, HF_ENDPOINT, or the command line)."""
+    import sys
+
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -479,43 +527,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             tree = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML ({short_repr(str(e).splitlines()[0])})") from None
         if tree is None:  # an empty file would silently train the CIFAR-10 defaults
             raise ConfigError(f"{p}: empty config file")
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
-    for key, value in parse_overrides(overrides):
+    given = parse_overrides(overrides)
+    for key, value in given:
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
     cfg.validate()
+    overridden = {key for key, _ in given}
+    from pipeline.saved_config import EXPORT_PROVENANCE, apply_saved_config_rules, looks_saved
+
+    if path is not None and not trusted and (cfg.provenance == EXPORT_PROVENANCE or looks_saved(path)):
+        apply_saved_config_rules(cfg, path, overridden, keep_local_paths=cfg.provenance != EXPORT_PROVENANCE)
+    if path is not None and cfg.hub.endpoint and "hub.endpoint" not in overridden:
+        print(f"[fpdiff] warning: {p}: hub.endpoint is not read from a file (the Hub token goes only to an "
+              f"endpoint from HF_ENDPOINT or the command line: hub.endpoint=URL)", file=sys.stderr, flush=True)
+        cfg.hub.endpoint = ""
     return cfg
 
 
-# keys whose value may be a ``pipe:`` URL, i.e. a shell command run to read the shards
-SHELL_URL_KEYS = ("data.shards", "data.test_shards", "data.index")
+def load_saved_config(path: str | Path, overrides: list[str] | None = None, *,
+                      keep_local_paths: bool | None = None) -> Config:
+    """``load_config`` for the config.yaml of a run dir or an export: ``apply_saved_config_rules``
+    (keys given again as ``overrides`` are kept). A run dir's own config keeps its local paths
+    unless it is marked as exported (``provenance: export``)."""
+    from pipeline.saved_config import EXPORT_PROVENANCE, apply_saved_config_rules
 
-
-def strip_shell_urls(cfg: Config, origin: str | Path, overridden: typing.Iterable[str] = ()) -> Config:
-    """Blank the ``pipe:`` URLs of a config read out of a run dir or an export (which may have been
-    downloaded): shell commands come only from the person typing the command (``overridden``
-    keys) or their own config file. Each one blanked is named on stderr."""
-    import sys
-
-    for key in SHELL_URL_KEYS:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if key not in overridden and "pipe:" in value:
-            setattr(getattr(cfg, section), name, "")
-            print(f"[fpdiff] warning: {origin}: {key} is a pipe: URL (a shell command), not run from a saved "
-                  f"config; pass the shards on the command line", file=sys.stderr, flush=True)
-    return cfg
-
-
-def load_saved_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """``load_config`` for the config.yaml of a run dir or an export: its ``pipe:`` URLs are dropped
-    (``strip_shell_urls``) unless given again as ``overrides``."""
-    cfg = load_config(path, overrides)
-    return strip_shell_urls(cfg, path, {key for key, _ in parse_overrides(overrides)})
+    cfg = load_config(path, overrides, trusted=True)
+    if keep_local_paths is None:
+        keep_local_paths = cfg.provenance != EXPORT_PROVENANCE
+    return apply_saved_config_rules(cfg, path, {key for key, _ in parse_overrides(overrides)},
+                                    keep_local_paths=keep_local_paths)
 
 
 def config_from_dict(tree: dict) -> Config:

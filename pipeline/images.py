@@ -46,6 +46,15 @@ def make_grid(images_u8: torch.Tensor, nrow: int | None = None, pad: int = 2) ->
     return grid
 
 
+def label_columns(labels) -> int | None:
+    """Columns of a grid of class-conditional samples drawn for the labels 0..K-1 in turn: K, so
+    each row reads 0..K-1 (None for other labels, or none)."""
+    if labels is None or len(labels) == 0:
+        return None
+    k = int(max(labels)) + 1
+    return k if [int(v) for v in labels] == [i % k for i in range(len(labels))] else None
+
+
 def save_grid(x: torch.Tensor, path: str | Path, centered: bool, nrow: int | None = None) -> Path:
     grid = make_grid(to_uint8(x.detach().float(), centered), nrow)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)

@@ -92,12 +92,14 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *,
                    rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
                    generator: Optional[torch.Generator] = None,
                    error_norm: Literal["per_sample", "global"] = "per_sample",
-                   probe: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                   probe: Optional[torch.Tensor] = None,
+                   callback: Optional[Callable[[torch.Tensor], None]] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """log p_eps(x) in nats per sample through the probability-flow ODE.
 
     Returns (logp (B,), z = x(T), nfe), nfe = ODE right-hand-side evaluations (each one
     score evaluation plus one vector–Jacobian product; D of them with ``"exact"``).
-    ``probe`` (shape of x) overrides the probe drawn from ``generator``.
+    ``probe`` (shape of x) overrides the probe drawn from ``generator``. ``callback(t)`` is
+    called with the integrator's times after every step (a progress bar).
     """
     if hutchinson not in ("rademacher", "gaussian", "exact"):
         raise ValueError(f"log_likelihood: unknown hutchinson {hutchinson!r} (rademacher, gaussian, exact)")
@@ -130,7 +132,7 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *,
 
     y0 = torch.cat([x.detach().reshape(B, -1), torch.zeros(B, 1, device=x.device, dtype=x.dtype)], dim=1)
     with torch.no_grad():
-        y1, nfe = odeint_adaptive(rhs, y0, eps, sde.T, rtol, atol, error_norm=error_norm)
+        y1, nfe = odeint_adaptive(rhs, y0, eps, sde.T, rtol, atol, error_norm=error_norm, callback=callback)
     z = y1[:, :D].reshape(shape)
     delta = y1[:, D]
     logp = sde.prior_logp(z) + delta

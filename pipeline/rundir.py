@@ -12,9 +12,11 @@ name of this layout::
                                     card), samples.png: what is pushed (``pipeline.publish``)
         metrics.jsonl               training metrics, one JSON object a line; wandb_run_id.txt, wandb/
         eval/                       metrics.jsonl (in-training evaluation), <metric>-step<S>.json
-        samples.png, samples.npz    the final samples; samples/ (grids during training, ``fpdiff sample``)
+        samples.png, samples.npz    the final samples; samples/ (grids during training; sample-NNN/: one
+                                    ``fpdiff sample`` call each)
         summary.json, summary.txt   the end of training (and one line per ``fpdiff eval``)
         STOP                        asks a running trainer to checkpoint and exit
+        .lock                       the pid of the process training into it (``RunLock``)
         classifier/                 ``fpdiff classifier``;  imported/: ``fpdiff import``
         init_from.json              a fine-tune's source and what it continued (``training.init_from``)
 
@@ -25,15 +27,20 @@ config, its run); ``load_for_eval`` builds the EMA model from it. Uses ``pipelin
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, NamedTuple, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import shared_mode
 from pipeline.config import ConfigError, load_saved_config
 from pipeline.models import build_model
 
@@ -48,6 +55,7 @@ MODEL_CARD = "README.md"
 EXPORT_FILES = (EMA_WEIGHTS, CONFIG, EXPORT_METRICS, MODEL_CARD)
 SAMPLES_PNG = "samples.png"
 STEP_PREFIX = "step_"
+LOCK_FILE = ".lock"  # held by the process training into the run (``RunLock``)
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -111,6 +119,19 @@ class RunDir:
     def samples_dir(self) -> Path:
         return self.path / "samples"
 
+    def new_samples_folder(self) -> Path:
+        """A new, empty ``samples/sample-NNN`` (the next free number) for one ``fpdiff sample`` call."""
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        taken = [int(p.name[7:]) for p in self.samples_dir.glob("sample-*") if p.name[7:].isdigit()]
+        n = max(taken, default=0) + 1
+        while True:
+            folder = self.samples_dir / f"sample-{n:03d}"
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:  # another call took it meanwhile
+                n += 1
+
     def sample_grid(self, step: int) -> Path:
         return self.samples_dir / f"{STEP_PREFIX}{step:08d}.png"
 
@@ -155,6 +176,8 @@ class RunDir:
     def check_free(self, resume: Optional[str], overwrite: bool) -> None:
         """Refuse to start a fresh run over an earlier one: its checkpoints would count as newer,
         its metrics be cut and its export replaced by a different model."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path}: the run dir is a file, not a folder; choose another --run-dir")
         if resume or overwrite:
             return
         found = [p.name for p in (self.checkpoints, self.export, self.metrics_log) if p.exists()]
@@ -255,8 +278,9 @@ def find_weights(path, *, prefer_export: bool = False, need_config: bool = True)
     if prefer_export and run.find_export() == run.export:
         return Weights(run.export / EMA_WEIGHTS, run.export / CONFIG, run)
     if (p / EMA_WEIGHTS).is_file():
-        if (p / CONFIG).is_file():  # an export folder
-            return Weights(p / EMA_WEIGHTS, p / CONFIG, _run_of_export(p))
+        if (p / CONFIG).is_file():  # an export folder; a run's own is described by the run's config
+            owner = _run_of_export(p)
+            return Weights(p / EMA_WEIGHTS, owner.config if owner and owner.config.is_file() else p / CONFIG, owner)
         owner = RunDir(p.parents[1]) if len(p.parents) > 1 else None
         if p.parent.name == run.checkpoints.name and owner is not None and owner.config.is_file():
             return Weights(p / EMA_WEIGHTS, owner.config, owner)
@@ -267,7 +291,7 @@ def find_weights(path, *, prefer_export: bool = False, need_config: bool = True)
     if ckpt is not None and (ckpt / EMA_WEIGHTS).is_file() and (run.config.is_file() or not need_config):
         return Weights(ckpt / EMA_WEIGHTS, run.config if run.config.is_file() else None, run)
     if not prefer_export and (run.export / EMA_WEIGHTS).is_file():
-        return Weights(run.export / EMA_WEIGHTS, run.export / CONFIG, run)
+        return Weights(run.export / EMA_WEIGHTS, run.config if run.config.is_file() else run.export / CONFIG, run)
     if prefer_export:
         raise FileNotFoundError(f"no {EMA_WEIGHTS} in {p} (nor its export/ or checkpoints/)")
     raise FileNotFoundError(f"{p}: no checkpoints/{STEP_PREFIX}*/{EMA_WEIGHTS} (with {CONFIG}) "
@@ -275,6 +299,17 @@ def find_weights(path, *, prefer_export: bool = False, need_config: bool = True)
 
 
 # ============================================================================ weight files
+def write_errors() -> tuple:
+    """What writing a weights file raises on a full disk, a quota or a lost mount: OSError from
+    Python, RuntimeError from torch.save, SafetensorError from safetensors."""
+    return (OSError, RuntimeError, SafetensorError)
+
+
+def write_error_text(e: BaseException) -> str:
+    """One line for ``write_errors()``: the OS's reason when there is one."""
+    text = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {text[:200]}"
+
 def cpu_tensors(state_dict: Mapping) -> dict:
     """A state dict as contiguous CPU tensors that own their memory (safetensors refuses tensors
     that share storage); entries that are not tensors are left out."""
@@ -286,17 +321,30 @@ def save_weights(path, state_dict: Mapping, metadata: Optional[dict] = None) -> 
     """``state_dict`` as a safetensors file. Not atomic on its own: written into a staging folder
     (``pipeline.atomic.atomic_directory``) by every caller."""
     save_file(cpu_tensors(state_dict), str(path), metadata=metadata)
+    shared_mode(path, 0o666)  # safetensors writes 0600
     return Path(path)
 
 
+def check_finite(state: Mapping, source: str) -> Mapping:
+    """``state`` unchanged; a one-line ConfigError naming ``source`` when a float tensor in it holds
+    NaN or infinity (bytes corrupted inside the data of a file that still parses, a diverged run)."""
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(f"{source}: weights are not finite ({len(bad)} tensors hold NaN or infinity, "
+                          f"e.g. {str(bad[0])[:100]})")
+    return state
+
+
 def read_weights(path) -> dict:
-    """A safetensors file on CPU; an unreadable one (truncated, not safetensors) is a one-line
-    ConfigError naming it."""
+    """A safetensors file on CPU; an unreadable one (truncated, not safetensors) or one holding
+    non-finite values is a one-line ConfigError naming it."""
     try:
-        return load_file(str(path), device="cpu")
+        state = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - truncated or not a safetensors file
         raise ConfigError(f"{path}: unreadable weights file ({type(e).__name__}: "
                           f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    return check_finite(state, str(path))
 
 
 def _clean_keys(state: Mapping) -> dict:
@@ -323,7 +371,22 @@ def load_state_into(model, state: Mapping, *, source: str = "weights") -> None:
         raise ValueError(f"{source}: weights do not match the model built from its config "
                          f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
                          f"e.g. {unexpected[:3]})")
+    wrong = [k for k, v in own.items() if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        k = wrong[0]
+        raise ConfigError(f"{source}: weights do not match the model built from its config ({len(wrong)} of another "
+                         f"shape, e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model)")
     model.load_state_dict(state, strict=True)
+
+
+def require_test_shards(cfg, given: Optional[str], *, command: str, flag: str = "--shards") -> str:
+    """The test shards a command reads: ``given`` (its ``flag``) or the run's ``data.test_shards``.
+    Never the training shards: a run without test shards is refused in one line."""
+    spec = given or cfg.data.test_shards
+    if not spec:
+        raise ConfigError(f"{command}: needs test data, and this run has none (data.test_shards is empty); "
+                          f"pass {flag}{'' if flag.endswith('=') else ' '}PATTERN (e.g. the data.test_shards=... line of `fpdiff data shards`)")
+    return spec
 
 
 def load_for_eval(source, device="cpu", overrides: Optional[list[str]] = None):
@@ -336,3 +399,59 @@ def load_for_eval(source, device="cpu", overrides: Optional[list[str]] = None):
     load_state_into(model, read_weights(weights.file), source=str(weights.file))
     model.to(device).eval().requires_grad_(False)
     return model, cfg, weights.step
+
+
+# ============================================================================ one writer per run
+class RunLock:
+    """An exclusive lock on a run dir (``RUN/.lock``, flock, holding the writer's pid), held for a
+    training run: a second writer is refused with one line; a lock left by a process that died is
+    taken over with one line. ``release()`` (or the holder's exit) frees it."""
+
+    def __init__(self, run_dir):
+        self.path = RunDir(run_dir).path / LOCK_FILE
+        self._fh = None
+
+    def acquire(self) -> "RunLock":
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fh = open(self.path, "a+")
+            except OSError as e:  # a file in the way, a read-only filesystem, no permission
+                raise ConfigError(f"{self.path.parent}: cannot write the run dir here "
+                                  f"({e.strerror or type(e).__name__}: {e.filename})") from None
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "?"
+                fh.close()
+                raise ConfigError(f"{self.path.parent}: another process (pid {holder}) is training into this run "
+                                  f"dir; wait for it, stop it, or choose another --run-dir") from None
+            # the file may have been released and removed between our open and our lock: lock the one on disk
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()
+        fh.seek(0)
+        stale = fh.read().strip()
+        if stale and stale != str(os.getpid()):
+            print(f"[fpdiff] {self.path}: taking over the lock of process {stale}, which is no longer running",
+                  file=sys.stderr, flush=True)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no one else can be holding it
+            self._fh.close()
+            self._fh = None
+
+    def __del__(self):
+        self.release()

@@ -221,8 +221,9 @@ def ode_sample(score_fn: ScoreFn, sde: SDE, shape, *, rtol: float = 1e-5, atol: 
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=round(sde.T - eps, 6), desc="sampling ode", dynamic_ncols=True, leave=False,
-                   bar_format="{l_bar}{bar}| t={postfix}")
+        # the bar runs over the time still to integrate, T down to eps: its ETA assumes steps even in t
+        bar = tqdm(total=round(sde.T - eps, 6), desc=f"sampling ode, {shape[0]} samples", dynamic_ncols=True,
+                   leave=False, bar_format="{l_bar}{bar}| t={postfix} [{elapsed}<{remaining}]")
 
         def callback(t: torch.Tensor) -> None:
             tmax = float(t.max())

@@ -160,6 +160,8 @@ def test_sample_cli_samples_and_inpaints(tmp_path, capsys):
     assert (imgs[..., 4:] != orig[..., 4:]).any()  # the hidden half was generated
     rec = json.loads((out / "inpaint.json").read_text())
     assert rec["mask"] == "left" and rec["num_samples"] == 6 and rec["mse_hidden"] > 0
+    hidden = masks == 0  # the MSE is that of the saved (clipped) images, up to their 8-bit rounding
+    assert rec["mse_hidden"] == pytest.approx(((imgs / 255.0 - orig / 255.0) ** 2)[hidden].mean(), abs=5e-3)
     from PIL import Image
     assert Image.open(out / "inpaint.png").size[0] > 3 * 8 * 4  # originals, masked, filled side by side
 

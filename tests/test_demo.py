@@ -53,7 +53,8 @@ def test_demo_draws_legible_digits(mnist_shards, tmp_path, digit_judge):
     assert summary["steps"] > 0 and summary["fpe_steps"] > 0 and summary["fpe_residual_by_t"] is not None
 
     from PIL import Image
-    assert Image.open(run_dir / "samples.png").size == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 grid, 2-pixel gaps
+    # rows of the digits 0-9 (10 columns, 7 rows for 64), 2-pixel gaps
+    assert Image.open(run_dir / "samples.png").size == (10 * 30 + 2, 7 * 30 + 2)
     drawn = np.load(run_dir / "samples.npz")
     samples, labels = drawn["images"], drawn["labels"]
     assert samples.shape == (64, 1, 28, 28) and samples.dtype == np.uint8

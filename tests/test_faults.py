@@ -123,7 +123,9 @@ def test_failed_start_writes_nothing(run_copy, tmp_path, capsys):
     run_dir, overrides = run_copy
     saved = (run_dir / "config.yaml").read_bytes()
     assert run_train(run_dir, overrides + ["model.nf=32"], "--resume", "auto") == EXIT_BAD_CONFIG
-    assert "does not fit the model" in one_line_error(capsys)
+    assert "model.nf: 16 in" in one_line_error(capsys)  # refused before anything loads (exact resume)
+    assert run_train(run_dir, overrides + ["model.nf=32"], "--resume", "auto", "--force") == EXIT_BAD_CONFIG
+    assert "does not fit the model" in one_line_error(capsys)  # forced: the checkpoint itself refuses it
     assert (run_dir / "config.yaml").read_bytes() == saved
 
 
@@ -185,8 +187,9 @@ def test_eval_runs_no_pipe_url_from_a_saved_config(run_copy, tmp_path, capsys):
     export = tmp_path / "download" / "snapshot"
     shutil.copytree(run_dir / "export", export)
     config = (export / "config.yaml").read_text()
-    assert config.count(test_shard) == 1
-    (export / "config.yaml").write_text(config.replace(test_shard, f"'pipe:touch {marker}; cat {test_shard}'"))
+    assert config.count("test_shards: ''") == 1  # an export names no data (issue 26); a tampered one
+    (export / "config.yaml").write_text(config.replace("test_shards: ''",
+                                                       f"test_shards: 'pipe:touch {marker}; cat {test_shard}'"))
     out = tmp_path / "fpe.json"
     assert run_eval("fpe", str(export), "--out", str(out), *FPE_EVAL) == EXIT_BAD_CONFIG
     assert not marker.exists() and not out.exists()
@@ -197,15 +200,16 @@ def test_eval_runs_no_pipe_url_from_a_saved_config(run_copy, tmp_path, capsys):
 
 
 def test_eval_of_an_export_on_its_own_writes_only_to_out(run_copy, tmp_path, capsys):
-    run_dir, _ = run_copy
+    run_dir, overrides = run_copy
+    shards = ["--shards", overrides[1].split("=", 1)[1]]  # an export names no data (issue 26)
     cache = tmp_path / "cache"
     shutil.copytree(run_dir / "export", cache / "snapshot")
     before = sorted(cache.rglob("*"))
-    assert run_eval("fpe", str(cache / "snapshot"), *FPE_EVAL) == EXIT_BAD_CONFIG
+    assert run_eval("fpe", str(cache / "snapshot"), *shards, *FPE_EVAL) == EXIT_BAD_CONFIG
     assert "--out" in capsys.readouterr().err
     assert sorted(cache.rglob("*")) == before
     out = tmp_path / "results" / "fpe.json"
-    assert run_eval("fpe", str(cache / "snapshot"), "--out", str(out), *FPE_EVAL) == 0
+    assert run_eval("fpe", str(cache / "snapshot"), "--out", str(out), *shards, *FPE_EVAL) == 0
     assert out.is_file() and sorted(cache.rglob("*")) == before
     # a run's own export still writes into the run
     assert run_eval("fpe", str(run_dir / "export"), *FPE_EVAL) == 0

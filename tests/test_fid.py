@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.eval_fixtures import (EVAL_WORKER, ROOT, TINY_OVERRIDES, build_extractor, clean_env, make_export,
-                                    random_ref, run_eval, write_test_shards)
+from helpers.eval_fixtures import (EVAL_WORKER, ROOT, TINY_OVERRIDES, TinyExtractor, build_extractor, clean_env,
+                                    make_export, random_ref, run_eval, write_test_shards)
 from ports import free_port
 
 
@@ -237,3 +237,42 @@ def test_cli_offline_two_processes_one_line_no_hang(tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if "fpdiff eval: error:" in ln]
     assert len(errors) == 1 and "inception-2015-12-05.pt" in errors[0], r.stderr[-3000:]
     assert not (tmp_path / "out").exists() and not (tmp_path / "run" / "summary.txt").exists()
+
+
+def test_fid_refuses_reference_statistics_of_another_extractor_or_image_size(tmp_path):
+    """`ref-stats` records its feature network (sha256) and image size; `eval fid` with another
+    network or on another image size stops in one line naming both, and writes no result."""
+    shards = write_test_shards(tmp_path / "shards", sizes=(6,))  # 8x8 digits
+    fe = build_extractor(tmp_path / "fe.pt")
+    other = TinyExtractor()
+    with torch.no_grad():
+        other.conv.bias.add_(1.0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(other).save(str(tmp_path / "other.pt"))
+    worker, env = EVAL_WORKER, clean_env()
+    ref = tmp_path / "ref.npz"
+    run_eval(worker, ["ref-stats", "--shards", shards, "--channels", "1", "--feature-extractor", str(fe),
+                      "--out", str(ref), "--no-progress"], 1, env)
+    z = np.load(ref)
+    assert str(z["meta_image_size"]) == "8x8" and str(z["meta_feature_extractor_id"]).startswith("sha256:")
+
+    def fid(export, extractor, out):
+        cmd = [sys.executable, str(worker), "fid", str(export), "--feature-extractor", str(extractor),
+               "--ref-stats", str(ref), "--num-samples", "4", "--no-progress", "--out", str(out)]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    export8 = make_export(tmp_path / "run8")
+    r = fid(export8, fe, tmp_path / "ok.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "ok.json").read_text())["value"] >= 0
+    r = fid(export8, tmp_path / "other.pt", tmp_path / "other.json")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert f"made with feature extractor {fe} on 8x8 images, this evaluation uses {tmp_path / 'other.pt'} on 8x8" in err[0]
+    export16 = make_export(tmp_path / "run16", ["data.image_size=16"])
+    r = fid(export16, fe, tmp_path / "size.json")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "on 8x8 images" in err[0] and f"uses {fe} on 16x16 images" in err[0]
+    assert not (tmp_path / "other.json").exists() and not (tmp_path / "size.json").exists()

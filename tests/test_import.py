@@ -17,37 +17,7 @@ from pipeline.rundir import load_for_eval
 from pipeline.models import build_model
 from pipeline.publish.score_sde_import import SCORE_SDE_CONFIGS, fpdiff_config
 
-# reduced width / resolution / depth with each config's layout pattern (embedding, FIR, pyramids)
-SMALL = {"cifar10": ["model.nf=8", "data.image_size=16", "model.num_res_blocks=1"],
-         "256": ["model.nf=8", "data.image_size=32", "model.ch_mult=[1,1,2,2,2]", "model.num_res_blocks=1"],
-         "1024": ["model.nf=4", "data.image_size=32", "model.ch_mult=[1,2,4,8,8]"]}
-
-
-def small_overrides(name: str) -> list[str]:
-    if "cifar10" in name:
-        return SMALL["cifar10"] + (["model.num_res_blocks=2"] if "deep" in name else [])
-    return SMALL["1024" if name in ("ve/ffhq_ncsnpp_continuous", "ve/celebahq_ncsnpp_continuous") else "256"]
-
-
-def write_checkpoint(path, cfg, seed=0, edit=None):
-    """A checkpoint file as score_sde's utils.save_checkpoint writes it; returns (model state,
-    EMA shadow list)."""
-    g = torch.Generator().manual_seed(seed)
-    state, trainable = ref.score_sde_state(cfg, g)
-    shadow = [state[k] + 0.01 * torch.randn(state[k].shape, generator=g) for k in trainable]
-    # score_sde's Adam over model.parameters() (the frozen Fourier W included, without state)
-    params = [k for k in state if k != "module.sigmas"]
-    opt = {"state": {i: {"step": torch.tensor(7.0), "exp_avg": 0.01 * torch.randn(state[k].shape, generator=g),
-                         "exp_avg_sq": 1e-4 * torch.rand(state[k].shape, generator=g)}
-                     for i, k in enumerate(params) if k in trainable},
-           "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0,
-                             "amsgrad": False, "params": list(range(len(params)))}]}
-    ckpt = {"optimizer": opt, "model": state, "ema": {"decay": 0.999, "num_updates": 7, "shadow_params": shadow},
-            "step": 7}
-    if edit:
-        edit(ckpt)
-    torch.save(ckpt, path)
-    return state, shadow
+from helpers.score_sde_ckpt import run_import, small_overrides, write_checkpoint
 
 
 def labels_for(cfg, b):
@@ -55,11 +25,6 @@ def labels_for(cfg, b):
     if cfg.sde.type == "ve":
         return cfg.sde.sigma_min * (cfg.sde.sigma_max / cfg.sde.sigma_min) ** u
     return 999.0 * u
-
-
-def run_import(tmp_path, name, ckpt, out="run", extra=()):
-    return cli(["import", "score-sde", str(ckpt), "--config", name, "--out", str(tmp_path / out),
-                *small_overrides(name), *extra])
 
 
 # --------------------------------------------------------------------------- full-size layouts
@@ -133,7 +98,7 @@ def test_imported_run_samples_and_initialises_finetuning(tmp_path):
     for (k, a), b in zip(ft.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
     assert cli(["sample", "--run-dir", str(run), "--num-samples", "2", "sampling.num_steps=3"]) == 0
-    assert (run / "samples" / "grid.png").is_file()
+    assert (run / "samples" / "sample-001" / "grid.png").is_file()  # a new folder each call
     info = (run / "imported" / "import.json").read_text()
     assert '"step": 7' in info and '"ema_decay": 0.999' in info
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import tarfile
 from pathlib import Path
 
@@ -10,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.sources import cifar10_batches, write_idx
 from pipeline.config import DataConfig
 from pipeline.data.loader import ShardLoader
 from pipeline.data.reader import decode_sample
 from pipeline.data.sources import ShardWriteError
-from pipeline.data.shards import ensure_mnist_shards, shards_main, verify_index, write_shards
+from pipeline.data.shards import default_set_name, ensure_mnist_shards, shards_main, verify_index, write_shards
 
 
 def _read_all(out_dir, index):
@@ -94,20 +94,7 @@ def test_image_folder(tmp_path):
 
 
 def test_cifar10_pickle_batches(tmp_path):
-    rng = np.random.default_rng(3)
-    d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
-    batches = {}
-    for name, n in (("data_batch_1", 6), ("data_batch_2", 4), ("test_batch", 5)):
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n).tolist()
-        with open(d / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                         b"filenames": [b"x.png"] * n}, f)
-        batches[name] = (data, labels)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    with open(d / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": names, b"num_vis": 3072}, f)
+    d, batches = cifar10_batches(tmp_path)
     res = write_shards(d, tmp_path / "o", "cifar10")  # keeps CIFAR's own split
     assert res["train"]["num_samples"] == 10 and res["test"]["num_samples"] == 5
     assert res["train"]["class_names"][9] == "truck" and res["train"]["image_size"] == 32
@@ -118,6 +105,27 @@ def test_cifar10_pickle_batches(tmp_path):
         i = int(k)
         assert np.array_equal(arr, all_x[i].reshape(3, 32, 32).transpose(1, 2, 0)) and lab == all_y[i]
     assert all(int(k) >= 10 for k in _read_all(tmp_path / "o", res["test"]))
+
+
+def test_cli_naming_rule_and_lines_to_paste(tmp_path, capsys):
+    """Files are NAME-train-000000.tar ... (NAME: --name, else the source's name without extension);
+    the printed lines name exactly those files, the test split under data.test_shards."""
+    d, _ = cifar10_batches(tmp_path)
+    assert shards_main([str(d), "--out", str(tmp_path / "default"), "--max-samples", "4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "default").glob("*.tar")) == [
+        "cifar-10-batches-py-test-000000.tar", "cifar-10-batches-py-test-000001.tar",
+        "cifar-10-batches-py-train-000000.tar", "cifar-10-batches-py-train-000001.tar",
+        "cifar-10-batches-py-train-000002.tar"]
+    capsys.readouterr()
+    assert shards_main([str(d), "--out", str(tmp_path / "c"), "--name", "cifar10", "--max-samples", "4"]) == 0
+    out = capsys.readouterr().out
+    train = f"{(tmp_path / 'c').resolve()}/cifar10-train-{{000000..000002}}.tar"
+    test = f"{(tmp_path / 'c').resolve()}/cifar10-test-{{000000..000001}}.tar"
+    assert f"  data.shards={train}\n" in out and f"  data.test_shards={test}\n" in out
+    assert out.splitlines()[-1].endswith(f"data.shards={train} data.test_shards={test}")
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.json")) == ["cifar10-test.json", "cifar10-train.json"]
+    assert default_set_name("data/cmnist.npz") == "cmnist" and default_set_name("mnist") == "mnist"
+    assert default_set_name("a/my.data.npz") == "my_data"
 
 
 def test_cli_and_mnist_reuse(tmp_path, capsys, mnist_shards):
@@ -138,13 +146,6 @@ def test_cli_and_mnist_reuse(tmp_path, capsys, mnist_shards):
     assert len(labels) == 500 and len(set(labels)) == 10
 
 
-def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
-    import gzip
-
-    header = bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
-    (gzip.open if gz else open)(path, "wb").write(header + arr.astype(np.uint8).tobytes())
-
-
 @pytest.mark.parametrize("form", ["npz", "idx", "idx.gz"])
 def test_own_train_test_split_is_kept(tmp_path, form):
     """keras' mnist.npz layout and the standard IDX files keep their split: every train image in
@@ -162,7 +163,7 @@ def test_own_train_test_split_is_kept(tmp_path, form):
         sfx = ".gz" if gz else ""
         for stem, a in (("train-images-idx3-ubyte", xtr), ("train-labels-idx1-ubyte", ytr),
                         ("t10k-images-idx3-ubyte", xte), ("t10k-labels-idx1-ubyte", yte)):
-            _write_idx(src / (stem + sfx), a, gz)
+            write_idx(src / (stem + sfx), a, gz)
     res = write_shards(src, tmp_path / "o", "m", max_samples=5)
     assert set(res) == {"train", "test"}
     assert (res["train"]["num_samples"], res["test"]["num_samples"]) == (13, 4)
@@ -177,12 +178,12 @@ def test_own_train_test_split_is_kept(tmp_path, form):
 def test_idx_missing_and_truncated_files_fail_in_one_line(tmp_path):
     src = tmp_path / "raw"
     src.mkdir()
-    _write_idx(src / "train-images-idx3-ubyte", np.zeros((3, 4, 4)), False)
+    write_idx(src / "train-images-idx3-ubyte", np.zeros((3, 4, 4)), False)
     with pytest.raises(ShardWriteError, match="missing train-labels-idx1-ubyte"):
         write_shards(src, tmp_path / "o", "m")
     for stem, a in (("train-labels-idx1-ubyte", np.zeros(3)), ("t10k-images-idx3-ubyte", np.zeros((2, 4, 4))),
                     ("t10k-labels-idx1-ubyte", np.zeros(2))):
-        _write_idx(src / stem, a, False)
+        write_idx(src / stem, a, False)
     p = src / "t10k-images-idx3-ubyte"
     p.write_bytes(p.read_bytes()[:-3])
     with pytest.raises(ShardWriteError, match="t10k-images-idx3-ubyte: header says"):

@@ -201,20 +201,49 @@ def test_first_host(nodelist):
 
 
 def test_pipeline_dry_run_chains_dependencies(tmp_path):
+    """--dry-run writes nothing and prints one sbatch line per job: one eval job per metric, each
+    with only the --eval-arg options its metric takes (--num-samples: fid, not bpd), overrides to
+    both; the push job depends on both and asks for no GPUs (one --gpus-per-node)."""
     r = _run([str(SLURM_DIR / "pipeline.sh"), "--dry-run", "--config", str(TINY), "--run-dir", str(tmp_path / "r"),
               "--nodes", "4", "--gpus-per-node", "8", "--metrics", "fid,bpd", "--eval-arg", "--num-samples",
-              "--eval-arg", "500", "--repo-id", "me/model", "--", "training.n_steps=9"], cwd=tmp_path)
+              "--eval-arg", "500", "--eval-arg", "--batch-size=10", "--eval-arg", "sampling.num_steps=5",
+              "--repo-id", "me/model", "--", "training.n_steps=9"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["DRYRUN_train", "DRYRUN_eval", "DRYRUN_push"]
+    assert r.stdout.split() == ["DRYRUN_train", "DRYRUN_eval_fid,DRYRUN_eval_bpd", "DRYRUN_push"]
+    assert list(tmp_path.iterdir()) == []  # nothing written, the run dir's slurm/ included
     lines = [shlex.split(ln) for ln in r.stderr.splitlines() if ln.startswith("sbatch ")]
-    train, ev, push = lines
+    train, fid, bpd, push = lines
     assert "--nodes=4" in train and "--gpus-per-node=8" in train and train[-2:] == [str(TINY), "training.n_steps=9"]
-    assert "--dependency=afterok:DRYRUN_train" in ev and ev[-4:] == ["slurm/eval.sbatch", "fid,bpd", "--num-samples", "500"]
-    assert "--dependency=afterok:DRYRUN_eval" in push
+    assert "--dependency=afterok:DRYRUN_train" in fid and "--dependency=afterok:DRYRUN_train" in bpd
+    assert fid[fid.index("slurm/eval.sbatch"):] == ["slurm/eval.sbatch", "fid", "--num-samples", "500",
+                                                     "--batch-size=10", "sampling.num_steps=5"]
+    assert bpd[bpd.index("slurm/eval.sbatch"):] == ["slurm/eval.sbatch", "bpd", "--batch-size=10", "sampling.num_steps=5"]
+    assert "--dependency=afterok:DRYRUN_eval_fid:DRYRUN_eval_bpd" in push
+    assert [a for a in push if a.startswith("--gpus-per-node")] == ["--gpus-per-node=0"]
     wrap = shlex.split(push[push.index("--wrap") + 1])
     assert wrap[-3:] == ["push", str(tmp_path / "r"), "me/model"]
     r = _run([str(SLURM_DIR / "pipeline.sh"), "--dry-run", "--config", str(TINY)], cwd=tmp_path)
     assert r.stdout.split()[2] == "none"  # no --repo-id: no push job
+    r = _run([str(SLURM_DIR / "pipeline.sh"), "--dry-run", "--config", str(TINY), "--metrics", "bpd",
+              "--eval-arg", "--num-samples", "--eval-arg", "5"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "pipeline.sh: error: --eval-arg --num-samples: no metric of --metrics bpd takes it")
+
+
+def test_pipeline_knows_each_metrics_options():
+    """pipeline.sh's table of the options of each metric is pipeline.eval's parser's."""
+    import argparse
+
+    from pipeline.eval.cli import build_parser
+
+    text = (SLURM_DIR / "pipeline.sh").read_text()
+    common = set(re.search(r'EVAL_COMMON_OPTS=" (.*?) "', text).group(1).split())
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for metric in ("fid", "bpd", "fpe"):
+        listed = common | set(re.search(rf'\[{metric}\]="\$EVAL_COMMON_OPTS (.*?) "', text).group(1).split())
+        parser = subparsers.choices[metric]
+        taken = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        assert listed == taken, metric
 
 
 # --------------------------------------------------------------------------- real Slurm

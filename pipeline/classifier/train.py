@@ -9,7 +9,6 @@ s + scale·∇x log p_t(y | x) (``pipeline.controllable.classifier_guided_score`
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, load_saved_config
+from pipeline.cliargs import ArgumentParser
+from pipeline.config import ConfigError, finite_float, load_saved_config
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.fpe import mean_by_t_bucket
 from pipeline.models.classifier import NoiseConditionalClassifier, input_scale, save_classifier
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, require_test_shards
 from pipeline.sde import SDE, build_sde
 from pipeline.status import EXIT_BAD_CONFIG
 
@@ -91,18 +91,19 @@ def train_classifier(cfg, out: Path, *, steps: int, batch_size: int, lr: float, 
 
 
 def classifier_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fpdiff classifier", description=(
+    p = ArgumentParser(prog="fpdiff classifier", description=(
         "Train a time-dependent classifier p_t(y|x_t) on a run's shards (for `fpdiff sample --class-label`)."))
     p.add_argument("--run-dir", required=True, help="run directory (its config.yaml gives data and SDE)")
     p.add_argument("--out", default=None, help="output folder (default RUN/classifier)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=2000, help="training steps")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--lr", type=finite_float, default=2e-3, help="Adam learning rate")
     p.add_argument("--nf", type=int, default=32, help="channels of the first block")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=10, help="classes (the shards' .cls labels lie in [0, K))")
     p.add_argument("--eval-samples", type=int, default=1000, help="test images for the accuracy report")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.shards=...")
     args = p.parse_args(argv)
     run = RunDir(args.run_dir)
@@ -110,6 +111,8 @@ def classifier_main(argv: list[str] | None = None) -> int:
         if not run.config.is_file():
             raise FileNotFoundError(f"--run-dir {run.path}: no {run.config.name} there")
         cfg = load_saved_config(run.config, args.overrides)
+        cfg.data.test_shards = require_test_shards(cfg, None, command="fpdiff classifier (its test accuracy)",
+                                                   flag="data.test_shards=")
         for name in ("steps", "batch_size", "nf", "num_classes", "eval_samples"):
             if getattr(args, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")

@@ -32,9 +32,11 @@ Design (all of it is a pure function of ``(seed, epoch, reader)``; nothing depen
   same flips and dequantisation noise: augmentation is seeded per batch from its position).
 * **Pixels.** ``pipeline.data.reader.decode_sample`` (the decoder evaluation uses too), then
   flip on uint8 and ``pipeline.images.to_model_space`` (the one uint8 -> model space scaling).
-* **Faults.** A sample whose image cannot be decoded or has the wrong size, and every sample
-  lost from a truncated / unreadable shard, is skipped with a warning naming shard and key and
-  counted in ``corrupt_count``. Start-up problems (no shard spec, missing directory or files,
+* **Faults.** A sample whose image cannot be decoded, has the wrong size or cannot be read
+  exactly (16 bits, alpha, colour for a gray model: ``reader.exact_mode``), and every sample
+  lost from a truncated / unreadable shard or one that disagrees with its index (sha256, count),
+  is skipped with a warning naming shard and key and counted in ``corrupt_count``. Tar members
+  and decoded images are capped (``data.max_member_bytes``, ``data.max_image_pixels``). Start-up problems (no shard spec, missing directory or files,
   empty shard list, image size / channels that disagree with the config) raise ``DataError``
   (a ``ConfigError``) with one line naming the problem.
 """
@@ -64,11 +66,13 @@ def _identity(x):
 
 class _Stream(torch.utils.data.IterableDataset):
     def __init__(self, sched: Schedule, *, rank: int, workers: int, positions: list, rotation: int,
-                 batch_size: int, one_epoch: bool, shape: tuple, centered: bool, flip: bool, dequant: bool):
+                 batch_size: int, one_epoch: bool, shape: tuple, centered: bool, flip: bool, dequant: bool,
+                 max_pixels: Optional[int] = None):
         super().__init__()
         self.sched, self.rank, self.W, self.positions, self.rotation = sched, rank, workers, positions, rotation
         self.B, self.one_epoch, self.shape = batch_size, one_epoch, shape
         self.centered, self.flip, self.dequant = centered, flip, dequant
+        self.max_pixels = max_pixels
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -88,7 +92,7 @@ class _Stream(torch.utils.data.IterableDataset):
                     corrupt += 1
                 else:
                     try:
-                        arr, lab = decode_sample(files, H, W, C)
+                        arr, lab = decode_sample(files, H, W, C, self.max_pixels)
                         imgs.append(arr)
                         labels.append(lab)
                         keys.append(key)
@@ -145,6 +149,8 @@ class ShardLoader:
         self.W = max(1, self.num_workers)
         self.epoch_length, self.exact_epochs, self.train, self.pin_memory = epoch_length, exact_epochs, train, pin_memory
         spec = cfg_data.shards if shards is None else shards
+        self.max_member_bytes = getattr(cfg_data, "max_member_bytes", None)
+        self.max_pixels = getattr(cfg_data, "max_image_pixels", None)
         self.shardset = resolve_shards(spec, getattr(cfg_data, "index", ""), key=shards_key)
         self._check_shape(shards_key)
         if self.shardset.num_samples == 0:
@@ -162,7 +168,8 @@ class ShardLoader:
         if state is not None:
             self._load_state(state)
         self.sched = Schedule(self.shardset, world_size=world_size, workers=self.W, seed=self.seed, shuffle=train,
-                              shuffle_buffer=self._sig["shuffle_buffer"], resampled=resampled)
+                              shuffle_buffer=self._sig["shuffle_buffer"], resampled=resampled,
+                              max_member_bytes=self.max_member_bytes)
 
     # ---- start-up checks
     def _check_shape(self, key: str) -> None:
@@ -170,9 +177,9 @@ class ShardLoader:
         h, w, c = s.height, s.width, s.channels
         if h is None:  # no index: look at the first decodable sample
             for url in s.urls:
-                for _, _, files in read_shard(url, 0, 1):
+                for _, _, files in read_shard(url, 0, 1, max_member_bytes=self.max_member_bytes):
                     try:
-                        h, w, c = decode_sample(files)[0].shape
+                        h, w, c = decode_sample(files, max_pixels=self.max_pixels)[0].shape
                     except ValueError:
                         pass
                 if h is not None:
@@ -209,7 +216,7 @@ class ShardLoader:
         self._load_state(state)
         self.sched = Schedule(self.shardset, world_size=self.world_size, workers=self.W, seed=self.seed,
                               shuffle=self.train, shuffle_buffer=self._sig["shuffle_buffer"],
-                              resampled=self._sig["resampled"])
+                              resampled=self._sig["resampled"], max_member_bytes=self.max_member_bytes)
 
     def _load_state(self, state) -> None:
         if isinstance(state, list):  # one state per rank
@@ -254,7 +261,7 @@ class ShardLoader:
                        rotation=self.next_worker, batch_size=self.batch_size, one_epoch=self.exact_epochs,
                        shape=(self.cfg.image_size, self.cfg.image_size, self.cfg.num_channels),
                        centered=self.cfg.centered, flip=self.cfg.random_flip and self.train,
-                       dequant=self.cfg.uniform_dequantization and self.train)
+                       dequant=self.cfg.uniform_dequantization and self.train, max_pixels=self.max_pixels)
 
     def __len__(self) -> int:
         if self.epoch_length is not None:

@@ -4,8 +4,10 @@
   directory, an index ``.json``, ``file://``, ``pipe:`` or ``http(s)://`` URLs) -> URLs, with
   per-shard sample counts from the JSON index beside the shards (or one header scan).
 * ``read_shard``: the samples ``start <= i < stop`` of one shard as ``(i, key, {ext: bytes})``,
-  through webdataset's tar iteration (``gopen`` -> ``tar_file_expander`` -> ``group_by_keys``);
-  samples before ``start`` are skipped by their tar headers.
+  through ``gopen`` -> ``_tar_members`` (tarfile, members capped at ``data.max_member_bytes``) ->
+  webdataset's ``group_by_keys``;
+  samples before ``start`` are skipped by their tar headers. A local shard is first checked
+  against the index beside it (sha256, sample count: ``shard_problem``, once per process).
 * ``decode_sample``: ``{ext: bytes}`` -> (uint8 [H, W, C] image, label from ``.cls``).
 * ``iter_images``: decoded samples of a list of shards in order (evaluation reads this way).
 
@@ -15,6 +17,7 @@ Training adds the exactly-once, exactly-resumable schedule of ``pipeline.data.sc
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -31,6 +34,10 @@ log = logging.getLogger("pipeline.data.loader")
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "bmp")
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# the largest image decoded (data.max_image_pixels sets it for a run): an 11000 x 11000 PNG of 15 KB
+# would take gigabytes once decoded
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_MEMBER_BYTES = 64 << 20  # the largest tar member read (data.max_member_bytes)
 
 
 class DataError(ConfigError):
@@ -92,8 +99,6 @@ class ShardSet:
         return int(sum(self.counts))
 
     def fingerprint(self) -> str:
-        import hashlib
-
         names = [u.rsplit("/", 1)[-1] for u in self.urls]
         return hashlib.sha1(json.dumps([names, self.counts]).encode()).hexdigest()[:16]
 
@@ -222,7 +227,10 @@ def resolve_shards(spec: str, index: str = "", key: str = "data.shards") -> Shar
             log.warning("data: no index for %d remote shard(s) (set data.index); scanning them once to count "
                         "samples", len(remote))
         for i in todo:
-            counts[i] = count_samples(urls[i])
+            errors: list = []
+            counts[i] = count_samples(urls[i], errors)
+            if errors and not counts[i]:  # not "holds no samples": say what it is
+                raise DataError(f"{key}: {urls[i]} is not a readable tar shard ({errors[0][1]})")
     h = w = c = None
     names = None
     for d in used:
@@ -256,22 +264,41 @@ class _Cursor:
         return self.start <= self.i <= self.stop
 
 
-def _tar_files(url: str, cursor: _Cursor, errors: list):
-    """webdataset's member stream of one shard (``{fname, data, __url__}``; only the members
-    ``cursor`` selects are read). The first read error ends it and is appended to ``errors``
-    as ``(key of the sample being read, message)``. Returns (opened stream, members, the error
-    handler, for ``group_by_keys`` too)."""
+def _tar_members(url: str, stream, cursor: _Cursor, on_error, max_member_bytes: int):
+    """The member stream of one tar shard, as webdataset's ``tar_file_iterator`` yields it
+    (``{fname, data, __url__}``, plain files only, ``__*__`` metadata skipped), reading only the
+    members ``cursor`` selects; a member larger than ``max_member_bytes`` (a small compressed
+    shard may inflate to gigabytes) is an error before it is read."""
+    import tarfile
+
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name) or not cursor.select(info.name):
+                continue
+            if info.size > max_member_bytes:
+                raise ValueError(f"member {info.name} is {info.size} bytes, more than the {max_member_bytes} allowed "
+                                 f"(data.max_member_bytes)")
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []
+    except Exception as exn:  # noqa: BLE001  truncated, corrupt, not a tar
+        on_error(exn)
+
+
+def _tar_files(url: str, cursor: _Cursor, errors: list, max_member_bytes: Optional[int] = None):
+    """The member stream of one shard (``_tar_members``; only the members ``cursor`` selects are
+    read). The first read error ends it and is appended to ``errors`` as ``(key of the sample
+    being read, message)``. Returns (opened stream, members, the error handler, for
+    ``group_by_keys`` too)."""
     from webdataset.gopen import gopen
-    from webdataset.tariterators import tar_file_expander
 
     def stop_at_first_error(exn: BaseException) -> bool:
         why = str(exn.args[0]).split(" @ ")[0] if exn.args else ""  # webdataset appends " @ <stream>"
-        errors.append((cursor.key, f"{type(exn).__name__}: {why}"))
+        errors.append((cursor.key, f"{type(exn).__name__}: {why[:200]}"))
         return False
 
     stream = gopen(url, "rb")
-    members = tar_file_expander([{"url": url, "stream": stream}], handler=stop_at_first_error,
-                                select_files=cursor.select, eof_value=None)
+    members = _tar_members(url, stream, cursor, stop_at_first_error, max_member_bytes or MAX_MEMBER_BYTES)
     return stream, members, stop_at_first_error
 
 
@@ -282,8 +309,61 @@ def _close(stream) -> None:
         pass
 
 
-def read_shard(url: str, start: int = 0, stop: Optional[int] = None,
-               errors: Optional[list] = None) -> Iterator[tuple[int, str, dict]]:
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _index_entry(path: Path) -> Optional[tuple[Path, dict]]:
+    """(index file, entry) of a local shard in the index beside it (``NAME.json`` of
+    ``NAME-000000.tar`` first, else any index of its folder that lists it)."""
+    own = path.parent / (re.sub(r"-\d+\.tar$", "", path.name) + ".json")
+    for j in dict.fromkeys([own, *sorted(path.parent.glob("*.json"))]):
+        try:
+            d = json.loads(j.read_text())
+        except (OSError, ValueError):
+            continue
+        if _is_index(d):
+            for entry in d["shards"]:
+                if isinstance(entry, dict) and entry.get("file") == path.name:
+                    return j, entry
+    return None
+
+
+_checked: dict[tuple, Optional[str]] = {}  # (path, size, mtime) -> what is wrong with it (None: nothing)
+
+
+def shard_problem(url: str) -> Optional[str]:
+    """What is wrong with a local shard against the index beside it (its sha256, its sample count),
+    None when nothing is (or it has no index, or is remote); checked once per process."""
+    local = _local_path(url)
+    if local is None:
+        return None
+    path = Path(local)
+    try:
+        st = path.stat()
+    except OSError:
+        return None  # reported by the reader
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _checked:
+        problem, found = None, _index_entry(path)
+        if found is not None:
+            index, entry = found
+            if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+                problem = f"its sha256 differs from the one in {index}"
+            # fewer samples than listed is a truncated shard (its readable samples are used, the rest
+            # counted as lost); more would be ignored without a word
+            elif isinstance(entry.get("count"), int) and (n := count_samples(url)) > entry["count"]:
+                problem = f"it holds {n} samples, {index} lists {entry['count']}"
+        _checked[key] = problem
+    return _checked[key]
+
+
+def read_shard(url: str, start: int = 0, stop: Optional[int] = None, errors: Optional[list] = None,
+               max_member_bytes: Optional[int] = None) -> Iterator[tuple[int, str, dict]]:
     """Yield ``(i, key, {ext: bytes})`` for the samples ``start <= i < stop`` of one shard
     (``stop``: its sample count, None: to its end). A read error (truncated or corrupt tar,
     unreadable URL) ends the shard: it is appended to ``errors`` as ``(key, message)`` and the
@@ -295,9 +375,13 @@ def read_shard(url: str, start: int = 0, stop: Optional[int] = None,
     stop = (1 << 62) if stop is None else stop
     if start >= stop:
         return
+    problem = shard_problem(url)
+    if problem is not None:  # the index's sha256 and count are checked once, when the shard is first opened
+        errors.append((None, f"not read: {problem}"))
+        return
     cursor = _Cursor(start, stop)
     try:
-        stream, members, on_error = _tar_files(url, cursor, errors)
+        stream, members, on_error = _tar_files(url, cursor, errors, max_member_bytes)
     except Exception as e:  # noqa: BLE001  gopen: missing file, bad scheme
         errors.append((None, f"{type(e).__name__}: {e}"))
         return
@@ -319,12 +403,15 @@ def read_shard(url: str, start: int = 0, stop: Optional[int] = None,
         _close(stream)
 
 
-def count_samples(url: str) -> int:
-    """Samples in one shard, from its tar headers (member data is skipped, not read)."""
+def count_samples(url: str, errors: Optional[list] = None) -> int:
+    """Samples in one shard, from its tar headers (member data is skipped, not read); a read error
+    (not a tar, cut short) is appended to ``errors`` as ``(key, message)``."""
+    errors = [] if errors is None else errors
     cursor = _Cursor(1 << 62, 1 << 62)  # selects nothing, counts keys
     try:
-        stream, members, _ = _tar_files(url, cursor, [])
-    except Exception:  # noqa: BLE001
+        stream, members, _ = _tar_files(url, cursor, errors)
+    except Exception as e:  # noqa: BLE001
+        errors.append((None, f"{type(e).__name__}: {str(e)[:200]}"))
         return 0
     try:
         for _ in members:
@@ -335,11 +422,44 @@ def count_samples(url: str) -> int:
 
 
 # --------------------------------------------------------------------------- decoding
+# conversions that keep every pixel value (gray to colour, an opaque alpha added, palettes)
+_EXACT = {("1", "L"), ("1", "RGB"), ("1", "RGBA"), ("L", "RGB"), ("L", "RGBA"), ("RGB", "RGBA"), ("P", "RGB"),
+          ("P", "RGBA")}
+_MODE_NAMES = {"I;16": "16-bit gray", "I;16B": "16-bit gray", "I": "32-bit integer gray", "F": "32-bit float gray",
+               "LA": "gray with alpha", "RGBA": "RGB with alpha", "PA": "palette with alpha", "CMYK": "CMYK",
+               "YCbCr": "YCbCr", "L": "8-bit gray", "RGB": "8-bit RGB"}
+
+
+def image_mode(im) -> str:
+    """The image's real mode in words (PIL reads 16-bit RGB PNGs as 8-bit ``RGB``)."""
+    args = [t[3] for t in getattr(im, "tile", None) or () if len(t) > 3]
+    if any(isinstance(a, str) and ";16" in a for a in args) and im.mode in ("RGB", "RGBA"):
+        return f"16-bit {im.mode}"
+    return _MODE_NAMES.get(im.mode, im.mode)
+
+
+def exact_mode(im, channels: Optional[int]) -> str:
+    """The mode ``im`` is read as (``channels``: 1 L, 3 RGB, 4 RGBA; None: its own L / RGB / RGBA).
+    Raises ValueError naming its real mode when that would change pixel values (16 bits clipped,
+    alpha flattened, colour grayed)."""
+    want = _MODES[channels] if channels else (im.mode if im.mode in ("L", "RGB", "RGBA") else "RGB")
+    real = image_mode(im)
+    exact = not real.startswith("16-bit") and (im.mode == want or (im.mode, want) in _EXACT)
+    if im.mode == "P" and "transparency" in im.info and want != "RGBA":
+        exact = False
+    if not exact:
+        raise ValueError(f"a {real} image (PIL mode {im.mode}) cannot be read exactly as "
+                         f"{channels or len(want)}-channel {want}")
+    return want
+
+
 def decode_sample(files: dict, height: Optional[int] = None, width: Optional[int] = None,
-                  channels: Optional[int] = None) -> tuple[np.ndarray, int]:
-    """``{ext: bytes}`` -> (uint8 [H,W,C], label; -1 without ``.cls``). The image is converted to
-    ``channels`` (1: L, 3: RGB, 4: RGBA; None: its own L / RGB / RGBA, other modes as RGB);
-    ``height`` / ``width``, when given, must match. Raises ValueError on anything unusable."""
+                  channels: Optional[int] = None, max_pixels: Optional[int] = None) -> tuple[np.ndarray, int]:
+    """``{ext: bytes}`` -> (uint8 [H,W,C], label; -1 without ``.cls``). The image is read as
+    ``channels`` (``exact_mode``: only conversions that keep its values); ``height`` / ``width``,
+    when given, must match, and no image over ``max_pixels`` (default ``MAX_IMAGE_PIXELS``) is
+    decoded: sizes are checked from the header, before any pixel is allocated. Raises ValueError on
+    anything unusable."""
     from PIL import Image
 
     ext = next((e for e in IMAGE_EXTS if e in files), None)
@@ -347,22 +467,31 @@ def decode_sample(files: dict, height: Optional[int] = None, width: Optional[int
         raise ValueError(f"no image ({', '.join(IMAGE_EXTS)}) among {sorted(files)}")
     try:
         with Image.open(io.BytesIO(files[ext])) as im:
-            want = _MODES[channels] if channels else (im.mode if im.mode in ("L", "RGB", "RGBA") else "RGB")
+            w, h = im.size
+            if (height is not None and h != height) or (width is not None and w != width) or \
+                    w * h > (max_pixels or MAX_IMAGE_PIXELS):
+                raise ValueError(f"image {h}x{w}, expected {height or '*'}x{width or '*'} "
+                                 f"(at most {max_pixels or MAX_IMAGE_PIXELS} pixels)")
+            want = exact_mode(im, channels)
             arr = np.asarray(im if im.mode == want else im.convert(want))
+    except ValueError:
+        raise
     except Exception as e:  # noqa: BLE001  PIL raises many types on bad data
-        raise ValueError(f"undecodable {ext}: {type(e).__name__}: {e}") from None
+        raise ValueError(f"undecodable {ext}: {type(e).__name__}: {str(e)[:200]}") from None
     if arr.ndim == 2:
         arr = arr[..., None]
-    if arr.dtype != np.uint8 or (height is not None and arr.shape[0] != height) or \
-            (width is not None and arr.shape[1] != width):
-        raise ValueError(f"image {arr.shape[0]}x{arr.shape[1]}x{arr.shape[2]} {arr.dtype}, "
-                         f"expected {height or '*'}x{width or '*'}x{channels or '*'} uint8")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image {arr.shape[0]}x{arr.shape[1]}x{arr.shape[2]} {arr.dtype}, expected uint8")
     label = -1
     if "cls" in files:
+        raw = files["cls"]
         try:
-            label = int(files["cls"].decode().strip())
+            text = raw.decode().strip()
+            label = int(text) if len(text) <= 18 else None  # an int64; a 23-digit label is no class
         except (ValueError, UnicodeDecodeError):
-            raise ValueError(f"bad .cls {files['cls'][:20]!r}") from None
+            label = None
+        if label is None:
+            raise ValueError(f"bad .cls {raw[:20]!r}")
     return arr, label
 
 

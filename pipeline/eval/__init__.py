@@ -1,9 +1,10 @@
-"""Evaluation stage: FID / KID, bits/dim, reference statistics and the FPE residual of a trained run.
+"""Evaluation stage: FID / KID, bits/dim, reference statistics, the FPE residual and the score's
+conservativity of a trained run.
 
-Entry point: ``fpdiff eval {fid,bpd,ref-stats,fpe}`` / ``python -m pipeline.eval`` / ``accelerate
+Entry point: ``fpdiff eval {fid,bpd,ref-stats,fpe,conservativity}`` / ``python -m pipeline.eval`` / ``accelerate
 launch -m pipeline.eval`` (``main``, in ``cli``, which also holds the trainer's hooks). One module per
 metric: ``fid`` (samples -> features -> Fréchet / kernel distance), ``bpd`` (probability-flow ODE
-likelihood), ``fpe`` (the score-FPE residual on test images); ``features`` holds the feature
+likelihood), ``fpe`` (the score-FPE residual on test images), ``conservativity`` (the score's Jacobian asymmetry); ``features`` holds the feature
 networks (clean-fid's Inception or a TorchScript file) and the distributed statistics; ``common``
 the rank / device / batching pieces; ``digits`` the MNIST digit judge of the demo and the study.
 Uses: the math core, ``pipeline.data`` (test shards), ``pipeline.rundir`` (which weights to load).

@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from pipeline.data.test_set import rank_test_batches
-from pipeline.eval.common import device_of, rank_world, eval_pass
+from pipeline.data.test_set import rank_share, rank_test_batches
+from pipeline.eval.common import IMAGE_BAR, device_of, eval_pass, rank_world
 from pipeline.images import to_model_space
 from pipeline.collectives import gather_by_index, seed_for
 from pipeline.likelihood import data_bpd_offset
@@ -55,7 +55,17 @@ def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shar
     score_fn = get_score_fn(model, sde)
     t0 = time.time()
     idx_rows, bpd_rows, nfe_rows = [], [], []
-    with eval_pass(model, progress and rank == 0, desc=f"bpd batches (rank 0 of {world})") as bar:
+    share = rank_share(images, shards, bs, rank, world, max_samples, num_batches) if progress and rank == 0 else None
+    done = 0  # images finished; the bar moves inside a batch as its ODEs advance (one batch may take minutes)
+    with eval_pass(model, progress and rank == 0, total=share, unit="img", smoothing=0.1,
+                   bar_format=IMAGE_BAR if share else None,
+                   desc=f"bits/dim, {passes} pass{'es' if passes > 1 else ''} (rank 0 of {world})") as bar:
+
+        def advance(n_batch: int, p: int, t: Optional[torch.Tensor] = None) -> None:
+            frac = 0.0 if t is None else float((t.min() - eps) / (sde.T - eps))
+            bar.n = round(done + n_batch * (p + min(max(frac, 0.0), 1.0)) / passes, 1)
+            bar.refresh()
+
         for k, u8 in rank_test_batches(images, shards, cfg.data.num_channels, bs, rank, world,
                                        max_samples, num_batches):
             u8 = u8.to(dev)
@@ -66,14 +76,18 @@ def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shar
                 noise = torch.rand(u8.shape, generator=g, device=dev) if dequantize else None
                 x = to_model_space(u8, cfg.data.centered, noise)
                 logp, _, nfe = log_likelihood(score_fn, sde, x, hutchinson=hutchinson, rtol=rtol,
-                                              atol=atol, eps=eps, generator=g)
+                                              atol=atol, eps=eps, generator=g,
+                                              callback=None if bar.disable else
+                                              (lambda t, n=u8.shape[0], p=p: advance(n, p, t)))
                 bpd = bits_per_dim(logp.detach().double().cpu(), D, offset)
                 per_pass.append(bpd)
                 nfes.append(float(nfe))
             idx_rows.append(torch.arange(k * bs, k * bs + u8.shape[0], dtype=torch.int64))
             bpd_rows.append(torch.stack(per_pass, 1))
             nfe_rows.append(torch.tensor(nfes, dtype=torch.float64).expand(u8.shape[0], passes))
-            bar.update(1)
+            done += u8.shape[0]
+            if not bar.disable:
+                advance(0, 0)
     idx = torch.cat(idx_rows) if idx_rows else torch.zeros(0, dtype=torch.int64)
     vals = torch.cat([torch.cat(bpd_rows, 0), torch.cat(nfe_rows, 0)], 1) if bpd_rows \
         else torch.zeros(0, 2 * passes, dtype=torch.float64)

@@ -1,8 +1,8 @@
 """Evaluation stage: distributed FID / KID (clean-fid), bits/dim, reference statistics, FPE residual.
 
-    python -m pipeline.eval {fid,bpd,ref-stats,fpe} ...       (one process)
+    python -m pipeline.eval {fid,bpd,ref-stats,fpe,conservativity} ...       (one process)
     accelerate launch --multi_gpu --num_processes K -m pipeline.eval fid RUN ...
-    fpdiff eval {fid,bpd,ref-stats,fpe} ...                       (``evaluate_main(argv)``)
+    fpdiff eval {fid,bpd,ref-stats,fpe,conservativity} ...        (``evaluate_main(argv)``)
 
 Work is split by GLOBAL batch index: the N samples (or test images) are cut into batches of
 ``batch_size`` in a fixed order, batch k runs on rank k mod W with a generator seeded by
@@ -18,7 +18,7 @@ The trainer calls ``evaluate_fid`` / ``evaluate_bpd`` (every rank, they are coll
 ``check_eval_inputs`` once at start-up.
 
 This module holds the stage entry (CLI) and the trainer hooks; the metrics are in
-``pipeline.eval.fid``, ``pipeline.eval.bpd`` and ``pipeline.eval.fpe``, finding and loading the model in ``pipeline.rundir``, shared
+``pipeline.eval.fid``, ``pipeline.eval.bpd``, ``pipeline.eval.fpe`` and ``pipeline.eval.conservativity``, finding and loading the model in ``pipeline.rundir``, shared
 helpers in ``pipeline.eval.common`` (all re-exported here).
 """
 from __future__ import annotations
@@ -33,14 +33,19 @@ from typing import Optional
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
-from pipeline.rundir import RunDir, find_weights, load_for_eval
+from pipeline.cliargs import ArgumentParser
+from pipeline.rundir import RunDir, find_weights, load_for_eval, require_test_shards
 from pipeline.eval.bpd import evaluate_bpd
 from pipeline.eval.fpe import evaluate_fpe
+from pipeline.data.test_set import local_shard_counts
 from pipeline.eval.common import device_of, is_main_rank, main_first, rank_world, get_state
+from pipeline.eval.conservativity import evaluate_conservativity
 from pipeline.data.reader import shard_urls
 from pipeline.eval.fid import compute_ref_stats, evaluate_fid
-from pipeline.eval.features import FeatureExtractor, MissingFileError, check_feature_extractor, check_ref_stats, load_ref_stats, save_stats
+from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
+                                    check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
 from pipeline.collectives import barrier
+from pipeline.config import finite_float
 from pipeline.status import EXIT_BAD_CONFIG
 
 
@@ -54,6 +59,9 @@ def check_eval_inputs(cfg, state=None, *, fid: bool = True, download: bool = Tru
         return {}
     fe = main_first(state, lambda dl: check_feature_extractor(cfg.eval.feature_extractor or None, download=download and dl))
     ref = main_first(state, lambda dl: check_ref_stats(cfg.eval.ref_stats, cfg.data.image_size, download=download and dl))
+    custom = cfg.eval.feature_extractor or None
+    check_ref_matches(load_ref_stats(ref), str(fe) if custom else DEFAULT_EXTRACTOR,
+                      extractor_identity(str(fe) if custom else None), cfg.data.image_size)
     return {"feature_extractor": fe, "ref_stats": ref}
 
 
@@ -115,15 +123,18 @@ def _summary_line(r: dict) -> str:
                 f"NFE {r['nfe']:.0f}, step {step}, {r['seconds']:.0f}s)")
     if m == "fpe":
         return f"eval fpe: mean residual {r['value']:.4g} over {len(r['t'])} times (N={r['N']}, step {step})"
+    if m == "conservativity":
+        return (f"eval conservativity: relative Jacobian asymmetry {r['value']:.4g} ± {r['stderr']:.2g} "
+                f"(mean over {len(r['t'])} t-buckets, N={r['N']}, step {step})")
     return f"eval {m}: {r.get('value')}"
 
 
 # --------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=(
+    p = ArgumentParser(prog=prog, description=(
         "Evaluate a run (FID/KID with clean-fid, bits/dim), or make FID reference statistics. "
         "Distributed with `accelerate launch --multi_gpu --num_processes K -m pipeline.eval ...`."))
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, help="the metric (or ref-stats); `fpdiff eval METRIC --help`")
 
     def common(sp, run=True):
         if run:
@@ -132,7 +143,7 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=None, help="per-batch size (default eval.batch_size)")
         sp.add_argument("--seed", type=int, default=None, help="default eval.seed")
         sp.add_argument("--out", default=None, help="results file (default RUN/eval/<metric>-step<S>.json)")
-        sp.add_argument("--no-progress", action="store_true")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
         sp.add_argument("--device", default=None, help="default: the process's accelerator device")
 
     f = sub.add_parser("fid", help="FID (and KID) of samples against reference statistics")
@@ -155,9 +166,9 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     b.add_argument("--max-samples", type=int, default=None, help="only the first M test images (default all)")
     b.add_argument("--hutchinson", choices=["rademacher", "gaussian", "exact"], default=None,
                    help="trace estimator probes (default eval.hutchinson); exact: D VJPs per step (tiny data only)")
-    b.add_argument("--rtol", type=float, default=None)
-    b.add_argument("--atol", type=float, default=None)
-    b.add_argument("--eps", type=float, default=None, help="likelihood ODE starts at t=eps (default eval.likelihood_eps)")
+    b.add_argument("--rtol", type=finite_float, default=None, help="likelihood ODE relative tolerance (default eval.rtol)")
+    b.add_argument("--atol", type=finite_float, default=None, help="likelihood ODE absolute tolerance (default eval.atol)")
+    b.add_argument("--eps", type=finite_float, default=None, help="likelihood ODE starts at t=eps (default eval.likelihood_eps)")
     b.add_argument("--no-dequantize", action="store_true", help="no uniform dequantisation (u8/255)")
 
     r = sub.add_parser("ref-stats", help="reference feature statistics of shards -> .npz")
@@ -172,7 +183,15 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     common(e)
     e.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
     e.add_argument("--num-times", type=int, default=20, help="points of the t-grid in [fpe.t_min, fpe.t_max]")
-    e.add_argument("--max-samples", type=int, default=256)
+    e.add_argument("--max-samples", type=int, default=256, help="only the first M test images")
+
+    c = sub.add_parser("conservativity", help="relative asymmetry of the score's Jacobian, E|(J-J^T)v|^2 / E|Jv|^2 "
+                       "(Rademacher v; 0 for a gradient field), per t-bucket of [fpe.t_min, fpe.t_max] on test images")
+    common(c)
+    c.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
+    c.add_argument("--num-buckets", type=int, default=10, help="equal t-buckets; each image gets a t uniform in each")
+    c.add_argument("--max-samples", type=int, default=256, help="the first M test images")
+    c.add_argument("--probes", type=int, default=1, help="Rademacher probes per image and bucket")
     return p
 
 
@@ -195,6 +214,11 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
         if not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    if args.cmd == "conservativity":
+        for flag, v, low in (("--num-buckets", args.num_buckets, 1), ("--probes", args.probes, 1),
+                             ("--max-samples", args.max_samples, 2)):
+            if v < low:
+                parser.error(f"{flag}: must be >= {low}, got {v}")
     state = get_state()
     try:
         if args.cmd == "ref-stats":
@@ -213,11 +237,14 @@ def _cmd_ref_stats(args, state) -> int:
     fe = FeatureExtractor(str(fe_path) if args.feature_extractor else None, device=dev, download=False)
     t0 = time.time()
     stats, feats = compute_ref_stats(urls, fe, channels=args.channels, batch_size=args.batch_size or 100,
-                                     state=state, keep_features=args.keep_features, progress=not args.no_progress)
+                                     state=state, keep_features=args.keep_features, progress=not args.no_progress,
+                                     counts=local_shard_counts(args.shards) if not args.no_progress else None)
     if stats.n < 2:
         raise FileNotFoundError(f"only {stats.n} decodable images in {args.shards!r}")
     if is_main_rank(state):
-        save_stats(out, stats, feats=feats, meta={"feature_extractor": fe.name, "shards": args.shards, "mode": "clean"})
+        save_stats(out, stats, feats=feats, meta={"feature_extractor": fe.name, "feature_extractor_id": fe.identity,
+                                                  "image_size": getattr(stats, "image_size", None),
+                                                  "shards": args.shards, "mode": "clean"})
         print(f"[fpdiff] reference statistics of {stats.n} images ({time.time() - t0:.0f}s): {out}", flush=True)
     barrier()
     return 0
@@ -242,6 +269,10 @@ def _cmd_run(args, state) -> int:
         fe_path = main_first(state, lambda dl: check_feature_extractor(fe_spec, download=dl))
         ref_path = main_first(state, lambda dl: check_ref_stats(args.ref_stats or cfg0.eval.ref_stats,
                                                                    cfg0.data.image_size, download=dl))
+    if args.cmd in ("bpd", "fpe", "conservativity"):  # test data, never the training shards; checked before the model loads
+        from pipeline.config import load_saved_config
+        require_test_shards(load_saved_config(weights.config, args.overrides), args.shards,
+                            command=f"fpdiff eval {args.cmd}")
     model, cfg, step = load_for_eval(weights, device=dev, overrides=args.overrides)
     sde = build_sde(cfg.sde)
     out = Path(args.out) if args.out else run.eval_result(args.cmd, step)
@@ -277,7 +308,12 @@ def _cmd_run(args, state) -> int:
     elif args.cmd == "fpe":
         res = evaluate_fpe(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
                            batch_size=args.batch_size, num_times=args.num_times,
-                           max_samples=args.max_samples, seed=args.seed, device=dev)
+                           max_samples=args.max_samples, seed=args.seed, device=dev, progress=progress)
+    elif args.cmd == "conservativity":
+        res = evaluate_conservativity(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
+                                      batch_size=args.batch_size, num_buckets=args.num_buckets,
+                                      max_samples=args.max_samples, n_probes=args.probes, seed=args.seed,
+                                      progress=progress, device=dev)
     else:  # pragma: no cover - argparse guards this
         raise ValueError(args.cmd)
     res["checkpoint_step"] = step

@@ -59,6 +59,10 @@ def main_first(state, fn: Callable[[bool], object]):
     return out
 
 
+# a bar counting (possibly fractional) images: whole numbers shown, an ETA when the total is known
+IMAGE_BAR = "{l_bar}{bar}| {n:.0f}/{total_fmt} img [{elapsed}<{remaining}, {rate_fmt}]"
+
+
 @contextlib.contextmanager
 def eval_pass(model, progress: bool = False, **bar_kwargs):
     """Model in eval mode for the duration (its mode restored after, errors included) and a tqdm
@@ -67,7 +71,8 @@ def eval_pass(model, progress: bool = False, **bar_kwargs):
 
     was_training = model.training
     model.eval()
-    bar = tqdm(disable=not progress, unit="batch", dynamic_ncols=True, **bar_kwargs)
+    bar_kwargs.setdefault("unit", "batch")
+    bar = tqdm(disable=not progress, dynamic_ncols=True, **bar_kwargs)
     try:
         yield bar
     finally:

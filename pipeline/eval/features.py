@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_path
+from pipeline.config import ConfigError
+from pipeline.data.reader import file_sha256
 from pipeline.status import MissingFileError
 from pipeline.collectives import (all_reduce_max_int, all_reduce_sum, dist_rank_world, gather_by_index, gather_rows, seed_for)
 
@@ -36,6 +38,7 @@ INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrai
                  + INCEPTION_FILE)
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
 RESIZE_TO = (299, 299)
+DEFAULT_EXTRACTOR = "clean-fid inception-2015-12-05"
 
 
 # --------------------------------------------------------------------------- feature extractor
@@ -130,6 +133,7 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.resize = resize
         p = check_feature_extractor(path, download=download)
+        self.identity = extractor_identity(str(p) if path else None)
         if path:
             self.name = str(p)
             with warnings.catch_warnings():
@@ -137,7 +141,7 @@ class FeatureExtractor:
                 self.net = torch.jit.load(str(p), map_location=self.device).eval()
         else:
             from cleanfid.inception_torchscript import InceptionV3W
-            self.name = "clean-fid inception-2015-12-05"
+            self.name = DEFAULT_EXTRACTOR
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 self.net = InceptionV3W(str(p.parent), download=False).to(self.device).eval()
@@ -262,6 +266,8 @@ def save_stats(path: str | Path, stats: FeatureStats, *, feats: Optional[np.ndar
     if feats is not None and len(feats):
         arrays["feats"] = np.asarray(feats, dtype=np.float32)
     for k, v in (meta or {}).items():
+        if v is None:
+            continue
         arrays[f"meta_{k}"] = np.array(str(v))
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: np.savez adds no ".npz" to it
         np.savez(fh, **arrays)
@@ -306,19 +312,52 @@ def check_ref_stats(spec: str, res: int, download: bool = True) -> Path:
 
 
 def load_ref_stats(path: str | Path) -> dict:
+    """mu, sigma (feats, n) of a reference .npz, and its ``meta`` (feature extractor, image size)
+    as written by ``fpdiff eval ref-stats``; clean-fid's own files are Inception at their size."""
+    path = Path(path)
     with np.load(path, allow_pickle=False) as z:
-        out = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)}
+        out = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64), "path": str(path),
+               "meta": {k[len("meta_"):]: str(z[k]) for k in z.files if k.startswith("meta_")}}
         if "feats" in z.files:
             out["feats"] = z["feats"]
         if "n" in z.files:
             out["n"] = int(z["n"])
+    if not out["meta"] and path.parent == _cleanfid_stats_file("x", "x", 0)[0].parent:
+        res = path.stem.rsplit("_", 1)[-1]  # NAME_clean_SPLIT_RES.npz
+        out["meta"] = {"feature_extractor": DEFAULT_EXTRACTOR, "feature_extractor_id": DEFAULT_EXTRACTOR,
+                       "image_size": f"{res}x{res}"}
     return out
+
+
+def extractor_identity(path: Optional[str]) -> str:
+    """What makes two feature networks the same: the sha256 of a TorchScript file, or clean-fid's
+    Inception."""
+    if not path:
+        return DEFAULT_EXTRACTOR
+    return "sha256:" + file_sha256(path)
+
+
+def check_ref_matches(ref: dict, extractor_name: str, extractor_id: Optional[str], image_size) -> None:
+    """Refuse reference statistics made with another feature network or at another image size
+    (their FID against these samples would be a wrong number that looks right). Statistics with
+    no record of either (made before fpdiff recorded them) are not checked."""
+    meta = ref.get("meta") or {}
+    theirs_id, theirs_size = meta.get("feature_extractor_id"), meta.get("image_size")
+    size = f"{image_size[0]}x{image_size[1]}" if isinstance(image_size, (tuple, list)) else f"{image_size}x{image_size}"
+    same_net = theirs_id is None or extractor_id is None or theirs_id == extractor_id
+    same_size = theirs_size is None or theirs_size == size
+    if not (same_net and same_size):
+        raise ConfigError(
+            f"reference statistics {ref.get('path', '')}: made with feature extractor "
+            f"{meta.get('feature_extractor', '?')} on {theirs_size or '?'} images, this evaluation uses {extractor_name} "
+            f"on {size} images; an FID across them is meaningless (make matching statistics with "
+            f"`fpdiff eval ref-stats --feature-extractor ...`)")
 
 
 # --------------------------------------------------------------------------- batching
 __all__ = [
     "MissingFileError", "FeatureExtractor", "FeatureStats", "check_feature_extractor",
-    "check_ref_stats", "load_ref_stats", "save_stats", "frechet_distance", "kernel_distance",
+    "check_ref_stats", "check_ref_matches", "extractor_identity", "load_ref_stats", "save_stats", "frechet_distance", "kernel_distance",
     "gather_rows", "gather_by_index", "all_reduce_sum", "dist_rank_world", "seed_for",
     "inception_path", "clean_resize",
 ]

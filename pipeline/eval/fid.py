@@ -13,7 +13,8 @@ import torch
 from pipeline.eval.common import device_of, rank_world, eval_pass
 from pipeline.data.reader import iter_images
 from pipeline.data.test_set import batched, ceil_div
-from pipeline.eval.features import FeatureExtractor, FeatureStats, check_ref_stats, frechet_distance, kernel_distance, load_ref_stats
+from pipeline.eval.features import (FeatureExtractor, FeatureStats, check_ref_matches, check_ref_stats, frechet_distance,
+                                    kernel_distance, load_ref_stats)
 from pipeline.collectives import broadcast_float
 from pipeline.collectives import all_reduce_sum, seed_for
 
@@ -98,6 +99,8 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     ref = None
     if ref_stats is not None or cfg.eval.ref_stats:
         ref = _as_ref(ref_stats, cfg)
+        check_ref_matches(ref, getattr(fe, "name", type(fe).__name__), getattr(fe, "identity", None),
+                          cfg.data.image_size)
     want_feats = return_features or (kid and ref is not None and "feats" in ref)
     if pngs is not None:
         batch_u8 = _read_samples_fn(pngs, bs, cfg)
@@ -112,8 +115,8 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
     save_dir = Path(save_dir) if save_dir else None
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-    with eval_pass(model, progress and rank == 0, total=len(mine),
-                   desc=f"FID sampling, rank 0 of {world} ({n_total} in all)") as bar:
+    with eval_pass(model, progress and rank == 0, total=sum(min(bs, n_total - k * bs) for k in mine), unit="sample",
+                   desc=f"FID {'reading' if pngs is not None else 'sampling'}, rank 0 of {world} ({n_total} in all)") as bar:
         for k in mine:
             n = min(bs, n_total - k * bs)
             u8, nfe = batch_u8(k, n)
@@ -124,7 +127,7 @@ def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_
                 _save_pngs(u8, index, save_dir)
             if grid_path is not None and k == 0:
                 save_grid(u8[:64].float() / 255.0, grid_path, centered=False)
-            bar.update(1)
+            bar.update(n)
     stats.all_reduce()
     nfe_mean = float(all_reduce_sum(torch.tensor([nfe_sum], dtype=torch.float64)).item()) / n_batches
     result = {"metric": "fid", "N": stats.n, "sampler": method, "nfe": nfe_mean,
@@ -215,22 +218,25 @@ def _save_pngs(u8: torch.Tensor, index: torch.Tensor, folder: Path) -> None:
 
 
 def compute_ref_stats(urls: list[str], feature_extractor, *, channels: int = 3, batch_size: int = 100,
-                      state=None, keep_features: int = 0, progress: bool = True):
+                      state=None, keep_features: int = 0, progress: bool = True, counts: Optional[list] = None):
     """Feature statistics of shard images; shards are split across ranks (urls[rank::W]).
 
     Returns (FeatureStats summed over ranks, kept features (≤ keep_features rows) or None).
+    ``counts`` (images per url, when known) gives the bar its total.
     """
     rank, world = rank_world(state)
     stats = FeatureStats(keep_features=keep_features > 0, max_keep=ceil_div(keep_features, world) if keep_features else None)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(desc=f"reference features (rank 0 of {world})", unit="img", dynamic_ncols=True)
+        bar = tqdm(desc=f"reference features (rank 0 of {world})", unit="img", dynamic_ncols=True,
+                   total=sum(counts[rank::world]) if counts else None)
     count = 0
     for chunk in batched(iter_images(urls[rank::world], channels), batch_size):
         u8 = torch.from_numpy(np.stack([a for _, a, _ in chunk])).permute(0, 3, 1, 2).contiguous()
         idx = torch.arange(count, count + len(chunk)) * world + rank
         stats.update(feature_extractor(u8), idx)
+        stats.image_size = f"{u8.shape[2]}x{u8.shape[3]}"  # recorded in the .npz: FID checks it
         count += len(chunk)
         if bar is not None:
             bar.update(len(chunk))

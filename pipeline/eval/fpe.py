@@ -17,20 +17,20 @@ from typing import Optional
 import torch
 
 from pipeline.collectives import all_reduce_sum, seed_for
-from pipeline.data.test_set import rank_test_batches
-from pipeline.eval.common import device_of, rank_world, eval_pass
+from pipeline.data.test_set import rank_share, rank_test_batches
+from pipeline.eval.common import IMAGE_BAR, device_of, eval_pass, rank_world
 from pipeline.fpe import ResidualEstimator, fp32_at_least, draw_random, fpe_precision
 from pipeline.images import to_model_space
 from pipeline.score import get_score_fn
 
 
 def fpe_residual_by_t(model, estimator: ResidualEstimator, x0: torch.Tensor, t_grid, *, generator=None,
-                      batch_size: int = 0) -> dict:
+                      batch_size: int = 0, on_time=None) -> dict:
     """Mean FPE residual of ``model`` on x_t ~ p_0t(·|x0) for each t of ``t_grid``.
 
     Returns {"t": (T,), "sq_norm": (T,) mean ‖r‖²/D² (unbiased with the default pair estimator),
     "norm": (T,) sqrt of it, "norm_per_sample": (T,) mean of per-sample sqrt(max(‖r̂‖²,0))/D}.
-    The caller picks the mode (eval() for checkpoints).
+    The caller picks the mode (eval() for checkpoints). ``on_time()`` is called after each t (a bar).
     """
     sde = estimator.sde
     t_grid = torch.as_tensor(t_grid, dtype=torch.float32, device=x0.device)
@@ -48,13 +48,15 @@ def fpe_residual_by_t(model, estimator: ResidualEstimator, x0: torch.Tensor, t_g
             sq = torch.cat(sq_all)
             sq_out.append(sq.mean())
             per_out.append(sq.clamp_min(0).sqrt().mean())
+            if on_time is not None:
+                on_time()
     sq_t = torch.stack(sq_out)
     return {"t": t_grid, "sq_norm": sq_t, "norm": sq_t.clamp_min(0).sqrt(), "norm_per_sample": torch.stack(per_out)}
 
 
 def evaluate_fpe(model, cfg, sde, *, shards: Optional[str] = None, images: Optional[torch.Tensor] = None,
                  state=None, batch_size: Optional[int] = None, num_times: int = 20,
-                 max_samples: int = 256, seed: Optional[int] = None, device=None) -> dict:
+                 max_samples: int = 256, seed: Optional[int] = None, device=None, progress: bool = False) -> dict:
     """FPE residual over a t-grid in [fpe.t_min, fpe.t_max] on test images (every rank calls).
 
     Returns the mean ‖r‖²/D² per t summed over ranks, its square root, the mean over t
@@ -69,11 +71,14 @@ def evaluate_fpe(model, cfg, sde, *, shards: Optional[str] = None, images: Optio
     sq_sum = torch.zeros(num_times, dtype=torch.float64)
     per_sum = torch.zeros(num_times, dtype=torch.float64)
     n_local = 0
-    with eval_pass(model):
+    share = rank_share(images, shards, bs, rank, world, max_samples) if progress and rank == 0 else None
+    with eval_pass(model, progress and rank == 0, total=share, unit="img", bar_format=IMAGE_BAR if share else None,
+                   desc=f"FPE residual at {num_times} times (rank 0 of {world})") as bar:
         for k, u8 in rank_test_batches(images, shards, cfg.data.num_channels, bs, rank, world, max_samples):
             x0 = to_model_space(u8.to(dev), cfg.data.centered)
             g = torch.Generator(device=dev).manual_seed(seed_for(seed, k))
-            r = fpe_residual_by_t(model, estimator, x0, t_grid.to(dev), generator=g)
+            r = fpe_residual_by_t(model, estimator, x0, t_grid.to(dev), generator=g,
+                                  on_time=lambda n=u8.shape[0]: bar.update(n / num_times))
             sq_sum += r["sq_norm"].detach().double().cpu() * u8.shape[0]
             per_sum += r["norm_per_sample"].detach().double().cpu() * u8.shape[0]
             n_local += u8.shape[0]

@@ -5,7 +5,9 @@ Layout written by ``write_export`` (the trainer writes it to ``RUN/export/``; na
 
     RUN/export/
         ema.safetensors   EMA weights of the score network (what sampling/evaluation use)
-        config.yaml       the full experiment config (``pipeline.config`` schema)
+        config.yaml       the experiment config (``pipeline.config`` schema) without where things lived
+                          (``exported_config``: no data locations, paths, Hub endpoint; marked
+                          ``provenance: export``, so every command reading it distrusts it)
         metrics.json      metrics so far, including ``step``
         README.md         generated model card: what the model is, SDE, data, metrics, how to load
 
@@ -22,9 +24,10 @@ from typing import Any, Mapping
 
 import yaml
 
-from pipeline.atomic import atomic_directory
-from pipeline.rundir import CONFIG, EMA_WEIGHTS, EXPORT_METRICS, MODEL_CARD, save_weights
-from pipeline.atomic import plain_json
+from pipeline.atomic import atomic_directory, plain_json
+from pipeline.config import ConfigError
+from pipeline.rundir import CONFIG, EMA_WEIGHTS, EXPORT_METRICS, MODEL_CARD, save_weights, write_error_text, write_errors
+from pipeline.saved_config import exported_config
 
 
 # ============================================================================ export
@@ -122,6 +125,15 @@ def write_export(export_dir: str | Path, ema_state_dict: Mapping, config_dict: M
     config_dict = plain_json(dict(config_dict))
     if repo_id is None:
         repo_id = ((config_dict.get("hub") or {}).get("repo_id") or None)
+    config_dict = exported_config(config_dict)  # no data locations, shell commands, paths, Hub endpoint
+    try:
+        _write_export_files(export_dir, ema_state_dict, config_dict, metrics, repo_id, images)
+    except write_errors() as e:  # a full disk: the export folder is left as it was
+        raise ConfigError(f"{export_dir}: export not written ({write_error_text(e)})") from None
+    return export_dir
+
+
+def _write_export_files(export_dir: Path, ema_state_dict, config_dict: dict, metrics: dict, repo_id, images) -> None:
     with atomic_directory(export_dir) as tmp:
         meta = {"format": "pt", "producer": "fpdiff"}
         if metrics.get("step") is not None:
@@ -135,4 +147,3 @@ def write_export(export_dir: str | Path, ema_state_dict: Mapping, config_dict: M
                 shutil.copyfile(src, tmp / name)
                 shown.append(name)
         (tmp / MODEL_CARD).write_text(model_card(config_dict, metrics, repo_id, shown))
-    return export_dir

@@ -13,7 +13,6 @@ end of training. ``fpdiff push RUN_DIR --repo-id user/name`` does the same by ha
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.cliargs import ArgumentParser
+from pipeline.config import finite_float
 from pipeline.rundir import (CONFIG, EMA_WEIGHTS, EXPORT_FILES, EXPORT_METRICS, SAMPLES_PNG, RunDir, find_weights,
                              load_state_into, read_weights)
 
@@ -42,12 +43,25 @@ def _is_retryable(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (ValueError, FileNotFoundError, PermissionError)) and code is None:
         return False
+    if type(exc).__name__ == "OfflineModeIsEnabled":  # HF_HUB_OFFLINE=1: no retry can succeed
+        return False
     return True
 
 
 def _short(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {msg}"[:300]
+
+
+def _linked_elsewhere(src: Path, parent: Path) -> bool:
+    """Whether ``src`` is a hard link of a file outside its export: more links than itself and
+    the snapshots of earlier pushes (``.push-*`` beside the export) account for."""
+    st = src.stat()
+    if st.st_nlink <= 1:
+        return False
+    ours = sum(1 for f in parent.glob(".push-*/*")
+               if not f.is_symlink() and (f.stat().st_dev, f.stat().st_ino) == (st.st_dev, st.st_ino))
+    return st.st_nlink > 1 + ours
 
 
 class _Job:
@@ -96,6 +110,8 @@ class HubPusher:
 
     @classmethod
     def from_config(cls, hub_cfg, token: str | None = None) -> "HubPusher":
+        # hub.endpoint is only ever set from the command line (``load_config`` drops one read from
+        # a file): the token goes to no server a downloaded config chose
         return cls(hub_cfg.repo_id, max_retries=hub_cfg.max_retries, private=hub_cfg.private,
                    token=token, endpoint=getattr(hub_cfg, "endpoint", "") or None,
                    backoff=getattr(hub_cfg, "retry_backoff", 2.0))
@@ -172,6 +188,9 @@ class HubPusher:
             for name in EXPORT_UPLOADS:
                 src = folder / name
                 if src.is_symlink() or not src.is_file():
+                    continue
+                if _linked_elsewhere(src, folder.parent):
+                    logger.warning("hub push: %s is hard-linked to a file outside the export; not uploaded", src)
                     continue
                 dst = staging / name
                 try:
@@ -255,7 +274,7 @@ PUSH_USAGE = "fpdiff push RUN_DIR --repo-id USER/NAME [--private|--public] [--en
 
 def push_main(argv: list[str] | None = None) -> int:
     """``fpdiff push RUN_DIR --repo-id X``: upload RUN_DIR/export (or RUN_DIR if it is an export)."""
-    ap = argparse.ArgumentParser(prog="fpdiff push", description="Upload a run's export (EMA weights, "
+    ap = ArgumentParser(prog="fpdiff push", description="Upload a run's export (EMA weights, "
                                  "config, model card) to the Hugging Face Hub.")
     ap.add_argument("run_dir", metavar="RUN_DIR", help="run directory (holding export/) or an export folder")
     ap.add_argument("--repo-id", required=True, help="target repository, user/name")
@@ -265,9 +284,11 @@ def push_main(argv: list[str] | None = None) -> int:
     vis.add_argument("--public", dest="private", action="store_false", help="create the repo public")
     ap.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     ap.add_argument("--token", default=None, help="access token (default: HF_TOKEN or the saved login)")
-    ap.add_argument("--commit-message", default=None)
-    ap.add_argument("--max-retries", type=int, default=3)
-    ap.add_argument("--retry-backoff", type=float, default=2.0)
+    ap.add_argument("--commit-message", default=None, help="commit message (default: 'fpdiff export, step S')")
+    ap.add_argument("--max-retries", type=int, default=3, help="upload attempts after the first (network errors only)")
+    ap.add_argument("--retry-backoff", type=finite_float, default=2.0,
+                    help="seconds before the first retry; doubles each time (max 60 s)")
+    ap.add_argument("--dry-run", action="store_true", help="list what would be uploaded, and where; no network")
     args = ap.parse_args(argv)
 
     run_dir = Path(args.run_dir)
@@ -287,6 +308,13 @@ def push_main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             step = None
         message = f"fpdiff export, step {step}" if step is not None else "fpdiff export"
+    if args.dry_run:
+        files = [f for f in sorted(export.iterdir()) if f.name in EXPORT_UPLOADS and f.is_file() and not f.is_symlink()]
+        for f in files:
+            print(f"  {f.name} ({f.stat().st_size:,} bytes)")
+        print(f"[fpdiff] dry run: would push {len(files)} files of {export} to {args.repo_id} "
+              f"({'private' if args.private else 'public'}), message {message!r}; nothing uploaded")
+        return 0
     pusher = HubPusher(args.repo_id, max_retries=args.max_retries, private=args.private, token=args.token,
                        endpoint=args.endpoint, backoff=args.retry_backoff)
     pusher.push(export, message)
@@ -327,9 +355,7 @@ def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revisio
     The model is built with ``pipeline.models.build_model(cfg)``, loaded with the EMA weights and
     put in eval mode on ``device``.
     """
-    import yaml
-
-    from pipeline.config import config_from_dict, strip_shell_urls
+    from pipeline.config import load_saved_config
     from pipeline.models import build_model
 
     folder = export_folder(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
@@ -338,7 +364,7 @@ def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revisio
     for f in (cfg_path, w_path):
         if not f.is_file():
             raise FileNotFoundError(f"{path_or_repo_id}: missing {f.name}")
-    cfg = strip_shell_urls(config_from_dict(yaml.safe_load(cfg_path.read_text()) or {}), cfg_path)
+    cfg = load_saved_config(cfg_path, keep_local_paths=False)
     model = build_model(cfg)
     load_state_into(model, read_weights(w_path), source=str(path_or_repo_id))
     return model.to(device).eval(), cfg
@@ -349,13 +375,15 @@ def load_weights_into(model, source: str | Path, *, token: str | None = None,
     """Initialise ``model`` from EMA weights (``training.init_from``): a weights file, an export
     folder, a checkpoint folder, a run dir (its ``export/``, else its newest checkpoint:
     ``find_weights(prefer_export=True)``), or a Hub repo id. Returns the weights file used."""
+    from pipeline.config import ConfigError
+
     p = Path(source).expanduser()
-    if p.exists():
-        try:
+    try:
+        if p.exists():
             w = find_weights(p, prefer_export=True, need_config=False).file
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"training.init_from: {e}") from None
-    else:
-        w = export_folder(str(source), token=token, endpoint=endpoint) / EMA_WEIGHTS
-    load_state_into(model, read_weights(w), source=str(source))
+        else:
+            w = export_folder(str(source), token=token, endpoint=endpoint) / EMA_WEIGHTS
+        load_state_into(model, read_weights(w), source=str(w))
+    except (FileNotFoundError, ValueError) as e:  # ConfigError included: one line naming the key
+        raise ConfigError(f"training.init_from: {e}") from None
     return w

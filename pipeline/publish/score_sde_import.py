@@ -25,7 +25,6 @@ starts a fresh Adam).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import pickle
@@ -36,7 +35,9 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from pipeline.rundir import MODEL_WEIGHTS, OPTIMIZER, RunDir, save_weights
+from pipeline.cliargs import ArgumentParser
+from pipeline.data.reader import file_sha256
+from pipeline.rundir import MODEL_WEIGHTS, OPTIMIZER, RunDir, check_finite, save_weights
 from pipeline.status import EXIT_BAD_CONFIG
 
 
@@ -289,7 +290,6 @@ def write_run(out: str | Path, cfg, weights: dict, ema: dict, info: dict, optimi
 def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrides: list[str] | None = None) -> Path:
     """Check everything, then write the run directory; ImportFailure (nothing written) otherwise."""
     from pipeline.config import ConfigError
-    from pipeline.data.shards import sha256_of
 
     out = Path(out)
     if out.exists():
@@ -300,9 +300,17 @@ def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrid
         raise ImportFailure(f"config error: {e}") from None
     ckpt = load_checkpoint(checkpoint)
     weights, ema, optimizer = convert(ckpt, cfg, name)
+    try:  # bytes corrupted inside a tensor's data still unpickle
+        check_finite(weights, f"{checkpoint} (model)")
+        check_finite(ema, f"{checkpoint} (ema)")
+        if optimizer is not None:
+            for i, st in optimizer["state"].items():
+                check_finite({k: v for k, v in st.items() if k != "step"}, f"{checkpoint} (optimizer, parameter {i})")
+    except ConfigError as e:
+        raise ImportFailure(str(e)) from None
     e = ckpt["ema"]
     step = ckpt.get("step")
-    info = {"source": str(checkpoint), "sha256": sha256_of(Path(checkpoint)), "score_sde_config": name,
+    info = {"source": str(checkpoint), "sha256": file_sha256(Path(checkpoint)), "score_sde_config": name,
             "overrides": list(overrides or []), "step": int(step) if isinstance(step, (int, torch.Tensor)) else None,
             "ema_decay": float(e["decay"]) if "decay" in e else None,
             "ema_num_updates": int(e["num_updates"]) if e.get("num_updates") is not None else None,
@@ -311,13 +319,13 @@ def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrid
 
 
 def import_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fpdiff import", description=(
+    p = ArgumentParser(prog="fpdiff import", description=(
         "Import a score_sde_pytorch / FP-Diffusion checkpoint (checkpoint_N.pth or checkpoints-meta/checkpoint.pth) "
         "as an fpdiff run directory (EMA + raw weights as safetensors, fpdiff config)."))
     p.add_argument("kind", choices=["score-sde"], help="checkpoint format")
     p.add_argument("checkpoint", help="the .pth file")
     p.add_argument("--config", required=True, metavar="NAME", choices=sorted(SCORE_SDE_CONFIGS),
-                   help="score_sde config the checkpoint was trained with, e.g. vp/cifar10_ddpmpp_continuous")
+                   help="score_sde config the checkpoint was trained with: " + ", ".join(sorted(SCORE_SDE_CONFIGS)))
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="new run directory")
     p.add_argument("overrides", nargs="*", help="dotted fpdiff config overrides (e.g. data.shards=...)")
     args = p.parse_intermixed_args(argv)

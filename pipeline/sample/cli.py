@@ -4,7 +4,6 @@ fills in the hidden part of the first test images instead, ``--colorize`` colour
 versions (``pipeline.controllable``)."""
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -14,24 +13,29 @@ import torch
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.rundir import RunDir
+from pipeline.cliargs import ArgumentParser
+from pipeline.config import finite_float
 from pipeline.status import EXIT_BAD_CONFIG
 
 
 def sample_main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError, parse_overrides
-    from pipeline.rundir import load_for_eval
-    from pipeline.images import save_grid, to_uint8
+    from pipeline.config_doc import unknown_key
+    from pipeline.rundir import load_for_eval, require_test_shards
+    from pipeline.images import label_columns, save_grid, to_uint8
     from pipeline.sampling import sample
     from pipeline.score import get_score_fn, sampling_score_fn
     from pipeline.sde import build_sde
 
-    p = argparse.ArgumentParser(prog="fpdiff sample", description="Draw samples from a trained run (EMA weights).")
+    p = ArgumentParser(prog="fpdiff sample", description="Draw samples from a trained run (EMA weights).")
     p.add_argument("--run-dir", required=True, help="run directory, its export/ folder, or a checkpoint directory")
-    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="samples to draw, or test images for --inpaint / --colorize (default: the run's sampling.num_samples)")
     p.add_argument("--method", choices=["pc", "ode"], default=None, help="override sampling.method")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (and of --inpaint random's mask)")
     p.add_argument("--out", default=None, help="output directory (default RUN/samples)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--inpaint", default=None, metavar="MASK",
                    help="inpaint the first test images: left, right, top, bottom (the half kept), center "
                         "(hide the central square) or random (keep half the pixels); PC sampler only")
@@ -41,21 +45,25 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--class-label", default=None, metavar="Y",
                    help="class-conditional sampling with the run's time-dependent classifier "
                         "(`fpdiff classifier`): a label, or 'all' for labels 0,1,2,... in turn")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
+    p.add_argument("--guidance-scale", type=finite_float, default=1.0,
                    help="weight of ∇x log p_t(y|x) (1: the conditional score by Bayes' rule)")
     p.add_argument("--classifier", default=None, help="classifier folder (default RUN/classifier)")
-    p.add_argument("--data", default=None, help="shards for --inpaint (default data.test_shards, else data.shards)")
+    p.add_argument("--data", default=None, help="test shards for --inpaint / --colorize (default the run's data.test_shards)")
     p.add_argument("overrides", nargs="*", help="sampling.* overrides, e.g. sampling.snr=0.17 sampling.num_steps=500")
     args = p.parse_args(argv)
     try:
-        if args.num_samples <= 0:  # before anything (samples/ included) is created
+        if args.num_samples is not None and args.num_samples <= 0:  # before anything (samples/ included) is created
             raise ConfigError(f"--num-samples: must be > 0, got {args.num_samples}")
         model, cfg, step = load_for_eval(args.run_dir, device=args.device)
         for key, value in parse_overrides(args.overrides):
             section, _, name = key.partition(".")
-            if section != "sampling" or not hasattr(cfg.sampling, name):
-                raise ConfigError(f"{key}: only sampling.* keys can be overridden here")
+            if section != "sampling":
+                raise ConfigError(f"{key}: fpdiff sample takes sampling.* overrides only (the rest is the trained model's)")
+            if not hasattr(cfg.sampling, name):
+                raise ConfigError(unknown_key(key, [f"sampling.{f}" for f in cfg.sampling.__dataclass_fields__]))
             setattr(cfg.sampling, name, value)
+        if args.num_samples is None:
+            args.num_samples = cfg.sampling.num_samples
         if args.method:
             cfg.sampling.method = args.method
         cfg.sampling.validate("sampling")
@@ -75,17 +83,21 @@ def sample_main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--colorize: needs the PC sampler (sampling.method=pc)")
             if args.class_label is not None:
                 raise ConfigError("--colorize and --class-label: choose one")
+        if args.inpaint is not None or args.colorize:  # test images, never the training shards
+            args.data = require_test_shards(cfg, args.data, flag="--data",
+                                            command=f"fpdiff sample --{'colorize' if args.colorize else 'inpaint'}")
         sde = build_sde(cfg.sde)
         # a class-conditional model: labels 0..K-1 in turn, classifier-free guidance (sampling.guidance_weight)
-        score_fn, labels_for = sampling_score_fn(model, sde, cfg)
-        labels, clf = labels_for(args.num_samples, cfg.sampling.batch_size), None
+        score_fn, _ = sampling_score_fn(model, sde, cfg)
+        labels, clf = None, None
         if args.class_label is not None:
             score_fn, labels, clf = _guided(args, get_score_fn(model, sde), sde)
             cfg.sampling.batch_size = args.num_samples  # the labels go with the whole batch
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"fpdiff sample: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    out = Path(args.out or RunDir(args.run_dir).samples_dir)
+    # a new folder each call (RUN/samples/sample-001, -002, ...): no call overwrites an earlier one's
+    out = Path(args.out) if args.out else RunDir(args.run_dir).new_samples_folder()
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     shape = (args.num_samples, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
@@ -96,29 +108,84 @@ def sample_main(argv: list[str] | None = None) -> int:
             print(f"fpdiff sample: {e}", file=sys.stderr)
             return EXIT_BAD_CONFIG
     t0 = time.time()
+    if clf is None:  # streamed to disk batch by batch: any --num-samples in bounded memory
+        return _stream_samples(args, cfg, score_fn, sde, shape, g, out, step)
     x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, shape,
                     device=args.device, generator=g, progress=True)
     seconds = time.time() - t0
-    grid = save_grid(x, out / "grid.png", centered=cfg.data.centered)
+    grid = save_grid(x, out / "grid.png", centered=cfg.data.centered,
+                     nrow=label_columns(labels.tolist() if labels is not None else None))
     arrays = {"images": to_uint8(x, cfg.data.centered).cpu().numpy()}
-    record = {"num_samples": args.num_samples, "method": cfg.sampling.method, "nfe": int(nfe),
+    record = {"num_samples": args.num_samples, "seed": args.seed, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
-    if clf is not None:
-        from pipeline.models.classifier import input_scale
-        t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
-        with torch.no_grad():
-            logp = torch.log_softmax(clf(x, t_end, input_scale(sde, t_end)).float(), 1)
-        record.update(class_labels=labels.tolist(), guidance_scale=args.guidance_scale,
-                      classifier_agrees=float((logp.argmax(1) == labels).float().mean()),
-                      classifier_log_prob=float(logp.gather(1, labels[:, None]).mean()))
-    elif labels is not None:
-        record.update(class_labels=labels.tolist(), guidance_weight=cfg.sampling.guidance_weight)
-    if labels is not None:
-        arrays["labels"] = labels.cpu().numpy()
+    from pipeline.models.classifier import input_scale
+    t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
+    with torch.no_grad():
+        logp = torch.log_softmax(clf(x, t_end, input_scale(sde, t_end)).float(), 1)
+    record.update(class_labels=labels.tolist(), guidance_scale=args.guidance_scale,
+                  classifier_agrees=float((logp.argmax(1) == labels).float().mean()),
+                  classifier_log_prob=float(logp.gather(1, labels[:, None]).mean()))
+    arrays["labels"] = labels.cpu().numpy()
     with atomic_path(out / "samples.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
     atomic_write_json(out / "samples.json", record)
     print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
+    return 0
+
+
+GRID_MAX = 256  # samples shown in grid.png (all of them are in samples.npz)
+
+
+def _npy_member(zf, name: str, shape: tuple, dtype, chunks) -> None:
+    """Write an array member of an .npz (``np.load`` reads it) from ``chunks`` of its rows, never
+    holding more than one chunk."""
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+        np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(shape)})
+        for chunk in chunks:
+            fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def _stream_samples(args, cfg, score_fn, sde, shape, g, out: Path, step) -> int:
+    """Draw ``shape[0]`` samples in batches of ``sampling.batch_size`` (the same draws as one
+    ``sample`` call: it batches the same way) and write each to samples.npz as it comes."""
+    import zipfile
+
+    from pipeline.images import save_grid, to_uint8
+    from pipeline.sampling import batch_sizes, sample
+    from pipeline.score import cycled_labels
+
+    sizes = batch_sizes(shape[0], cfg.sampling.batch_size)
+    conditional = cfg.model.num_classes > 0  # labels 0..K-1 in turn in each batch (``sampling_score_fn``)
+    nfes, shown, t0 = [], [], time.time()
+
+    def image_batches():
+        for size in sizes:
+            x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, (size, *shape[1:]),
+                            device=args.device, generator=g, progress=True)
+            nfes.append(nfe)
+            if sum(len(b) for b in shown) < GRID_MAX:
+                shown.append(x[:GRID_MAX - sum(len(b) for b in shown)].cpu())
+            yield to_uint8(x, cfg.data.centered).cpu().numpy()
+
+    with atomic_path(out / "samples.npz") as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            _npy_member(zf, "images", shape, np.uint8, image_batches())
+            if conditional:
+                _npy_member(zf, "labels", (shape[0],), np.int64,
+                            (cycled_labels(size, cfg.model.num_classes).numpy() for size in sizes))
+    seconds = time.time() - t0
+    nfe = round(sum(nfes) / len(nfes))
+    grid = save_grid(torch.cat(shown), out / "grid.png", centered=cfg.data.centered)
+    record = {"num_samples": args.num_samples, "method": cfg.sampling.method, "nfe": int(nfe),
+              "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
+    if conditional:  # the labels of the samples in the grid (all of them are in samples.npz)
+        in_grid = batch_sizes(min(shape[0], GRID_MAX), cfg.sampling.batch_size)
+        record.update(class_labels=[int(y) for size in in_grid for y in cycled_labels(size, cfg.model.num_classes)],
+                      guidance_weight=cfg.sampling.guidance_weight)
+    atomic_write_json(out / "samples.json", record)
+    print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): "
+          f"{out / 'samples.npz'}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
     return 0
 
 
@@ -154,7 +221,7 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     from pipeline.images import save_grid, to_model_space, to_uint8
     from pipeline.score import get_score_fn
 
-    spec = args.data or cfg.data.test_shards or cfg.data.shards
+    spec = args.data  # the test shards (require_test_shards, checked before anything was written)
     shard_urls(spec or "", key="--data")  # a missing shard: one line naming it, before any sampling
     n = args.num_samples
     batches = [u8 for _, u8 in rank_test_batches(None, spec, cfg.data.num_channels, n, 0, 1, max_samples=n)]
@@ -188,7 +255,9 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
         x, nfe = inpaint(score_fn, sde, data, mask, **pc)
         low = -1.0 if cfg.data.centered else 0.0  # hidden pixels shown black
         shown = data * mask + low * (1 - mask)
-        err = float((x - data).pow(2).mul(1 - mask).sum() / ((1 - mask).sum() * data.shape[1]).clamp_min(1))
+        # as saved (clipped to the data range), like colorization's
+        hidden = (1 - mask).sum() * data.shape[1]
+        err = float((x.clamp(low, 1.0) - data).pow(2).mul(1 - mask).sum() / hidden.clamp_min(1))
         record = {"mask": args.inpaint, "mse_hidden": err}
         extra = {"masks": mask.cpu().numpy().astype(np.uint8)}
         what = f"inpainted {data.shape[0]} test images (mask {args.inpaint}; MSE on the hidden pixels {err:.4f})"

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from pipeline.atomic import atomic_directory
 from pipeline.config import ConfigError
-from pipeline.rundir import CHECKPOINT_STATE, EMA_WEIGHTS, MODEL_WEIGHTS, OPTIMIZER, RunDir, checkpoint_step, save_weights
+from pipeline.rundir import (CHECKPOINT_STATE, EMA_WEIGHTS, STEP_PREFIX, MODEL_WEIGHTS, OPTIMIZER, RunDir, check_finite,
+                             checkpoint_step, save_weights, write_error_text, write_errors)
 
 
 class CheckpointError(ConfigError):
@@ -70,8 +71,8 @@ def save_checkpoint(run_dir: str | Path, step: int, staging: Path | None = None,
             torch.save({"optimizer": optimizer_state, **extra_state}, tmp / OPTIMIZER)
             # state.json last: its presence marks a complete checkpoint
             (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, **json_state}, indent=1))
-    except OSError as e:  # disk full, quota, permissions: the half-written checkpoint is dropped
-        raise CheckpointError(f"{final}: checkpoint not written ({e.strerror or e}); "
+    except write_errors() as e:  # disk full, quota, permissions: the half-written checkpoint is dropped
+        raise CheckpointError(f"{final}: checkpoint not written ({write_error_text(e)}); "
                               f"the previous checkpoints are kept") from None
     for stale in run.stale_staging():
         shutil.rmtree(stale, ignore_errors=True)
@@ -86,16 +87,32 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     current = path / CHECKPOINT_STATE
     try:
-        out = {"state": json.loads(current.read_text())}
+        out = {"state": _checked_state(json.loads(current.read_text()), path)}
         for key, name in (("model", MODEL_WEIGHTS), ("ema", EMA_WEIGHTS)):
             current = path / name
-            out[key] = load_file(str(current), device=str(map_location))
+            out[key] = check_finite(load_file(str(current), device=str(map_location)), str(current))
         current = path / OPTIMIZER
         out.update(torch.load(current, map_location=map_location, weights_only=True))
     except Exception as e:  # noqa: BLE001 - truncated, corrupt, or a pickle with code in it
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"{current}: unreadable checkpoint file ({type(e).__name__}: {first})") from None
     return out
+
+
+def _checked_state(state, path: Path) -> dict:
+    """A state.json's content, or ValueError: a mapping whose ``step`` is the checkpoint's own, with
+    mappings (or nothing) for the loader position and the counters."""
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a JSON object, got {type(state).__name__}")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {str(step)[:50]!r}")
+    if path.name.startswith(STEP_PREFIX) and path.name[len(STEP_PREFIX):].isdigit() and checkpoint_step(path) != step:
+        raise ValueError(f"step {step} is not the checkpoint's ({path.name})")
+    for key in ("loader", "counters"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise ValueError(f"{key} must be a JSON object, got {type(state[key]).__name__}")
+    return state
 
 
 def load_for_resume(run_dir: str | Path, resume: str | None) -> tuple[Path | None, dict | None]:

@@ -89,11 +89,18 @@ def _from_import(location: str, run: RunDir) -> InitSource:
 def load_init_source(location: str, hub_export_folder: Optional[Callable] = None) -> InitSource:
     """Read ``training.init_from``: a checkpoint folder, a run dir, an imported run, an export
     folder or weights file, or a Hub repo id (downloaded by ``hub_export_folder``, the publishing
-    stage's, handed over by the entry point). Errors are one line naming the source."""
+    stage's, handed over by the entry point). Errors are one line naming the key and the file."""
+    try:
+        return _load(location, hub_export_folder)
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # CheckpointError, non-finite weights included
+        raise ConfigError(f"training.init_from: {e}") from None
+
+
+def _load(location: str, hub_export_folder: Optional[Callable]) -> InitSource:
     p = Path(location).expanduser()
     if not p.exists():  # a Hub repo id: only its export exists there
         if hub_export_folder is None:
-            raise ConfigError(f"training.init_from: {location} does not exist (a Hub repo id needs fpdiff train)")
+            raise ConfigError(f"{location} does not exist (a Hub repo id needs fpdiff train)")
         folder = hub_export_folder(location)
         return InitSource(location, "export", folder, ema=read_weights(folder / EMA_WEIGHTS))
     if (p / CHECKPOINT_STATE).is_file():
@@ -107,7 +114,7 @@ def load_init_source(location: str, hub_export_folder: Optional[Callable] = None
     try:
         w = find_weights(p, prefer_export=True, need_config=False)
     except FileNotFoundError as e:
-        raise ConfigError(f"training.init_from: {e}") from None
+        raise ConfigError(str(e)) from None
     return InitSource(location, "export", w.file.parent if w.file.parent.is_dir() else p, ema=read_weights(w.file),
                       step=w.step)
 

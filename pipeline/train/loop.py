@@ -7,14 +7,17 @@ the micro-shard index m = rank * grad_accum + micro_step. Hence a resumed run is
 equal to an uninterrupted one, and a step is the same update for any split of the same
 global batch into ranks x accumulation steps.
 
-Exit codes (pipeline.status): 0 finished, 75 stopped by SIGUSR1/SIGTERM after a checkpoint
-(requeue), 2 bad configuration, 3 too many consecutive non-finite steps. The entry points
+Exit codes (pipeline.status): 0 finished, 75 stopped by SIGUSR1/SIGTERM/SIGINT after a checkpoint
+(requeue), 2 bad configuration (or a run dir another process is training into), 3 too many
+consecutive non-finite steps, or a run that ends on non-finite steps or weights (nothing exported).
+The entry points
 (pipeline.app: fpdiff train, python -m pipeline.train) hand ``train()`` its hooks into evaluation
 and publishing.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -29,17 +32,19 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_path, atomic_write_json
-from pipeline.config import Config, ConfigError, load_config, save_config
+from pipeline.cliargs import ArgumentParser
+from pipeline.config import Config, ConfigError, save_config
 from pipeline.data.loader import build_train_loader, gather_state
 from pipeline.fpe import mean_by_t_bucket
-from pipeline.images import save_grid, to_uint8
-from pipeline.rundir import SAMPLES_PNG, RunDir
+from pipeline.images import label_columns, save_grid, to_uint8
+from pipeline.rundir import SAMPLES_PNG, RunDir, RunLock
 from pipeline.sampling import sample
 from pipeline.score import sampling_score_fn
 from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, say
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.backends import build_backend
 from pipeline.train.init_source import load_init_source, plan_continuation
+from pipeline.train.resume import training_config
 from pipeline.train.step import TrainStep, class_labels, lr_lambda  # noqa: F401 (class_labels, lr_lambda: API)
 from pipeline.train.tracking import Tracker
 
@@ -61,15 +66,24 @@ class TrainHooks:
 
 
 class StopRequest:
-    """SIGUSR1 / SIGTERM (or a STOP file in the run dir) ask the loop to checkpoint and exit."""
+    """SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) (or a STOP file in the run dir) ask the loop to checkpoint
+    and exit; a second Ctrl-C interrupts at once."""
 
     def __init__(self, run_dir: Path):
         self.flag = False
         self.stop_file = RunDir(run_dir).stop_file
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+
+    def close(self) -> None:
+        """The handlers from before (the run is over)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.flag:
+                raise KeyboardInterrupt
+            say("Ctrl-C: checkpointing after this step, then exiting (Ctrl-C again to stop at once)")
         self.flag = True
 
     def requested(self) -> bool:
@@ -115,7 +129,7 @@ def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, prog
         arrays["labels"] = labels.numpy()
     with atomic_path(path.with_suffix(".npz")) as tmp:
         np.savez_compressed(tmp, **arrays)
-    return save_grid(x, path, centered=cfg.data.centered)
+    return save_grid(x, path, centered=cfg.data.centered, nrow=label_columns(arrays.get("labels")))
 
 
 @dataclass
@@ -131,6 +145,7 @@ class Run:
     loaders: list
     tracker: Tracker
     hooks: TrainHooks
+    lock: Optional[RunLock] = None
     pusher: object = None
     step: int = 0
     origin_step: int = 0
@@ -162,9 +177,10 @@ def start_run(cfg: Config, run_dir: Path, resume: str | None, overwrite: bool, d
         if needed and hook is None:
             raise ConfigError(f"{key}: this trainer was started without that stage (use fpdiff train / pipeline.app)")
     run = RunDir(run_dir)
-    run.check_free(resume, overwrite)
     stop = StopRequest(run_dir)  # first: a preemption signal during start-up must not kill the job
     backend = build_backend(cfg, deepspeed_config)
+    lock = RunLock(run_dir).acquire() if backend.is_main and run_dir.is_dir() else None  # one writer per run dir
+    run.check_free(resume, overwrite)
     tc = cfg.training
     if tc.batch_size % (backend.world * tc.grad_accum):
         raise ConfigError(f"training.batch_size: {tc.batch_size} not divisible by processes x grad_accum "
@@ -188,6 +204,7 @@ def start_run(cfg: Config, run_dir: Path, resume: str | None, overwrite: bool, d
                for micro in range(tc.grad_accum)]
     # the run is known to start: only now is anything written into the run dir
     if backend.is_main:
+        lock = lock or RunLock(run_dir).acquire()
         if overwrite and resume is None:
             run.clear_outputs()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +215,7 @@ def start_run(cfg: Config, run_dir: Path, resume: str | None, overwrite: bool, d
     tracker = Tracker(cfg.logging, run_dir, cfg.to_dict(), backend.is_main, resumed=start.resumed)
     # uploads on a background thread, retries, never fatal
     pusher = hooks.hub_pusher(cfg.hub) if backend.is_main and cfg.hub.repo_id else None
-    return Run(cfg, run, backend, step_fn, stop, dist_state, loaders, tracker, hooks, pusher, step=start.step,
+    return Run(cfg, run, backend, step_fn, stop, dist_state, loaders, tracker, hooks, lock, pusher, step=start.step,
                origin_step=start.origin_step, end_step=end_step, resumed=start.resumed, counters=start.counters)
 
 
@@ -222,7 +239,7 @@ def where_to_start(step_fn: TrainStep, run_dir: Path, resume: str | None, hub_ex
     cfg, is_main = step_fn.cfg, step_fn.backend.is_main
     resume_from, state = ckpt.load_for_resume(run_dir, resume)
     if resume_from is not None:
-        step_fn.load_weights(state["model"], state["ema"], resume_from)
+        step_fn.load_weights(state["model"], state["ema"], resume_from)  # key "model"
         s = state["state"]
         c = s.get("counters", {})
         ckpt.set_rng_state(state["rng"])
@@ -237,7 +254,7 @@ def where_to_start(step_fn: TrainStep, run_dir: Path, resume: str | None, hub_ex
     plan = plan_continuation(load_init_source(cfg.training.init_from, hub_export_folder), cfg,
                              step_fn.backend.name == "deepspeed")
     src = plan.source
-    step_fn.load_weights(src.start_weights, src.ema, Path(src.path))
+    step_fn.load_weights(src.start_weights, src.ema, Path(src.path), key="training.init_from")
     if plan.rng is not None:
         ckpt.set_rng_state(plan.rng)
     if is_main:
@@ -297,7 +314,7 @@ def run_steps(r: Run, progress: bool) -> int:
             r.last_metrics = metrics
             r.tracker.log(metrics, step=step)
             bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < r.end_step:
+        if cfg.eval.every and step % cfg.eval.every == 0:  # the last step's too (eval.every = n_steps)
             eval_metrics = r.hooks.evaluate(r.step_fn.ema.model, cfg, r.step_fn.sde, r.dist_state, step=step,
                                             run_dir=r.run.path)
             r.tracker.log(eval_metrics, step=step)
@@ -315,13 +332,36 @@ def run_steps(r: Run, progress: bool) -> int:
         if stop_now and step < r.end_step:
             if is_main:
                 r.stop.consume()
+                bar.close()  # the message on its own line, not glued to the bar
                 say(f"stop requested: checkpoint at step {step} "
                     f"{'not written (non-finite streak)' if counters.consecutive_nonfinite else 'written'}, "
                     f"exiting {EXIT_REQUEUE}")
             exit_code = EXIT_REQUEUE
             break
     bar.close()
+    if exit_code == EXIT_OK:
+        exit_code = check_final_weights(r)
     return exit_code
+
+
+def check_final_weights(r: Run) -> int:
+    """A run never ends with exit 0 on non-finite weights: one that ends inside a non-finite streak
+    (shorter than training.max_nonfinite) keeps only the checkpoints from before it, and weights that
+    are not finite are neither exported nor sampled."""
+    counters = r.counters
+    if counters.consecutive_nonfinite:
+        if r.is_main:
+            kept = ckpt.drop_checkpoints_after(r.run.path, r.step - counters.consecutive_nonfinite)
+            say(f"stopping: the last {counters.consecutive_nonfinite} steps were non-finite; no export"
+                + (f"; kept {kept.name}, the last checkpoint before them" if kept else ""))
+        return EXIT_NONFINITE
+    bad = [name for net in (r.step_fn.raw_model, r.step_fn.ema.model) for name, p in net.state_dict().items()
+           if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        if r.is_main:
+            say(f"stopping: {len(bad)} weight tensors are not finite (e.g. {bad[0]}); no export")
+        return EXIT_NONFINITE
+    return EXIT_OK
 
 
 def loader_state_all_ranks(loaders: list) -> dict:
@@ -383,6 +423,9 @@ def finish_run(r: Run, exit_code: int, progress: bool) -> None:
     r.tracker.finish()
     r.backend.barrier()
     r.backend.end()
+    if r.lock is not None:
+        r.lock.release()
+    r.stop.close()
 
 
 def export(r: Run, images: dict | None = None) -> Path | None:
@@ -397,10 +440,14 @@ def export(r: Run, images: dict | None = None) -> Path | None:
 
 # --------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a score model (DSM + FPE regularizer).")
-    p.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
+    p = ArgumentParser(prog=prog, description="Train a score model (DSM + FPE regularizer).")
+    p.add_argument("--config", default=None,
+                   help="YAML experiment config (configs/*.yaml); a resumed run reads RUN/config.yaml without it")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<name>)")
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint dir")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint "
+                   "dir; continues the run's config (RUN/config.yaml), overrides given now applied on top")
+    p.add_argument("--force", action="store_true",
+                   help="resume even with a changed key that breaks exact resume (batch size, seed, data, model)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --run-dir (its checkpoints, export, metrics) instead of refusing")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
@@ -411,12 +458,17 @@ def build_parser(prog: str = "fpdiff train") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
-    args = build_parser("python -m pipeline.train").parse_args(argv)
+    args = build_parser().parse_args(argv)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
-        cfg = load_config(args.config, args.overrides)
-        run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
-        return train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
+        cfg, run_dir = training_config(args.config, args.run_dir, args.resume, args.overrides, force=args.force)
+        code = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                      deepspeed_config=args.deepspeed, overwrite=args.overwrite, hooks=hooks)
+        if code == EXIT_OK and os.environ.get("RANK", "0") == "0":  # where it all went, last
+            summary = RunDir(run_dir).summary_txt.read_text().splitlines()[-1]
+            print(f"[fpdiff] {summary}\n[fpdiff] outputs in {run_dir}/: checkpoints/, export/ (EMA weights, "
+                  f"model card), samples.png, metrics.jsonl, summary.json, summary.txt", flush=True)
+        return code
     except ckpt.CheckpointError as e:
         print(f"fpdiff: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -426,3 +478,9 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
     except MissingFileError as e:
         print(f"fpdiff: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except OSError as e:  # a full disk or a lost mount while writing metrics, samples, the summary
+        print(f"fpdiff: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    finally:  # a run that failed to start leaves no handler of its StopRequest behind
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

@@ -23,6 +23,7 @@ from pipeline.ema import EMA
 from pipeline.fpe import FPERegularizer
 from pipeline.losses import DSMLoss
 from pipeline.models import build_model
+from pipeline.rundir import load_state_into
 from pipeline.score import get_score_fn
 from pipeline.sde import build_sde
 from pipeline.train.backends import AccelerateBackend
@@ -121,14 +122,14 @@ class TrainStep:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.raw_model.parameters())
 
-    def load_weights(self, weights: dict, ema_weights: dict, source: Path) -> None:
-        """Before ``prepare``: a resumed or continued run's raw and EMA weights."""
+    def load_weights(self, weights: dict, ema_weights: dict, source: Path, key: str = "model") -> None:
+        """Before ``prepare``: a resumed or continued run's raw and EMA weights. Strict loads with one
+        line naming ``key``, the source and the first mismatching tensor."""
         try:
-            self.model.load_state_dict(weights)
-            self.ema.load_state_dict(ema_weights)
-        except RuntimeError as e:
-            raise ConfigError(f"model: {source} does not fit the model built from the config "
-                              f"({str(e).splitlines()[0][:200]})") from None
+            load_state_into(self.model, weights, source=str(source))
+            load_state_into(self.ema.model, ema_weights, source=str(source))
+        except (ValueError, RuntimeError) as e:  # ConfigError included
+            raise ConfigError(f"{key}: {str(e).splitlines()[0][:300]}") from None
 
     def prepare(self, start_step: int = 0, end_step: int = 0, scheduler_state: Optional[dict] = None,
                 optimizer_from: Optional[tuple] = None) -> "TrainStep":
