@@ -112,7 +112,7 @@ class DataConfig:
     # bounds on what a small shard may make the reader allocate: a tar member (a 1.5 MB gzip shard can
     # hold a 1.5 GB one) and a decoded image (a 15 KB PNG can be 11000 x 11000); larger ones are skipped
     max_member_bytes: int = 64 << 20
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = 4096 * 4096  # the largest decoded image, in pixels (larger ones are skipped)
 
     def validate(self, path: str) -> None:
         _positive(self.image_size, f"{path}.image_size")

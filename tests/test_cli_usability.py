@@ -217,7 +217,7 @@ def test_sample_writes_a_new_folder_each_call_with_the_runs_sample_count(tmp_pat
     for n in (1, 2):
         assert main(["sample", "--run-dir", str(run), "--seed", str(n), "--device", "cpu"]) == 0
         out = run / "samples" / f"sample-{n:03d}"
-        assert capsys.readouterr().out.strip().endswith(f": {out / 'grid.png'}")
+        assert capsys.readouterr().out.strip().endswith(f"{out / 'samples.npz'}, the first 3 in {out / 'grid.png'}")
         assert np.load(out / "samples.npz")["images"].shape == (3, 1, 8, 8)  # the run's sampling.num_samples
         assert json.loads((out / "samples.json").read_text())["seed"] == n
     assert not np.array_equal(*(np.load(run / "samples" / f"sample-00{n}" / "samples.npz")["images"] for n in (1, 2)))

@@ -125,7 +125,7 @@ def test_failed_start_writes_nothing(run_copy, tmp_path, capsys):
     assert run_train(run_dir, overrides + ["model.nf=32"], "--resume", "auto") == EXIT_BAD_CONFIG
     assert "model.nf: 16 in" in one_line_error(capsys)  # refused before anything loads (exact resume)
     assert run_train(run_dir, overrides + ["model.nf=32"], "--resume", "auto", "--force") == EXIT_BAD_CONFIG
-    assert "does not fit the model" in one_line_error(capsys)  # forced: the checkpoint itself refuses it
+    assert "weights do not match the model" in one_line_error(capsys)  # forced: the checkpoint itself refuses it
     assert (run_dir / "config.yaml").read_bytes() == saved
 
 

@@ -127,16 +127,16 @@ def test_non_finite_weights_are_never_exported(tmp_path, mnist_shards, monkeypat
     """The updates are applied (finite gradients) but the weights are not finite at the end."""
     import torch
 
-    import pipeline.train.loop as loop
+    from pipeline.ema import EMA
 
-    original = loop.EMA.update
+    original = EMA.update
 
     def poisoned(self, model, *args, **kwargs):
         original(self, model, *args, **kwargs)
         with torch.no_grad():
             next(self.model.parameters()).fill_(float("nan"))
 
-    monkeypatch.setattr(loop.EMA, "update", poisoned)
+    monkeypatch.setattr(EMA, "update", poisoned)
     run_dir = tmp_path / "run"
     assert run_train(run_dir, mnist_shards) == EXIT_NONFINITE
     assert "not finite" in capsys.readouterr().err

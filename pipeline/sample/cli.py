@@ -151,7 +151,7 @@ def _stream_samples(args, cfg, score_fn, sde, shape, g, out: Path, step) -> int:
     ``sample`` call: it batches the same way) and write each to samples.npz as it comes."""
     import zipfile
 
-    from pipeline.images import save_grid, to_uint8
+    from pipeline.images import label_columns, save_grid, to_uint8
     from pipeline.sampling import batch_sizes, sample
     from pipeline.score import cycled_labels
 
@@ -176,13 +176,14 @@ def _stream_samples(args, cfg, score_fn, sde, shape, g, out: Path, step) -> int:
                             (cycled_labels(size, cfg.model.num_classes).numpy() for size in sizes))
     seconds = time.time() - t0
     nfe = round(sum(nfes) / len(nfes))
-    grid = save_grid(torch.cat(shown), out / "grid.png", centered=cfg.data.centered)
-    record = {"num_samples": args.num_samples, "method": cfg.sampling.method, "nfe": int(nfe),
+    # the labels of the samples in the grid (all of them are in samples.npz): one digit per column
+    grid_labels = ([int(y) for size in batch_sizes(min(shape[0], GRID_MAX), cfg.sampling.batch_size)
+                    for y in cycled_labels(size, cfg.model.num_classes)] if conditional else None)
+    grid = save_grid(torch.cat(shown), out / "grid.png", centered=cfg.data.centered, nrow=label_columns(grid_labels))
+    record = {"num_samples": args.num_samples, "seed": args.seed, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
-    if conditional:  # the labels of the samples in the grid (all of them are in samples.npz)
-        in_grid = batch_sizes(min(shape[0], GRID_MAX), cfg.sampling.batch_size)
-        record.update(class_labels=[int(y) for size in in_grid for y in cycled_labels(size, cfg.model.num_classes)],
-                      guidance_weight=cfg.sampling.guidance_weight)
+    if conditional:
+        record.update(class_labels=grid_labels, guidance_weight=cfg.sampling.guidance_weight)
     atomic_write_json(out / "samples.json", record)
     print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): "
           f"{out / 'samples.npz'}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
