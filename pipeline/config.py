@@ -461,6 +461,24 @@ def _coerce(value: Any, tp, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported annotation {tp}")
 
 
+# keys an earlier fpdiff wrote into configs and run dirs: a saved config that holds one at the value
+# that meant today's behaviour still loads (one line says it is dropped); any other value is refused
+# with what replaced it, since silently ignoring it would change what the run does
+REMOVED_KEYS = {
+    "training.init_ema_updates": (0, "superseded by training.init_fresh: a fine-tune continues its source's "
+                                     "EMA warm-up position unless training.init_fresh lists ema"),
+}
+
+
+def _removed_key(key_path: str, value: Any) -> None:
+    import sys
+
+    neutral, why = REMOVED_KEYS[key_path]
+    if value != neutral:
+        raise ConfigError(f"{key_path}: removed ({why}); it was {short_repr(value)}, delete the key")
+    print(f"[fpdiff] note: {key_path}: removed key dropped ({why})", file=sys.stderr, flush=True)
+
+
 def _build(cls, data: Any, path: str):
     if data is None:
         data = {}
@@ -471,6 +489,9 @@ def _build(cls, data: Any, path: str):
     kwargs = {}
     for key, value in data.items():
         key_path = f"{path}.{short_repr(key)}" if path else short_repr(key)
+        if key not in names and key_path in REMOVED_KEYS:
+            _removed_key(key_path, value)
+            continue
         if key not in names:
             raise ConfigError(f"{key_path}: unknown key (known: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(value, hints[key], key_path)

@@ -88,3 +88,18 @@ def test_conv_size_is_checked_when_the_config_loads():
     assert load_config(None, ["model.conv_size=3"]).model.conv_size == 3
     with pytest.raises(ConfigError, match=r"model\.conv_size: must be one of \[3\], got 5"):
         load_config(None, ["model.conv_size=5"])
+
+
+def test_a_removed_key_at_its_neutral_value_loads_and_any_other_value_is_refused(tmp_path, capsys):
+    # a run dir written before training.init_ema_updates was removed must still resume (the study's
+    # committed base has init_ema_updates: 0); a value that changed behaviour must not be ignored
+    tree = load_config().to_dict()
+    tree["training"]["init_ema_updates"] = 0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert load_config(path).to_dict() == load_config().to_dict()
+    assert "training.init_ema_updates: removed key dropped" in capsys.readouterr().err
+    tree["training"]["init_ema_updates"] = 7
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"training.init_ema_updates: removed \(superseded by training.init_fresh"):
+        load_config(path)
