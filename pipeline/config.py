@@ -276,7 +276,7 @@ class EvalConfig:
     ref_stats: str = ""  # .npz of reference statistics, or a clean-fid dataset name
     bpd_num_batches: int = 1
     bpd_passes: int = 1
-    hutchinson: Literal["rademacher", "gaussian"] = "rademacher"
+    hutchinson: Literal["rademacher", "gaussian", "exact"] = "rademacher"  # exact: D VJPs per ODE step (tiny data)
     rtol: float = 1e-5
     atol: float = 1e-5
     seed: int = 0  # sample / probe seeds (per global batch index: independent of world size)

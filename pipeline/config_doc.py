@@ -93,7 +93,7 @@ MEANINGS = {
     "eval.batch_size": "images per evaluation batch",
     "eval.bpd_num_batches": "test batches per rank of the bits/dim during training",
     "eval.bpd_passes": "passes of eval bpd with fresh dequantisation noise and probes",
-    "eval.hutchinson": "probes of the likelihood's trace estimator: rademacher or gaussian",
+    "eval.hutchinson": "probes of the likelihood's trace estimator: rademacher, gaussian or exact (tiny data only)",
     "eval.rtol": "likelihood ODE relative tolerance",
     "eval.atol": "likelihood ODE absolute tolerance",
     "logging.backend": "wandb or none (metrics.jsonl is always written)",
