@@ -75,3 +75,65 @@ def test_the_core_importing_a_stage_is_caught(tmp_path):
         "pipeline.score (core) imports pipeline.data.reader (stage data)",
         "pipeline.score (core) imports pipeline.train.step (stage train)",
     ]
+
+
+# --------------------------------------------------------------------------- run-dir file names
+def docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes of a module and its classes and functions (prose, not code)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                found.add(id(first.value))
+    return found
+
+
+def spelled_run_names(source: str, names: set[str]) -> list[str]:
+    """Run-dir names ``source`` spells: a string equal to a file name of the layout (one with a dot:
+    config.yaml, state.json, ...), or any layout name joined onto a path (``run / "export"``).
+    Docstrings and f-strings (messages) do not count."""
+    tree = ast.parse(source)
+    prose, bad = docstrings(tree), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            prose |= {id(v) for v in node.values}
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            for side in (node.left, node.right):
+                if isinstance(side, ast.Constant) and side.value in names:
+                    bad.append(f"line {side.lineno}: / {side.value!r}")
+                    prose.add(id(side))  # reported once
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose
+                and "." in node.value and node.value in names):
+            bad.append(f"line {node.lineno}: {node.value!r}")
+    return sorted(set(bad))
+
+
+# names of the layout that other files own as well (not a run's): the shard cache's lock
+OTHER_OWNERS = {("data/shards.py", ".lock")}
+
+
+def test_only_rundir_spells_a_run_dir_file_name():
+    from pipeline.rundir import LAYOUT_NAMES
+
+    names = set(LAYOUT_NAMES)
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        if rel == "rundir.py":
+            continue
+        found = spelled_run_names(path.read_text(), {n for n in names if (rel, n) not in OTHER_OWNERS})
+        bad += [f"{rel} {where}" for where in found]
+    assert bad == []
+    # rundir.py itself joins paths only with its named constants
+    assert [b for b in spelled_run_names((PKG / "rundir.py").read_text(), names) if " / " in b] == []
+
+
+def test_a_spelled_run_dir_name_is_caught():
+    names = {"config.yaml", "export", "samples.npz"}
+    source = ('"""Writes config.yaml."""\nimport json\n\ndef f(run, out):\n    """Into export/."""\n'
+              '    a = run / "export"\n    b = out / "samples.npz"\n    c = {"name": "config.yaml"}\n'
+              '    d = "export"\n    print(f"wrote {out}/samples.npz")\n')
+    assert spelled_run_names(source, names) == ["line 6: / 'export'", "line 7: / 'samples.npz'",
+                                                "line 8: 'config.yaml'"]

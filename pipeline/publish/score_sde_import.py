@@ -282,7 +282,7 @@ def write_run(out: str | Path, cfg, weights: dict, ema: dict, info: dict, optimi
                      metadata={"format": "pt", "producer": "fpdiff import score-sde"})
         if optimizer is not None:
             torch.save({"optimizer": optimizer}, run.imported / OPTIMIZER)
-        (run.imported / "import.json").write_text(json.dumps(info, indent=1))
+        run.import_record.write_text(json.dumps(info, indent=1))
         write_export(run.export, ema, cfg.to_dict(), metrics={"step": info.get("step"), "imported_from": info["source"]})
     return out
 

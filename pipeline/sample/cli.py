@@ -13,7 +13,7 @@ import torch
 
 from pipeline.atomic import atomic_write_json
 from pipeline.images import write_sample_set
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, sample_set
 from pipeline.cliargs import ArgumentParser
 from pipeline.config import finite_float
 from pipeline.status import EXIT_BAD_CONFIG
@@ -117,14 +117,14 @@ def sample_main(argv: list[str] | None = None) -> int:
     t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
     with torch.no_grad():
         logp = torch.log_softmax(clf(x, t_end, input_scale(sde, t_end)).float(), 1)
-    grid = write_sample_set(out / "samples.npz", out / "grid.png", [x], shape, cfg.data.centered,
-                            labels=labels.cpu().numpy())
+    files = sample_set(out)
+    grid = write_sample_set(files.npz, files.grid, [x], shape, cfg.data.centered, labels=labels.cpu().numpy())
     record = {"num_samples": args.num_samples, "seed": args.seed, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid),
               "class_labels": labels.tolist(), "guidance_scale": args.guidance_scale,
               "classifier_agrees": float((logp.argmax(1) == labels).float().mean()),
               "classifier_log_prob": float(logp.gather(1, labels[:, None]).mean())}
-    atomic_write_json(out / "samples.json", record)
+    atomic_write_json(files.record, record)
     print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
     return 0
 
@@ -151,17 +151,18 @@ def _stream_samples(args, cfg, score_fn, sde, shape, g, out: Path, step) -> int:
 
     labels = (np.concatenate([cycled_labels(size, cfg.model.num_classes).numpy() for size in sizes])
               if conditional else None)
-    grid = write_sample_set(out / "samples.npz", out / "grid.png", image_batches(), shape, cfg.data.centered,
-                            labels=labels, grid_max=GRID_MAX)
+    files = sample_set(out)
+    grid = write_sample_set(files.npz, files.grid, image_batches(), shape, cfg.data.centered, labels=labels,
+                            grid_max=GRID_MAX)
     seconds = time.time() - t0
     nfe = round(sum(nfes) / len(nfes))
     record = {"num_samples": args.num_samples, "seed": args.seed, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
     if conditional:  # the labels of the samples in the grid (all of them are in samples.npz)
         record.update(class_labels=[int(y) for y in labels[:GRID_MAX]], guidance_weight=cfg.sampling.guidance_weight)
-    atomic_write_json(out / "samples.json", record)
+    atomic_write_json(files.record, record)
     print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): "
-          f"{out / 'samples.npz'}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
+          f"{files.npz}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
     return 0
 
 
@@ -241,12 +242,13 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     # per image: original, masked, filled (inpaint) / gray input, colorized, original (colorize)
     cols = [data, shown, x] if kind == "inpaint" else [shown, x, data]
     rows = torch.stack(cols, 1).flatten(0, 1)
-    grid = write_sample_set(out / f"{kind}.npz", out / f"{kind}.png", [x], tuple(x.shape), cfg.data.centered,
+    files = sample_set(out, kind)
+    grid = write_sample_set(files.npz, files.grid, [x], tuple(x.shape), cfg.data.centered,
                             extra={"originals": u8.numpy(), **extra}, grid_images=rows,
                             nrow=3 * min(4, data.shape[0]))
     record = {"num_samples": int(data.shape[0]), **record, "nfe": int(nfe), "data": spec,
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
-    atomic_write_json(out / f"{kind}.json", record)
+    atomic_write_json(files.record, record)
     print(f"[fpdiff] {what}, {nfe} score evaluations, {seconds:.1f}s: {grid}")
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, ConfigError
+from pipeline.rundir import DEEPSPEED_DIR
 
 
 class AccelerateBackend:
@@ -101,7 +102,7 @@ class AccelerateBackend:
 
 class DeepSpeedBackend:
     name = "deepspeed"
-    TAG = "deepspeed"
+    TAG = DEEPSPEED_DIR  # the checkpoint subfolder its optimizer partitions go to
 
     def __init__(self, cfg: Config, ds_config_path: str):
         import deepspeed
