@@ -6,6 +6,7 @@ one line naming the key path (``ConfigError``), before anything is written.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -584,7 +585,11 @@ def load_saved_config(path: str | Path, overrides: list[str] | None = None, *,
                                     keep_local_paths=keep_local_paths)
 
 
-def config_from_dict(tree: dict) -> Config:
+def config_from_dict(tree: dict, overrides: list[str] | None = None) -> Config:
+    """A validated Config from a nested dict, dotted ``overrides`` applied on top."""
+    tree = copy.deepcopy(tree)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
     cfg.validate()
     return cfg

@@ -257,9 +257,9 @@ def test_push_dry_run_lists_the_upload_and_touches_no_network(tmp_path, capsys, 
 def test_offline_mode_is_not_retried():
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from pipeline.publish.hub import _is_retryable
+    from pipeline.publish.hub import is_retryable
 
-    assert not _is_retryable(OfflineModeIsEnabled("offline")) and _is_retryable(ConnectionError("reset"))
+    assert not is_retryable(OfflineModeIsEnabled("offline")) and is_retryable(ConnectionError("reset"))
 
 
 def test_no_third_party_warnings_on_a_cpu_eval(tmp_path):

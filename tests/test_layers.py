@@ -137,3 +137,54 @@ def test_a_spelled_run_dir_name_is_caught():
               '    d = "export"\n    print(f"wrote {out}/samples.npz")\n')
     assert spelled_run_names(source, names) == ["line 6: / 'export'", "line 7: / 'samples.npz'",
                                                 "line 8: 'config.yaml'"]
+
+
+# --------------------------------------------------------------------------- private names
+ROOT = PKG.parent
+
+
+def private_uses(source: str) -> list[str]:
+    """Underscore names of pipeline modules used from outside them: ``from pipeline.x import _y``,
+    ``m._y`` / ``C._y`` on a pipeline module or class imported here, ``setattr(m, "_y", ...)``
+    (monkeypatch) on one. Dunder names are not private."""
+    tree = ast.parse(source)
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    bound, bad = set(), []  # local names bound to a pipeline module or a name imported from one
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "pipeline"):
+            for a in node.names:
+                if private(a.name):
+                    bad.append(f"line {node.lineno}: from {'.' * node.level}{node.module or ''} import {a.name}")
+                bound.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            bound |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] == "pipeline"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                bad.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setattr"
+              and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) and node.args[0].id in bound
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+              and private(node.args[1].value)):
+            bad.append(f"line {node.lineno}: setattr({node.args[0].id}, {node.args[1].value!r})")
+    return sorted(set(bad))
+
+
+def test_no_module_uses_another_modules_private_names():
+    bad = [f"{path.relative_to(ROOT)} {where}" for folder in ("pipeline", "tests", "benchmarks")
+           for path in sorted((ROOT / folder).rglob("*.py")) for where in private_uses(path.read_text())]
+    assert bad == []
+
+
+def test_a_private_name_used_across_modules_is_caught():
+    source = ("import pipeline.sde\nimport pipeline.eval.features as feats\nfrom pipeline import demo\n"
+              "from pipeline.config import _build, load_config\nfrom pipeline.publish.hub import HubPusher\n\n"
+              "def f(monkeypatch, x):\n    pipeline.sde._bcast(x)\n    feats._cache.clear()\n"
+              "    HubPusher._snapshot(x)\n    monkeypatch.setattr(demo, '_cpu', None)\n"
+              "    x._private, load_config.__name__, demo.main\n")
+    assert private_uses(source) == ["line 10: HubPusher._snapshot", "line 11: setattr(demo, '_cpu')",
+                                    "line 4: from pipeline.config import _build", "line 8: pipeline.sde._bcast",
+                                    "line 9: feats._cache"]
