@@ -59,8 +59,7 @@ class InitSource:
         return self.model if self.model is not None else self.ema
 
 
-def _from_checkpoint(location: str, folder: Path) -> InitSource:
-    state = ckpt.load_checkpoint(folder)
+def _from_checkpoint(location: str, folder: Path, state: dict) -> InitSource:
     s = state["state"]
     return InitSource(location, "checkpoint", folder, ema=state["ema"], model=state["model"],
                       optimizer=state.get("optimizer"), scaler=state.get("scaler"), rng=state.get("rng"),
@@ -103,12 +102,13 @@ def _load(location: str, hub_export_folder: Optional[Callable]) -> InitSource:
             raise ConfigError(f"{location} does not exist (a Hub repo id needs fpdiff train)")
         folder = hub_export_folder(location)
         return InitSource(location, "export", folder, ema=read_weights(folder / EMA_WEIGHTS))
+    # a checkpoint folder, or a run dir's newest checkpoint that reads back (falling back past
+    # unreadable ones with a line): the resume's own resolver, each file read once
     if (p / CHECKPOINT_STATE).is_file():
-        return _from_checkpoint(location, p)
+        return _from_checkpoint(location, p, ckpt.load_checkpoint(p))
     run = RunDir(p)
     if p.is_dir() and run.list_checkpoints():
-        newest, _ = ckpt.load_for_resume(p, "auto")  # falls back past unreadable ones, with a line
-        return _from_checkpoint(location, newest)
+        return _from_checkpoint(location, *ckpt.load_for_resume(p, "auto"))
     if run.import_record.is_file():
         return _from_import(location, run)
     try:
