@@ -285,9 +285,19 @@ class EvalConfig:
     likelihood_eps: float = 1e-5  # the likelihood ODE runs from eps to T
     kid: bool = True  # also KID when the reference statistics hold features
     sampler: Literal["config", "pc", "ode"] = "config"  # "config": sampling.method
+    fpe_num_times: int = 20  # eval fpe: points of the t-grid in [fpe.t_min, fpe.t_max] (its --num-times)
+    fpe_max_samples: int = 256  # eval fpe: only the first M test images (its --max-samples)
+    conservativity_buckets: int = 10  # eval conservativity: equal t-buckets of [fpe.t_min, fpe.t_max] (--num-buckets)
+    conservativity_max_samples: int = 256  # eval conservativity: the first M test images, >= 2 (its --max-samples)
+    conservativity_probes: int = 1  # eval conservativity: Rademacher probes per image and bucket (its --probes)
 
     def validate(self, path: str) -> None:
         _positive(self.likelihood_eps, f"{path}.likelihood_eps")
+        _positive(self.fpe_num_times, f"{path}.fpe_num_times")
+        _positive(self.fpe_max_samples, f"{path}.fpe_max_samples")
+        for name, low in (("conservativity_buckets", 1), ("conservativity_probes", 1), ("conservativity_max_samples", 2)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{path}.{name}: must be >= {low}, got {getattr(self, name)}")
         if self.every < 0:
             raise ConfigError(f"{path}.every: must be >= 0, got {self.every}")
         _positive(self.fid_num_samples, f"{path}.fid_num_samples")

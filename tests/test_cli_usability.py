@@ -73,7 +73,9 @@ def test_long_evaluations_show_images_with_a_total(tmp_path, capsys):
     bars = _bar_lines(capsys.readouterr().err)
     assert bars[-1].startswith("bits/dim, 2 passes") and "| 11/11 img [" in bars[-1]
     assert any("/11 img [" in b and "<" in b for b in bars[:-1])  # moving, with elapsed<remaining
-    evaluate_fpe(model, cfg, sde, shards=shards, batch_size=4, num_times=2, max_samples=7, progress=True)
+    fpe_cfg = load_config(None, TINY_OVERRIDES + [f"data.test_shards={shards}", "eval.batch_size=4",
+                                                  "eval.fpe_num_times=2", "eval.fpe_max_samples=7"])
+    evaluate_fpe(model, fpe_cfg, sde, progress=True)
     bars = _bar_lines(capsys.readouterr().err)
     assert bars[-1].startswith("FPE residual at 2 times") and "| 7/7 img [" in bars[-1]
     compute_ref_stats([f"{tmp_path}/test/test-{i:06d}.tar" for i in range(3)], lambda u8: u8.flatten(1).double(),

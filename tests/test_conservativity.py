@@ -16,11 +16,11 @@ from gaussian import GaussianData
 from helpers.eval_fixtures import EVAL_WORKER, ROOT, TINY_OVERRIDES, clean_env, make_export, run_eval, write_test_shards
 
 
-def _setup(n: int, side: int = 4, seed: int = 0):
+def _setup(n: int, side: int = 4, seed: int = 0, overrides=()):
     from pipeline.config import load_config
     from pipeline.sde import build_sde
 
-    cfg = load_config(None, TINY_OVERRIDES + [f"data.image_size={side}"])
+    cfg = load_config(None, TINY_OVERRIDES + [f"data.image_size={side}", *overrides])
     u8 = torch.randint(0, 256, (n, 1, side, side), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     return cfg, build_sde(cfg.sde), u8
 
@@ -30,12 +30,12 @@ def _linear_score(sde, A: torch.Tensor):
     return lambda x, t: (x.flatten(1) @ A.T).reshape(x.shape)
 
 
-def _evaluate(score_fn, n=16, side=4, **kw):
+def _evaluate(score_fn, n=16, side=4, num_buckets=3, batch_size=5):
     from pipeline.eval.conservativity import evaluate_conservativity
 
-    cfg, sde, u8 = _setup(n, side)
-    kw = {"num_buckets": 3, "batch_size": 5, "max_samples": n, "progress": False, **kw}
-    return evaluate_conservativity(torch.nn.Identity(), cfg, sde, images=u8, score_fn=score_fn(sde), **kw)
+    cfg, sde, u8 = _setup(n, side, overrides=[f"eval.conservativity_buckets={num_buckets}",
+                                              f"eval.batch_size={batch_size}", f"eval.conservativity_max_samples={n}"])
+    return evaluate_conservativity(torch.nn.Identity(), cfg, sde, images=u8, score_fn=score_fn(sde), progress=False)
 
 
 def test_gaussian_score_is_conservative():

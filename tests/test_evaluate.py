@@ -118,9 +118,17 @@ def test_bpd_matches_closed_form_gaussian(sde_type):
       "--ref-stats", "cifar10:train", "--feature-extractor", "fe 1.pt"],
      {"eval.fid_num_samples": 11, "eval.batch_size": 3, "eval.sampler": "ode", "eval.kid": False,
       "eval.ref_stats": "cifar10:train", "eval.feature_extractor": "fe 1.pt", "eval.seed": 0}),
+    (["fpe", "RUN", "eval.fpe_num_times=9", "--num-times", "4", "--max-samples", "7", "--shards", "t/a.tar", "--seed", "2"],
+     {"eval.fpe_num_times": 4, "eval.fpe_max_samples": 7, "data.test_shards": "t/a.tar", "eval.seed": 2,
+      "eval.batch_size": 100}),
+    (["conservativity", "RUN", "--num-buckets", "3", "--probes", "2", "--max-samples", "5", "--batch-size", "4"],
+     {"eval.conservativity_buckets": 3, "eval.conservativity_probes": 2, "eval.conservativity_max_samples": 5,
+      "eval.batch_size": 4, "eval.fpe_max_samples": 256, "eval.seed": 0}),
+    (["conservativity", "RUN"], {"eval.conservativity_buckets": 10, "eval.conservativity_probes": 1,
+                                 "eval.conservativity_max_samples": 256}),
 ])
 def test_eval_flags_become_config_overrides(argv, expected):
-    """What ``fpdiff eval fid|bpd`` flags ask for reaches the metric as the config it reads: each
+    """What ``fpdiff eval METRIC`` flags ask for reaches the metric as the config it reads: each
     given flag is a dotted override after the typed ones (the flag wins), the rest keep their defaults."""
     from pipeline.config import load_config
     from pipeline.eval.cli import build_parser, flag_overrides
@@ -184,7 +192,8 @@ def test_fpe_residual_over_t_grid():
     sde = build_sde(cfg.sde)
     u8 = torch.randint(0, 256, (5, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     model = StandIn(1)
-    res = evaluate_fpe(model, cfg, sde, images=u8, batch_size=3, num_times=3, max_samples=5)
+    res = evaluate_fpe(model, load_config(None, TINY_OVERRIDES + ["eval.batch_size=3", "eval.fpe_num_times=3",
+                                                                 "eval.fpe_max_samples=5"]), sde, images=u8)
     assert res["N"] == 5 and len(res["t"]) == len(res["norm"]) == len(res["sq_norm"]) == 3
     # the reference: each batch's residual by t (fpe_residual_by_t, the batch's own seed), weighted by
     # its size; the reported norm is the root of the mean, its value the mean over t

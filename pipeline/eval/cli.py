@@ -184,27 +184,32 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     e = sub.add_parser("fpe", help="FPE residual norm over a grid of times on test images, estimated as the run's fpe.* config says (dt_method, probe, n_probes, fused; override e.g. fpe.n_probes=8)")
     common(e)
     e.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
-    e.add_argument("--num-times", type=int, default=20, help="points of the t-grid in [fpe.t_min, fpe.t_max]")
-    e.add_argument("--max-samples", type=int, default=256, help="only the first M test images")
+    e.add_argument("--num-times", type=int, default=None, help="points of the t-grid in [fpe.t_min, fpe.t_max] (default eval.fpe_num_times)")
+    e.add_argument("--max-samples", type=int, default=None, help="only the first M test images (default eval.fpe_max_samples)")
 
     c = sub.add_parser("conservativity", help="relative asymmetry of the score's Jacobian, E|(J-J^T)v|^2 / E|Jv|^2 "
                        "(Rademacher v; 0 for a gradient field), per t-bucket of [fpe.t_min, fpe.t_max] on test images")
     common(c)
     c.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
-    c.add_argument("--num-buckets", type=int, default=10, help="equal t-buckets; each image gets a t uniform in each")
-    c.add_argument("--max-samples", type=int, default=256, help="the first M test images")
-    c.add_argument("--probes", type=int, default=1, help="Rademacher probes per image and bucket")
+    c.add_argument("--num-buckets", type=int, default=None, help="equal t-buckets; each image gets a t uniform in each (default eval.conservativity_buckets)")
+    c.add_argument("--max-samples", type=int, default=None, help="the first M test images (default eval.conservativity_max_samples)")
+    c.add_argument("--probes", type=int, default=None, help="Rademacher probes per image and bucket (default eval.conservativity_probes)")
     return p
 
 
-# ``fpdiff eval fid`` / ``bpd`` flags that set a config key: given, they become dotted overrides (after
-# the ones typed, so a flag wins), and the metric reads the config alone
+# ``fpdiff eval METRIC`` flags that set a config key: given, they become dotted overrides (after the
+# ones typed, so a flag wins), and the metric reads the config alone
 FLAG_KEYS = {
     "fid": {"num_samples": "eval.fid_num_samples", "batch_size": "eval.batch_size", "seed": "eval.seed",
             "sampler": "eval.sampler", "ref_stats": "eval.ref_stats", "feature_extractor": "eval.feature_extractor"},
     "bpd": {"batch_size": "eval.batch_size", "seed": "eval.seed", "shards": "data.test_shards",
             "passes": "eval.bpd_passes", "hutchinson": "eval.hutchinson", "rtol": "eval.rtol", "atol": "eval.atol",
             "eps": "eval.likelihood_eps"},
+    "fpe": {"batch_size": "eval.batch_size", "seed": "eval.seed", "shards": "data.test_shards",
+            "num_times": "eval.fpe_num_times", "max_samples": "eval.fpe_max_samples"},
+    "conservativity": {"batch_size": "eval.batch_size", "seed": "eval.seed", "shards": "data.test_shards",
+                       "num_buckets": "eval.conservativity_buckets", "probes": "eval.conservativity_probes",
+                       "max_samples": "eval.conservativity_max_samples"},
 }
 SWITCH_KEYS = {"fid": {"no_kid": "eval.kid"}, "bpd": {"no_dequantize": "eval.dequantize"}}  # on: the key false
 
@@ -214,6 +219,15 @@ def flag_overrides(args) -> list[str]:
     out = [f"{key}={json.dumps(getattr(args, flag)) if isinstance(getattr(args, flag), str) else getattr(args, flag)}"
            for flag, key in FLAG_KEYS.get(args.cmd, {}).items() if getattr(args, flag) is not None]
     return out + [f"{key}=false" for flag, key in SWITCH_KEYS.get(args.cmd, {}).items() if getattr(args, flag)]
+
+
+def name_the_flag(msg: str, args) -> str:
+    """A config error on a key that a given flag set names the flag first:
+    'eval.conservativity_buckets: must be >= 1, got 0' -> '--num-buckets: must be >= 1, got 0 (eval.conservativity_buckets)'."""
+    for flag, key in FLAG_KEYS.get(getattr(args, "cmd", None), {}).items():
+        if msg.startswith(key + ":") and getattr(args, flag, None) is not None:
+            return f"--{flag.replace('_', '-')}{msg[len(key):]} ({key})"
+    return msg
 
 
 def _print_err(state, msg: str) -> None:
@@ -235,11 +249,6 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
         if not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    if args.cmd == "conservativity":
-        for flag, v, low in (("--num-buckets", args.num_buckets, 1), ("--probes", args.probes, 1),
-                             ("--max-samples", args.max_samples, 2)):
-            if v < low:
-                parser.error(f"{flag}: must be >= {low}, got {v}")
     if args.cmd in FLAG_KEYS:
         args.overrides = list(args.overrides) + flag_overrides(args)
     state = get_state()
@@ -248,7 +257,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
             return _cmd_ref_stats(args, state)
         return _cmd_run(args, state)
     except (MissingFileError, ConfigError, FileNotFoundError) as e:
-        _print_err(state, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _print_err(state, name_the_flag(str(e).splitlines()[0], args) if str(e) else type(e).__name__)
         return EXIT_BAD_CONFIG
 
 
@@ -326,14 +335,9 @@ def _cmd_run(args, state) -> int:
     elif args.cmd == "bpd":
         res = evaluate_bpd(model, cfg, sde, state=state, max_samples=args.max_samples, progress=progress, device=dev)
     elif args.cmd == "fpe":
-        res = evaluate_fpe(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
-                           batch_size=args.batch_size, num_times=args.num_times,
-                           max_samples=args.max_samples, seed=args.seed, device=dev, progress=progress)
+        res = evaluate_fpe(model, cfg, sde, state=state, device=dev, progress=progress)
     elif args.cmd == "conservativity":
-        res = evaluate_conservativity(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
-                                      batch_size=args.batch_size, num_buckets=args.num_buckets,
-                                      max_samples=args.max_samples, n_probes=args.probes, seed=args.seed,
-                                      progress=progress, device=dev)
+        res = evaluate_conservativity(model, cfg, sde, state=state, progress=progress, device=dev)
     else:  # pragma: no cover - argparse guards this
         raise ValueError(args.cmd)
     res["checkpoint_step"] = step

@@ -83,19 +83,20 @@ def ratio_statistics(asym: torch.Tensor, jv_sq: torch.Tensor) -> dict:
             "asym_sq": asym.mean(0).tolist(), "jv_sq": mean_b.tolist()}
 
 
-def evaluate_conservativity(model, cfg, sde, *, shards: Optional[str] = None, images: Optional[torch.Tensor] = None,
-                            state=None, batch_size: Optional[int] = None, num_buckets: int = 10,
-                            max_samples: int = 256, n_probes: int = 1, seed: Optional[int] = None,
+def evaluate_conservativity(model, cfg, sde, *, images: Optional[torch.Tensor] = None, state=None,
                             progress: bool = True, device=None, score_fn: Optional[ScoreFn] = None) -> dict:
-    """Relative Jacobian asymmetry of the model's score per t-bucket of [fpe.t_min, fpe.t_max] on the
-    first ``max_samples`` test images (every rank calls). ``score_fn`` replaces the model's score
-    (closed-form scores in tests)."""
+    """Relative Jacobian asymmetry of the model's score per t-bucket of [fpe.t_min, fpe.t_max] on test
+    images (every rank calls). How comes from the config (``fpdiff eval conservativity``'s flags are
+    dotted overrides of it): the first eval.conservativity_max_samples test images (``images``, uint8
+    (N,C,H,W), or the shards data.test_shards) in batches of eval.batch_size, eval.conservativity_buckets
+    buckets, eval.conservativity_probes probes, seeds from eval.seed. ``score_fn`` replaces the model's
+    score (closed-form scores in tests)."""
     rank, world = rank_world(state)
     dev = device_of(state, device)
-    bs = int(batch_size or cfg.eval.batch_size)
-    seed = cfg.eval.seed if seed is None else seed
-    if num_buckets < 1 or n_probes < 1 or max_samples < 2:
-        raise ValueError("conservativity: need num_buckets >= 1, n_probes >= 1 and max_samples >= 2")
+    ec = cfg.eval
+    bs, seed = ec.batch_size, ec.seed
+    num_buckets, max_samples, n_probes = ec.conservativity_buckets, ec.conservativity_max_samples, ec.conservativity_probes
+    shards = None if images is not None else cfg.data.test_shards
     edges = torch.linspace(cfg.fpe.t_min, cfg.fpe.t_max, num_buckets + 1).tolist()
     score_fn = score_fn or get_score_fn(model, sde)
     n_total = max_samples if images is None else min(max_samples, images.shape[0])

@@ -54,18 +54,21 @@ def fpe_residual_by_t(model, estimator: ResidualEstimator, x0: torch.Tensor, t_g
     return {"t": t_grid, "sq_norm": sq_t, "norm": sq_t.clamp_min(0).sqrt(), "norm_per_sample": torch.stack(per_out)}
 
 
-def evaluate_fpe(model, cfg, sde, *, shards: Optional[str] = None, images: Optional[torch.Tensor] = None,
-                 state=None, batch_size: Optional[int] = None, num_times: int = 20,
-                 max_samples: int = 256, seed: Optional[int] = None, device=None, progress: bool = False) -> dict:
+def evaluate_fpe(model, cfg, sde, *, images: Optional[torch.Tensor] = None, state=None, device=None,
+                 progress: bool = False) -> dict:
     """FPE residual over a t-grid in [fpe.t_min, fpe.t_max] on test images (every rank calls).
 
+    How comes from the config (``fpdiff eval fpe``'s flags are dotted overrides of it): the first
+    eval.fpe_max_samples test images (``images``, uint8 (N,C,H,W), or the shards data.test_shards)
+    in batches of eval.batch_size, eval.fpe_num_times times, seeds from eval.seed.
     Returns the mean ‖r‖²/D² per t summed over ranks, its square root, the mean over t
     (``value``) and the estimator's settings (``estimator``).
     """
     rank, world = rank_world(state)
     dev = device_of(state, device)
-    bs = int(batch_size or cfg.eval.batch_size)
-    seed = cfg.eval.seed if seed is None else seed
+    bs, seed = cfg.eval.batch_size, cfg.eval.seed
+    num_times, max_samples = cfg.eval.fpe_num_times, cfg.eval.fpe_max_samples
+    shards = None if images is not None else cfg.data.test_shards
     estimator = ResidualEstimator.from_config(cfg.fpe, sde)
     t_grid = torch.linspace(cfg.fpe.t_min, cfg.fpe.t_max, num_times)
     sq_sum = torch.zeros(num_times, dtype=torch.float64)
