@@ -22,7 +22,7 @@ def train_digit_net_file(data: Path, out: Path, images_seen: int) -> dict:
     import torch
 
     from pipeline.atomic import atomic_path
-    from pipeline.eval.digits import load_mnist_arrays, train_digit_net
+    from digits import load_mnist_arrays, train_digit_net
 
     t0 = time.time()
     torch.manual_seed(0)
@@ -76,12 +76,12 @@ def ref_count(path: Path):
 
 # --------------------------------------------------------------------------- derived metrics
 def legibility(digit_net: Path, samples_dir: Path) -> dict:
-    """``pipeline.eval.digits.judge`` of the PNG samples ``eval fid --save-samples`` wrote, with the
+    """``digits.judge`` (benchmarks/digits.py) of the PNG samples ``eval fid --save-samples`` wrote, with the
     binomial standard error of the legible share."""
     import torch
     from PIL import Image
 
-    from pipeline.eval.digits import judge
+    from digits import judge
 
     files = sorted(f for f in Path(samples_dir).glob("*.png") if not f.name.startswith("."))
     if not files:

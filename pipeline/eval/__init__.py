@@ -6,7 +6,7 @@ launch -m pipeline.eval`` (``main``, in ``cli``, which also holds the trainer's 
 metric: ``fid`` (samples -> features -> Fréchet / kernel distance), ``bpd`` (probability-flow ODE
 likelihood), ``fpe`` (the score-FPE residual on test images), ``conservativity`` (the score's Jacobian asymmetry); ``features`` holds the feature
 networks (clean-fid's Inception or a TorchScript file) and the distributed statistics; ``common``
-the rank / device / batching pieces; ``digits`` the MNIST digit judge of the demo and the study.
+the rank / device / batching pieces.
 Uses: the math core, ``pipeline.data`` (test shards), ``pipeline.rundir`` (which weights to load).
 """
 
