@@ -234,8 +234,8 @@ class RunDir:
         """Complete checkpoints (``state.json`` written), oldest first."""
         if not self.checkpoints.is_dir():
             return []
-        done = [p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-                and p.name[len(STEP_PREFIX):].isdigit() and (p / CHECKPOINT_STATE).is_file()]
+        done = [p for p in self.checkpoints.iterdir()
+                if p.is_dir() and checkpoint_step(p) is not None and (p / CHECKPOINT_STATE).is_file()]
         return sorted(done, key=checkpoint_step)
 
     def latest_checkpoint(self) -> Optional[Path]:
@@ -272,9 +272,10 @@ def has_deepspeed_state(checkpoint: Path) -> bool:
     return (Path(checkpoint) / DEEPSPEED_DIR).is_dir()
 
 
-def checkpoint_step(folder: Path) -> int:
-    """The step of a ``checkpoints/step_XXXXXXXX`` folder, from its name."""
-    return int(Path(folder).name[len(STEP_PREFIX):])
+def checkpoint_step(folder: Path) -> Optional[int]:
+    """The step of a ``checkpoints/step_XXXXXXXX`` folder, from its name (None: not such a name)."""
+    name = Path(folder).name
+    return int(name[len(STEP_PREFIX):]) if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit() else None
 
 
 class Weights(NamedTuple):
@@ -302,9 +303,7 @@ class Weights(NamedTuple):
                         return d[key]
                 if isinstance(d.get("metrics"), dict) and isinstance(d["metrics"].get("step"), int):
                     return d["metrics"]["step"]
-        if folder.name.startswith(STEP_PREFIX) and folder.name[len(STEP_PREFIX):].isdigit():
-            return checkpoint_step(folder)
-        return None
+        return checkpoint_step(folder)
 
 
 def _run_of_export(export: Path) -> Optional[RunDir]:
@@ -368,17 +367,13 @@ def write_error_text(e: BaseException) -> str:
     text = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
     return f"{type(e).__name__}: {text[:200]}"
 
-def cpu_tensors(state_dict: Mapping) -> dict:
-    """A state dict as contiguous CPU tensors that own their memory (safetensors refuses tensors
-    that share storage); entries that are not tensors are left out."""
-    return {str(k): v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()
-            if isinstance(v, torch.Tensor)}
-
 
 def save_weights(path, state_dict: Mapping, metadata: Optional[dict] = None) -> Path:
-    """``state_dict`` as a safetensors file. Not atomic on its own: written into a staging folder
-    (``pipeline.atomic.atomic_directory``) by every caller."""
-    save_file(cpu_tensors(state_dict), str(path), metadata=metadata)
+    """The tensors of ``state_dict`` as a safetensors file (other entries are left out). Not atomic
+    on its own: written into a staging folder (``pipeline.atomic.atomic_directory``) by every caller."""
+    # contiguous CPU copies that own their memory: safetensors refuses tensors that share storage
+    tensors = {str(k): v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    save_file(tensors, str(path), metadata=metadata)
     shared_mode(path, 0o666)  # safetensors writes 0600
     return Path(path)
 
@@ -408,12 +403,8 @@ def read_weights(path) -> dict:
 def _clean_keys(state: Mapping) -> dict:
     out = {}
     for k, v in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for pre in _STRIP_PREFIXES:
-                if k.startswith(pre):
-                    k, changed = k[len(pre):], True
+        while k.startswith(_STRIP_PREFIXES):  # each prefix is one dotted segment, however nested
+            k = k.split(".", 1)[1]
         out[k] = v
     return out
 
@@ -435,16 +426,6 @@ def load_state_into(model, state: Mapping, *, source: str = "weights") -> None:
         raise ConfigError(f"{source}: weights do not match the model built from its config ({len(wrong)} of another "
                          f"shape, e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model)")
     model.load_state_dict(state, strict=True)
-
-
-def require_test_shards(cfg, given: Optional[str], *, command: str, flag: str = "--shards") -> str:
-    """The test shards a command reads: ``given`` (its ``flag``) or the run's ``data.test_shards``.
-    Never the training shards: a run without test shards is refused in one line."""
-    spec = given or cfg.data.test_shards
-    if not spec:
-        raise ConfigError(f"{command}: needs test data, and this run has none (data.test_shards is empty); "
-                          f"pass {flag}{'' if flag.endswith('=') else ' '}PATTERN (e.g. the data.test_shards=... line of `fpdiff data shards`)")
-    return spec
 
 
 def load_for_eval(source, device="cpu", overrides: Optional[list[str]] = None):

@@ -22,7 +22,8 @@ from pipeline.config import ConfigError, finite_float, load_saved_config
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.fpe import mean_by_t_bucket
 from pipeline.models.classifier import NoiseConditionalClassifier, input_scale, save_classifier
-from pipeline.rundir import RunDir, require_test_shards
+from pipeline.data.test_set import require_test_shards
+from pipeline.rundir import RunDir
 from pipeline.sde import SDE, build_sde
 from pipeline.status import EXIT_BAD_CONFIG
 

@@ -1,5 +1,6 @@
 """The test set cut into global uint8 batches in a fixed order, and one rank's share of them: what
-the evaluation (FID reference statistics, bits/dim, the FPE residual) and inpainting read."""
+the evaluation (FID reference statistics, bits/dim, the FPE residual) and inpainting read; which test
+shards a command reads (never the training shards)."""
 from __future__ import annotations
 
 from typing import Iterable, Iterator, Optional
@@ -7,7 +8,18 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.data.reader import iter_images, resolve_shards, shard_urls
+
+
+def require_test_shards(cfg, given: Optional[str], *, command: str, flag: str = "--shards") -> str:
+    """The test shards a command reads: ``given`` (its ``flag``) or the run's ``data.test_shards``.
+    Never the training shards: a run without test shards is refused in one line."""
+    spec = given or cfg.data.test_shards
+    if not spec:
+        raise ConfigError(f"{command}: needs test data, and this run has none (data.test_shards is empty); "
+                          f"pass {flag}{'' if flag.endswith('=') else ' '}PATTERN (e.g. the data.test_shards=... line of `fpdiff data shards`)")
+    return spec
 
 
 def batched(it: Iterable, n: int) -> Iterator[list]:

@@ -35,10 +35,10 @@ import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.cliargs import ArgumentParser
-from pipeline.rundir import RunDir, find_weights, load_for_eval, require_test_shards
+from pipeline.rundir import RunDir, find_weights, load_for_eval
 from pipeline.eval.bpd import evaluate_bpd
 from pipeline.eval.fpe import evaluate_fpe
-from pipeline.data.test_set import local_shard_counts
+from pipeline.data.test_set import local_shard_counts, require_test_shards
 from pipeline.eval.common import device_of, is_main_rank, main_first, rank_world, get_state
 from pipeline.eval.conservativity import evaluate_conservativity
 from pipeline.data.reader import shard_urls

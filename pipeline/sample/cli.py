@@ -22,7 +22,8 @@ from pipeline.status import EXIT_BAD_CONFIG
 def sample_main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError, parse_overrides
     from pipeline.config_doc import unknown_key
-    from pipeline.rundir import load_for_eval, require_test_shards
+    from pipeline.data.test_set import require_test_shards
+    from pipeline.rundir import load_for_eval
     from pipeline.sampling import sample
     from pipeline.score import get_score_fn, sampling_score_fn
     from pipeline.sde import build_sde

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from pipeline.atomic import atomic_directory
 from pipeline.config import ConfigError
-from pipeline.rundir import (CHECKPOINT_STATE, EMA_WEIGHTS, STEP_PREFIX, MODEL_WEIGHTS, OPTIMIZER, RunDir, check_finite,
+from pipeline.rundir import (CHECKPOINT_STATE, EMA_WEIGHTS, MODEL_WEIGHTS, OPTIMIZER, RunDir, check_finite,
                              checkpoint_step, save_weights, write_error_text, write_errors)
 
 
@@ -107,7 +107,7 @@ def _checked_state(state, path: Path) -> dict:
     step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {str(step)[:50]!r}")
-    if path.name.startswith(STEP_PREFIX) and path.name[len(STEP_PREFIX):].isdigit() and checkpoint_step(path) != step:
+    if checkpoint_step(path) not in (None, step):  # a step_XXXXXXXX folder names its own step
         raise ValueError(f"step {step} is not the checkpoint's ({path.name})")
     for key in ("loader", "counters"):
         if state.get(key) is not None and not isinstance(state[key], dict):
