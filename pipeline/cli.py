@@ -5,9 +5,12 @@ Each subcommand forwards its arguments to the stage module's own ``main(argv)``,
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
+from pipeline import __version__
 from pipeline.cliargs import nearest
+from pipeline.quiet import quiet_third_party
 from pipeline.status import EXIT_BAD_CONFIG
 
 USAGE = """usage: fpdiff <command> [options]
@@ -44,13 +47,13 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
             return 0 if asked else EXIT_BAD_CONFIG
         argv = argv[1:]
     if cmd == "train":
-        from pipeline.app import train_main
+        from pipeline.app import train_main  # deferred: torch; `fpdiff --help` stays fast
         return train_main(argv)
     if cmd == "config":
-        from pipeline.config_doc import config_main
+        from pipeline.config_doc import config_main  # deferred: torch; `fpdiff --help` stays fast
         return config_main(argv)
     if cmd == "import":
-        from pipeline.publish.score_sde_import import import_main
+        from pipeline.publish.score_sde_import import import_main  # deferred: torch; `fpdiff --help` stays fast
         return import_main(argv)
     stages = {"demo": "pipeline.demo", "data": "pipeline.data", "eval": "pipeline.eval",
               "sample": "pipeline.sample", "push": "pipeline.publish", "classifier": "pipeline.classifier"}
@@ -59,7 +62,6 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
         print(f"fpdiff: unknown command {cmd!r}" + (f"; did you mean {close}?" if close else "")
               + f"\n\n{USAGE}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    import importlib
     return importlib.import_module(stages[cmd]).main(argv)
 
 
@@ -69,10 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     if argv[0] == "--version":
-        from pipeline import __version__
         print(__version__)
         return 0
-    from pipeline.quiet import quiet_third_party
     quiet_third_party()
     try:
         return int(_dispatch(argv[0], argv[1:]) or 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import sys
 
 
 def nearest(word: str, choices, cutoff: float = 0.6):
@@ -16,7 +17,7 @@ def nearest(word: str, choices, cutoff: float = 0.6):
 
 def config_key_hint(option: str, value=None, fuzzy: bool = False):
     """``--lr`` -> 'training.lr=VALUE' when a config key is named that (None otherwise)."""
-    from pipeline.config_doc import describe
+    from pipeline.config_doc import describe  # deferred: config_doc imports this module (a cycle)
 
     name = option.lstrip("-").split("=", 1)[0].replace("-", "_")
     every = [key for key, _, _ in describe()]
@@ -43,7 +44,6 @@ def _options(parser) -> set[str]:
 
 class ArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
-        import sys
         self._given = list(sys.argv[1:] if args is None else args)  # for the hints of error()
         return super().parse_known_args(args, namespace)
 

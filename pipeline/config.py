@@ -6,9 +6,11 @@ one line naming the key path (``ConfigError``), before anything is written.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from pipeline.atomic import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -402,8 +406,6 @@ def short_repr(value: Any, limit: int = MAX_SHOWN) -> str:
 
 def finite_float(text: str) -> float:
     """argparse ``type`` of a float option: NaN and infinity are refused like in a config."""
-    import argparse
-
     try:
         value = float(text)
     except ValueError:
@@ -482,8 +484,6 @@ REMOVED_KEYS = {
 
 
 def _removed_key(key_path: str, value: Any) -> None:
-    import sys
-
     neutral, why = REMOVED_KEYS[key_path]
     if value != neutral:
         raise ConfigError(f"{key_path}: removed ({why}); it was {short_repr(value)}, delete the key")
@@ -549,8 +549,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     export, a run dir, the Hub cache) gets the saved-config rules unless ``trusted``; a
     ``hub.endpoint`` read from any file is dropped (the Hub token goes only to an endpoint from
     the environment, HF_ENDPOINT, or the command line)."""
-    import sys
-
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -570,7 +568,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = _build(Config, tree, "")
     cfg.validate()
     overridden = {key for key, _ in given}
-    from pipeline.saved_config import EXPORT_PROVENANCE, apply_saved_config_rules, looks_saved
+    from pipeline.saved_config import EXPORT_PROVENANCE, apply_saved_config_rules, looks_saved  # deferred: it imports this module
 
     if path is not None and not trusted and (cfg.provenance == EXPORT_PROVENANCE or looks_saved(path)):
         apply_saved_config_rules(cfg, path, overridden, keep_local_paths=cfg.provenance != EXPORT_PROVENANCE)
@@ -586,7 +584,7 @@ def load_saved_config(path: str | Path, overrides: list[str] | None = None, *,
     """``load_config`` for the config.yaml of a run dir or an export: ``apply_saved_config_rules``
     (keys given again as ``overrides`` are kept). A run dir's own config keeps its local paths
     unless it is marked as exported (``provenance: export``)."""
-    from pipeline.saved_config import EXPORT_PROVENANCE, apply_saved_config_rules
+    from pipeline.saved_config import EXPORT_PROVENANCE, apply_saved_config_rules  # deferred: it imports this module
 
     cfg = load_config(path, overrides, trusted=True)
     if keep_local_paths is None:
@@ -606,8 +604,6 @@ def config_from_dict(tree: dict, overrides: list[str] | None = None) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from pipeline.atomic import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

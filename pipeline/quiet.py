@@ -15,7 +15,7 @@ import warnings
 def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     if "DS_ACCELERATOR" not in os.environ:
-        import torch
+        import torch  # deferred: torch; every entry point calls this, `fpdiff --help` stays fast
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"

@@ -43,6 +43,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.ode import odeint_adaptive
 from pipeline.score import batch_sizes
@@ -171,7 +172,6 @@ def pc_sample(score_fn: ScoreFn, sde: SDE, shape, *, predictor: str = "reverse_d
     nfe = 0
     steps = range(K)
     if progress:
-        from tqdm.auto import tqdm
         steps = tqdm(steps, desc=f"sampling pc/{predictor}/{corrector}", dynamic_ncols=True, leave=False)
     for i in steps:
         t = grid[i].expand(B)
@@ -220,7 +220,6 @@ def ode_sample(score_fn: ScoreFn, sde: SDE, shape, *, rtol: float = 1e-5, atol: 
     callback = None
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         # the bar runs over the time still to integrate, T down to eps: its ETA assumes steps even in t
         bar = tqdm(total=round(sde.T - eps, 6), desc=f"sampling ode, {shape[0]} samples", dynamic_ncols=True,
                    leave=False, bar_format="{l_bar}{bar}| t={postfix} [{elapsed}<{remaining}]")

@@ -220,17 +220,17 @@ def test_sample_streams_to_disk_in_batches(tmp_path, monkeypatch):
     import numpy as np
     import torch
 
-    import pipeline.sampling as sampling
+    import pipeline.sample.cli as sample_cli
     from pipeline.sample.cli import sample_main
 
     export = tiny_export(tmp_path / "export")
-    original, asked = sampling.sample, []
+    original, asked = sample_cli.sample, []
 
     def recording(cfg, eps, score_fn, sde, shape, **kw):
         asked.append(shape[0])
         return original(cfg, eps, score_fn, sde, shape, **kw)
 
-    monkeypatch.setattr(sampling, "sample", recording)
+    monkeypatch.setattr(sample_cli, "sample", recording)  # the sampler as the sampling stage calls it
     out = tmp_path / "out"
     assert sample_main(["--run-dir", str(export), "--num-samples", "7", "--out", str(out), "--device", "cpu",
                         "--seed", "3", "sampling.num_steps=2", "sampling.batch_size=3"]) == 0
@@ -323,13 +323,13 @@ def test_ctrl_c_checkpoints_like_sigterm(tmp_path, mnist_shards, monkeypatch, ca
 
 
 def test_ctrl_c_in_sample_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    import pipeline.sampling as sampling
+    import pipeline.sample.cli as sample_cli
     from pipeline.cli import main as cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sampling, "sample", interrupted)
+    monkeypatch.setattr(sample_cli, "sample", interrupted)
     out = tmp_path / "out"
     assert cli(["sample", "--run-dir", str(tiny_export(tmp_path / "export")), "--out", str(out),
                 "--num-samples", "4", "--device", "cpu"]) == 130

@@ -188,3 +188,39 @@ def test_a_private_name_used_across_modules_is_caught():
     assert private_uses(source) == ["line 10: HubPusher._snapshot", "line 11: setattr(demo, '_cpu')",
                                     "line 4: from pipeline.config import _build", "line 8: pipeline.sde._bcast",
                                     "line 9: feats._cache"]
+
+
+# --------------------------------------------------------------------------- imports at the top
+def undeclared_deferred_imports(source: str) -> list[str]:
+    """Imports inside a function or class of ``source`` that do not say why they are there: a comment
+    with ``deferred:`` on the import (or on the line above it), for an optional or heavy dependency,
+    torch kept out of ``fpdiff --help``, or an import cycle. Module-level imports are fine."""
+    tree, lines, bad = ast.parse(source), source.splitlines(), []
+    for scope in ast.walk(tree):
+        if not isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        for node in ast.walk(scope):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                said = lines[node.lineno - 1:node.end_lineno]
+                above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+                said += [above] if above.startswith("#") else []  # a comment line of its own
+                if not any("deferred:" in line.partition("#")[2] for line in said):
+                    bad.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return sorted(set(bad))
+
+
+def test_imports_are_at_the_top_unless_deferred_with_a_reason():
+    bad = [f"{path.relative_to(ROOT)} {where}" for path in sorted(PKG.rglob("*.py"))
+           for where in undeclared_deferred_imports(path.read_text())]
+    assert bad == []
+
+
+def test_an_import_inside_a_function_without_a_reason_is_caught():
+    source = ('"""from x import y (prose)."""\nimport json\n\n\ndef f():\n    """import os (prose)."""\n'
+              "    import os\n    from pipeline.sde import build_sde  # the SDE\n"
+              "    import wandb  # deferred: optional\n    import yaml\n    # deferred: a cycle\n    from pipeline import cli\n\n\n"
+              "class C:\n    def g(self):\n        from pipeline.config import (ConfigError,\n"
+              "                                     load_config)\n")
+    assert undeclared_deferred_imports(source) == [
+        "line 10: import yaml", "line 17: from pipeline.config import ConfigError, load_config", "line 7: import os",
+        "line 8: from pipeline.sde import build_sde"]

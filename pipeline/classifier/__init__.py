@@ -7,5 +7,5 @@ so the sampling stage loads it without importing this stage. Uses: ``pipeline.da
 
 
 def main(argv=None) -> int:
-    from pipeline.classifier.train import classifier_main
+    from pipeline.classifier.train import classifier_main  # deferred: importing one module of the stage must not load its CLI
     return classifier_main(argv)

@@ -9,5 +9,5 @@ training loader adds an exactly-once, exactly-resumable sample schedule per rank
 
 
 def main(argv=None) -> int:
-    from pipeline.data.shards import shards_main
+    from pipeline.data.shards import shards_main  # deferred: importing one module of the stage must not load its CLI
     return shards_main(argv)

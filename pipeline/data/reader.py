@@ -22,11 +22,16 @@ import io
 import json
 import logging
 import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+import braceexpand
 import numpy as np
+from PIL import Image
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from pipeline.config import ConfigError
 
@@ -59,8 +64,6 @@ def _local_path(url: str) -> Optional[str]:
 
 def _expand(pattern: str, local: bool = False) -> list[str]:
     """Brace expansion; for local paths also shell globs (``*``, ``?``, ``[...]``), sorted."""
-    import braceexpand
-
     out = []
     for e in braceexpand.braceexpand(pattern):
         if local and any(c in e for c in "*?[") and not Path(e).exists():
@@ -74,7 +77,6 @@ def _read_json_url(url: str) -> dict:
     local = _local_path(url)
     if local is not None:
         return json.loads(Path(local).read_text())
-    from webdataset.gopen import gopen
 
     with gopen(url, "rb") as f:
         return json.loads(f.read().decode())
@@ -250,8 +252,6 @@ class _Cursor:
     ``stop - 1``); members of other samples are skipped by their headers."""
 
     def __init__(self, start: int, stop: int):
-        from webdataset.tariterators import base_plus_ext
-
         self.start, self.stop, self.i, self.key = start, stop, -1, None
         self._key_ext = base_plus_ext
 
@@ -269,8 +269,6 @@ def _tar_members(url: str, stream, cursor: _Cursor, on_error, max_member_bytes: 
     (``{fname, data, __url__}``, plain files only, ``__*__`` metadata skipped), reading only the
     members ``cursor`` selects; a member larger than ``max_member_bytes`` (a small compressed
     shard may inflate to gigabytes) is an error before it is read."""
-    import tarfile
-
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")
         for info in tar:
@@ -290,8 +288,6 @@ def _tar_files(url: str, cursor: _Cursor, errors: list, max_member_bytes: Option
     read). The first read error ends it and is appended to ``errors`` as ``(key of the sample
     being read, message)``. Returns (opened stream, members, the error handler, for
     ``group_by_keys`` too)."""
-    from webdataset.gopen import gopen
-
     def stop_at_first_error(exn: BaseException) -> bool:
         why = str(exn.args[0]).split(" @ ")[0] if exn.args else ""  # webdataset appends " @ <stream>"
         errors.append((cursor.key, f"{type(exn).__name__}: {why[:200]}"))
@@ -368,8 +364,6 @@ def read_shard(url: str, start: int = 0, stop: Optional[int] = None, errors: Opt
     (``stop``: its sample count, None: to its end). A read error (truncated or corrupt tar,
     unreadable URL) ends the shard: it is appended to ``errors`` as ``(key, message)`` and the
     sample it cut is not yielded; so is a shard that ends before ``stop`` samples."""
-    from webdataset.tariterators import group_by_keys
-
     errors = [] if errors is None else errors
     n_known = stop is not None
     stop = (1 << 62) if stop is None else stop
@@ -460,8 +454,6 @@ def decode_sample(files: dict, height: Optional[int] = None, width: Optional[int
     when given, must match, and no image over ``max_pixels`` (default ``MAX_IMAGE_PIXELS``) is
     decoded: sizes are checked from the header, before any pixel is allocated. Raises ValueError on
     anything unusable."""
-    from PIL import Image
-
     ext = next((e for e in IMAGE_EXTS if e in files), None)
     if ext is None:
         raise ValueError(f"no image ({', '.join(IMAGE_EXTS)}) among {sorted(files)}")

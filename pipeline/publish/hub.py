@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from pipeline.cliargs import ArgumentParser
-from pipeline.config import finite_float
+from pipeline.config import ConfigError, finite_float, load_saved_config
+from pipeline.models import build_model
 from pipeline.rundir import (CONFIG, EMA_WEIGHTS, EXPORT_FILES, EXPORT_METRICS, SAMPLES_PNG, RunDir, find_weights,
                              load_state_into, read_weights)
 
@@ -81,7 +82,7 @@ class HubPusher:
     def __init__(self, repo_id: str, *, max_retries: int = 5, private: bool = True,
                  token: str | None = None, endpoint: str | None = None, backoff: float = 2.0,
                  max_backoff: float = 60.0, repo_type: str = "model"):
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # deferred: huggingface_hub is needed only to push
 
         if not repo_id:
             raise ValueError("hub.repo_id: empty")
@@ -336,7 +337,7 @@ def export_folder(path_or_repo_id: str | Path, *, revision: str | None = None, t
         return RunDir(p).find_export() or p
     if p.exists() or str(path_or_repo_id).startswith((".", "/", "~")):
         raise FileNotFoundError(f"{path_or_repo_id}: not an export folder (need {EMA_WEIGHTS} and {CONFIG})")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: huggingface_hub is needed only for a Hub id
 
     try:
         local = snapshot_download(str(path_or_repo_id), revision=revision, token=token, endpoint=endpoint,
@@ -355,9 +356,6 @@ def load_pretrained(path_or_repo_id: str | Path, device: str = "cpu", *, revisio
     The model is built with ``pipeline.models.build_model(cfg)``, loaded with the EMA weights and
     put in eval mode on ``device``.
     """
-    from pipeline.config import load_saved_config
-    from pipeline.models import build_model
-
     folder = export_folder(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
                             cache_dir=cache_dir)
     cfg_path, w_path = folder / CONFIG, folder / EMA_WEIGHTS
@@ -375,8 +373,6 @@ def load_weights_into(model, source: str | Path, *, token: str | None = None,
     """Initialise ``model`` from EMA weights (``training.init_from``): a weights file, an export
     folder, a checkpoint folder, a run dir (its ``export/``, else its newest checkpoint:
     ``find_weights(prefer_export=True)``), or a Hub repo id. Returns the weights file used."""
-    from pipeline.config import ConfigError
-
     p = Path(source).expanduser()
     try:
         if p.exists():

@@ -35,8 +35,12 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_directory
 from pipeline.cliargs import ArgumentParser
+from pipeline.config import ConfigError, config_from_dict, save_config
 from pipeline.data.reader import file_sha256
+from pipeline.models import build_model
+from pipeline.publish.export import write_export
 from pipeline.rundir import MODEL_WEIGHTS, OPTIMIZER, RunDir, check_finite, save_weights
 from pipeline.status import EXIT_BAD_CONFIG
 
@@ -113,8 +117,6 @@ class ImportFailure(ValueError):
 
 def fpdiff_config(name: str, overrides: list[str] | None = None):
     """The fpdiff ``Config`` of score_sde config NAME (dotted ``overrides`` applied on top)."""
-    from pipeline.config import config_from_dict
-
     if name not in SCORE_SDE_CONFIGS:
         raise ImportFailure(f"--config {name!r}: unknown score_sde config (known: {', '.join(SCORE_SDE_CONFIGS)})")
     tree = _merge(SCORE_SDE_CONFIGS[name], {"name": "score_sde-" + name.replace("/", "-")})
@@ -253,8 +255,6 @@ def optimizer_state(ckpt: Mapping, name: str, model: torch.nn.Module) -> dict | 
 def convert(ckpt: Mapping, cfg, name: str) -> tuple[dict, dict, dict | None]:
     """(model weights, EMA weights, Adam state or None) as fpdiff state dicts for ``cfg``;
     ImportFailure on any mismatch."""
-    from pipeline.models import build_model
-
     with torch.device("meta"):
         model = build_model(cfg)
     reference = model.state_dict()
@@ -265,10 +265,6 @@ def convert(ckpt: Mapping, cfg, name: str) -> tuple[dict, dict, dict | None]:
 # --------------------------------------------------------------------------- run directory
 def write_run(out: str | Path, cfg, weights: dict, ema: dict, info: dict, optimizer: dict | None = None) -> Path:
     """Write the run directory atomically (staging folder, then one rename)."""
-    from pipeline.atomic import atomic_directory
-    from pipeline.config import save_config
-    from pipeline.publish.export import write_export
-
     out = Path(out)
     with atomic_directory(out) as tmp:
         run = RunDir(tmp)
@@ -285,8 +281,6 @@ def write_run(out: str | Path, cfg, weights: dict, ema: dict, info: dict, optimi
 
 def import_score_sde(checkpoint: str | Path, name: str, out: str | Path, overrides: list[str] | None = None) -> Path:
     """Check everything, then write the run directory; ImportFailure (nothing written) otherwise."""
-    from pipeline.config import ConfigError
-
     out = Path(out)
     if out.exists():
         raise ImportFailure(f"--out {out}: already exists (choose a new run directory)")

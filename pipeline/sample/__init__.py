@@ -8,5 +8,5 @@ classifier from ``fpdiff classifier``). Uses: ``pipeline.rundir`` to find the we
 
 
 def main(argv=None) -> int:
-    from pipeline.sample.cli import sample_main
+    from pipeline.sample.cli import sample_main  # deferred: importing one module of the stage must not load its CLI
     return sample_main(argv)

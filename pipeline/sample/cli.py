@@ -12,22 +12,22 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_write_json
-from pipeline.images import write_sample_set
-from pipeline.rundir import RunDir, sample_set
+from pipeline.images import to_model_space, write_sample_set
+from pipeline.rundir import RunDir, load_for_eval, sample_set
 from pipeline.cliargs import ArgumentParser
-from pipeline.config import finite_float
+from pipeline.config import ConfigError, finite_float, parse_overrides
+from pipeline.config_doc import unknown_key
+from pipeline.controllable import MASKS, classifier_guided_score, colorize, inpaint, make_mask
+from pipeline.data.reader import shard_urls
+from pipeline.data.test_set import rank_test_batches, require_test_shards
+from pipeline.models.classifier import input_scale, load_classifier, log_prob_fn
+from pipeline.sampling import batch_sizes, sample
+from pipeline.score import cycled_labels, get_score_fn, sampling_score_fn
+from pipeline.sde import build_sde
 from pipeline.status import EXIT_BAD_CONFIG
 
 
 def sample_main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError, parse_overrides
-    from pipeline.config_doc import unknown_key
-    from pipeline.data.test_set import require_test_shards
-    from pipeline.rundir import load_for_eval
-    from pipeline.sampling import sample
-    from pipeline.score import get_score_fn, sampling_score_fn
-    from pipeline.sde import build_sde
-
     p = ArgumentParser(prog="fpdiff sample", description="Draw samples from a trained run (EMA weights).")
     p.add_argument("--run-dir", required=True, help="run directory, its export/ folder, or a checkpoint directory")
     p.add_argument("--num-samples", type=int, default=None,
@@ -69,7 +69,6 @@ def sample_main(argv: list[str] | None = None) -> int:
             cfg.sampling.method = args.method
         cfg.sampling.validate("sampling")
         if args.inpaint is not None:
-            from pipeline.controllable import MASKS
             if args.inpaint not in MASKS:
                 raise ConfigError(f"--inpaint: unknown mask {args.inpaint!r} (choose from {', '.join(MASKS)})")
             if cfg.sampling.method != "pc":
@@ -114,7 +113,6 @@ def sample_main(argv: list[str] | None = None) -> int:
     x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, shape,
                     device=args.device, generator=g, progress=True)
     seconds = time.time() - t0
-    from pipeline.models.classifier import input_scale
     t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
     with torch.no_grad():
         logp = torch.log_softmax(clf(x, t_end, input_scale(sde, t_end)).float(), 1)
@@ -136,9 +134,6 @@ GRID_MAX = 256  # samples shown in grid.png (all of them are in samples.npz)
 def _stream_samples(args, cfg, score_fn, sde, shape, g, out: Path, step) -> int:
     """Draw ``shape[0]`` samples in batches of ``sampling.batch_size`` (the same draws as one
     ``sample`` call: it batches the same way) and write each to samples.npz as it comes."""
-    from pipeline.sampling import batch_sizes, sample
-    from pipeline.score import cycled_labels
-
     sizes = batch_sizes(shape[0], cfg.sampling.batch_size)
     conditional = cfg.model.num_classes > 0  # labels 0..K-1 in turn in each batch (``sampling_score_fn``)
     nfes, t0 = [], time.time()
@@ -169,10 +164,6 @@ def _stream_samples(args, cfg, score_fn, sde, shape, g, out: Path, step) -> int:
 
 def _guided(args, score_fn, sde):
     """(guided score, labels (n,), classifier) for --class-label."""
-    from pipeline.models.classifier import load_classifier, log_prob_fn
-    from pipeline.controllable import classifier_guided_score
-    from pipeline.score import cycled_labels
-
     folder = Path(args.classifier) if args.classifier else RunDir(args.run_dir).classifier
     clf, _ = load_classifier(folder, args.device)
     k = clf.settings["num_classes"]
@@ -193,12 +184,6 @@ def _guided(args, score_fn, sde):
 
 def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     """--inpaint / --colorize on the first ``--num-samples`` test images."""
-    from pipeline.controllable import colorize, inpaint, make_mask
-    from pipeline.data.reader import shard_urls
-    from pipeline.data.test_set import rank_test_batches
-    from pipeline.images import to_model_space
-    from pipeline.score import get_score_fn
-
     spec = args.data  # the test shards (require_test_shards, checked before anything was written)
     shard_urls(spec or "", key="--data")  # a missing shard: one line naming it, before any sampling
     n = args.num_samples

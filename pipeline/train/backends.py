@@ -19,6 +19,9 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from pipeline.config import Config, ConfigError
 from pipeline.rundir import DEEPSPEED_DIR
@@ -28,8 +31,6 @@ class AccelerateBackend:
     name = "accelerate"
 
     def __init__(self, cfg: Config, cpu: bool | None = None):
-        from accelerate import Accelerator
-
         # cpu=True on a CPU-only machine: without it, `accelerate launch --multi_gpu` processes each
         # believe they are alone (DistributedType.NO) although torch.distributed has 2 ranks
         # (cpu=True on a GPU machine: a benchmark's CPU rows)
@@ -96,7 +97,6 @@ class AccelerateBackend:
     def end(self):
         self.accelerator.end_training()
         if self.world == 1:  # Accelerate's state is a per-process singleton: let a next train() configure anew
-            from accelerate.state import AcceleratorState
             AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -105,7 +105,7 @@ class DeepSpeedBackend:
     TAG = DEEPSPEED_DIR  # the checkpoint subfolder its optimizer partitions go to
 
     def __init__(self, cfg: Config, ds_config_path: str):
-        import deepspeed
+        import deepspeed  # deferred: optional (training.backend=deepspeed only)
 
         if cfg.training.mixed_precision != "no":
             raise ConfigError("training.mixed_precision: DeepSpeed keeps bf16/fp16 weights, on which the FPE "
@@ -120,7 +120,6 @@ class DeepSpeedBackend:
                               "derivative (jvp), which the FPE residual's exact d/dt needs; use stage 1 or 2")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
-        import torch.distributed as dist
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
@@ -140,7 +139,7 @@ class DeepSpeedBackend:
         self.grad_accum = tc.grad_accum
 
     def prepare(self, model, optimizer):
-        import deepspeed
+        import deepspeed  # deferred: optional (training.backend=deepspeed only)
 
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
@@ -167,15 +166,11 @@ class DeepSpeedBackend:
         return norm, not overflow and math.isfinite(norm)
 
     def any(self, flag: bool) -> bool:
-        import torch.distributed as dist
-
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t)
         return bool(t.item() > 0)
 
     def barrier(self):
-        import torch.distributed as dist
-
         dist.barrier()
 
     def optimizer_state(self) -> dict | None:

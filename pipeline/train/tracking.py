@@ -104,7 +104,7 @@ class Tracker:
     def _init_wandb(self, config_dict: dict) -> None:
         id_file = self.id_file
         try:
-            import wandb
+            import wandb  # deferred: wandb takes over a second to import; logging.backend=wandb only
 
             if id_file.is_file() and id_file.read_text().strip():
                 run_id = id_file.read_text().strip()
@@ -182,7 +182,7 @@ class Tracker:
         self._write_jsonl({"step": int(step), "time": round(time.time(), 3), key: str(png_path)})
         if self.run is not None:
             try:
-                import wandb
+                import wandb  # deferred: wandb takes over a second to import; logging.backend=wandb only
 
                 self.run.log({key: wandb.Image(str(png_path))}, step=int(step))
                 self._wandb_errors = 0
@@ -210,7 +210,7 @@ class Tracker:
             run, self.run = self.run, None
             try:
                 run.finish()
-                import wandb
+                import wandb  # deferred: wandb takes over a second to import; logging.backend=wandb only
 
                 # wandb-core writes the run file asynchronously; shutting the service down flushes it
                 # now (otherwise only at interpreter exit). Skipped if another run is active.
