@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.cliargs import nearest
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import EXIT_BAD_CONFIG, EXIT_INTERRUPTED
 
 USAGE = """usage: fpdiff <command> [options]
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(_dispatch(argv[0], argv[1:]) or 0)
     except KeyboardInterrupt:  # every file is written atomically: nothing half-written is left
         print(f"\nfpdiff {argv[0]}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

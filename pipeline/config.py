@@ -16,6 +16,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from pipeline.sde import SDE_CLASSES
+from pipeline.status import note, warn
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key path."""
@@ -74,7 +77,7 @@ class SDEConfig:
     sigma_min: float = 0.01
     sigma_max: float = 50.0
     num_scales: int = 1000  # N: discretisation used by the PC samplers
-    eps: Optional[float] = None  # smallest time for sampling (default 1e-3 VP/sub-VP, 1e-5 VE)
+    eps: Optional[float] = None  # smallest time for sampling (default: the SDE's default_eps, 1e-3 VP/sub-VP, 1e-5 VE)
 
     def validate(self, path: str) -> None:
         _positive(self.beta_min, f"{path}.beta_min")
@@ -87,9 +90,7 @@ class SDEConfig:
 
     @property
     def sampling_eps(self) -> float:
-        if self.eps is not None:
-            return self.eps
-        return 1e-5 if self.type == "ve" else 1e-3
+        return self.eps if self.eps is not None else SDE_CLASSES[self.type].default_eps
 
 
 @dataclass
@@ -471,12 +472,10 @@ REMOVED_KEYS = {
 
 
 def _removed_key(key_path: str, value: Any) -> None:
-    import sys
-
     neutral, why = REMOVED_KEYS[key_path]
     if value != neutral:
         raise ConfigError(f"{key_path}: removed ({why}); it was {short_repr(value)}, delete the key")
-    print(f"[fpdiff] note: {key_path}: removed key dropped ({why})", file=sys.stderr, flush=True)
+    note(f"{key_path}: removed key dropped ({why})")
 
 
 def _build(cls, data: Any, path: str):
@@ -538,8 +537,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     export, a run dir, the Hub cache) gets the saved-config rules unless ``trusted``; a
     ``hub.endpoint`` read from any file is dropped (the Hub token goes only to an endpoint from
     the environment, HF_ENDPOINT, or the command line)."""
-    import sys
-
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -564,8 +561,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None and not trusted and (cfg.provenance == EXPORT_PROVENANCE or looks_saved(path)):
         apply_saved_config_rules(cfg, path, overridden, keep_local_paths=cfg.provenance != EXPORT_PROVENANCE)
     if path is not None and cfg.hub.endpoint and "hub.endpoint" not in overridden:
-        print(f"[fpdiff] warning: {p}: hub.endpoint is not read from a file (the Hub token goes only to an "
-              f"endpoint from HF_ENDPOINT or the command line: hub.endpoint=URL)", file=sys.stderr, flush=True)
+        warn(f"{p}: hub.endpoint is not read from a file (the Hub token goes only to an "
+             f"endpoint from HF_ENDPOINT or the command line: hub.endpoint=URL)")
         cfg.hub.endpoint = ""
     return cfg
 

@@ -38,15 +38,15 @@ from pipeline.rundir import RunDir, find_weights, load_for_eval, require_test_sh
 from pipeline.eval.bpd import evaluate_bpd
 from pipeline.eval.fpe import evaluate_fpe
 from pipeline.data.test_set import local_shard_counts
-from pipeline.eval.common import device_of, is_main_rank, main_first, rank_world, get_state
+from pipeline.eval.common import device_of, main_first, get_state
 from pipeline.eval.conservativity import evaluate_conservativity
 from pipeline.data.reader import shard_urls
 from pipeline.eval.fid import compute_ref_stats, evaluate_fid
 from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
                                     check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
-from pipeline.collectives import barrier
+from pipeline.collectives import barrier, is_main_rank, rank_world
 from pipeline.config import finite_float
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import EXIT_BAD_CONFIG, result
 
 
 # --------------------------------------------------------------------------- in-training / library API
@@ -245,7 +245,7 @@ def _cmd_ref_stats(args, state) -> int:
         save_stats(out, stats, feats=feats, meta={"feature_extractor": fe.name, "feature_extractor_id": fe.identity,
                                                   "image_size": getattr(stats, "image_size", None),
                                                   "shards": args.shards, "mode": "clean"})
-        print(f"[fpdiff] reference statistics of {stats.n} images ({time.time() - t0:.0f}s): {out}", flush=True)
+        result(f"reference statistics of {stats.n} images ({time.time() - t0:.0f}s): {out}")
     barrier()
     return 0
 
@@ -320,7 +320,7 @@ def _cmd_run(args, state) -> int:
     res["checkpoint"] = str(args.run)
     write_result(res, out, run, state)
     if rank == 0:
-        print(f"[fpdiff] {_summary_line(res)} -> {out}", flush=True)
+        result(f"{_summary_line(res)} -> {out}")
     barrier()
     return 0
 

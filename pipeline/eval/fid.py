@@ -10,13 +10,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from pipeline.eval.common import device_of, rank_world, eval_pass
+from pipeline.eval.common import device_of, eval_pass
 from pipeline.data.reader import iter_images
 from pipeline.data.test_set import batched, ceil_div
 from pipeline.eval.features import (FeatureExtractor, FeatureStats, check_ref_matches, check_ref_stats, frechet_distance,
                                     kernel_distance, load_ref_stats)
 from pipeline.collectives import broadcast_float
-from pipeline.collectives import all_reduce_sum, seed_for
+from pipeline.collectives import all_reduce_sum, rank_world, seed_for
 
 
 def _sampling_cfg(cfg, sampler: Optional[str]):

@@ -38,7 +38,7 @@ import torch
 from pipeline.cliargs import ArgumentParser
 from pipeline.data.reader import file_sha256
 from pipeline.rundir import MODEL_WEIGHTS, OPTIMIZER, RunDir, check_finite, save_weights
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import EXIT_BAD_CONFIG, note, result
 
 
 # --------------------------------------------------------------------------- score_sde configs
@@ -335,8 +335,8 @@ def import_main(argv: list[str] | None = None) -> int:
         print(f"fpdiff import: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if not (RunDir(out).imported / OPTIMIZER).is_file():
-        print(f"[fpdiff] note: {args.checkpoint} has no optimizer entry; a fine-tune from it starts a fresh Adam")
-    print(f"[fpdiff] imported {args.checkpoint} ({args.config}) -> {out} (EMA weights in {RunDir(out).export})")
+        note(f"{args.checkpoint} has no optimizer entry; a fine-tune from it starts a fresh Adam")
+    result(f"imported {args.checkpoint} ({args.config}) -> {out} (EMA weights in {RunDir(out).export})")
     return 0
 
 

@@ -15,7 +15,7 @@ from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.rundir import RunDir
 from pipeline.cliargs import ArgumentParser
 from pipeline.config import finite_float
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import EXIT_BAD_CONFIG, result
 
 
 def sample_main(argv: list[str] | None = None) -> int:
@@ -129,7 +129,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     with atomic_path(out / "samples.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
     atomic_write_json(out / "samples.json", record)
-    print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
+    result(f"{args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
     return 0
 
 
@@ -185,8 +185,8 @@ def _stream_samples(args, cfg, score_fn, sde, shape, g, out: Path, step) -> int:
     if conditional:
         record.update(class_labels=grid_labels, guidance_weight=cfg.sampling.guidance_weight)
     atomic_write_json(out / "samples.json", record)
-    print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): "
-          f"{out / 'samples.npz'}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
+    result(f"{args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): "
+           f"{out / 'samples.npz'}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
     return 0
 
 
@@ -272,7 +272,7 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     record = {"num_samples": int(data.shape[0]), **record, "nfe": int(nfe), "data": spec,
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
     atomic_write_json(out / f"{kind}.json", record)
-    print(f"[fpdiff] {what}, {nfe} score evaluations, {seconds:.1f}s: {grid}")
+    result(f"{what}, {nfe} score evaluations, {seconds:.1f}s: {grid}")
     return 0
 
 

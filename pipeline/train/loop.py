@@ -17,7 +17,6 @@ and publishing.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.cliargs import ArgumentParser
+from pipeline.collectives import is_main_rank
 from pipeline.config import Config, ConfigError, save_config
 from pipeline.data.loader import build_train_loader, gather_state
 from pipeline.fpe import mean_by_t_bucket
@@ -40,7 +40,7 @@ from pipeline.images import label_columns, save_grid, to_uint8
 from pipeline.rundir import SAMPLES_PNG, RunDir, RunLock
 from pipeline.sampling import sample
 from pipeline.score import sampling_score_fn
-from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, say
+from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, result, say
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.backends import build_backend
 from pipeline.train.init_source import load_init_source, plan_continuation
@@ -464,10 +464,10 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
         cfg, run_dir = training_config(args.config, args.run_dir, args.resume, args.overrides, force=args.force)
         code = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                      deepspeed_config=args.deepspeed, overwrite=args.overwrite, hooks=hooks)
-        if code == EXIT_OK and os.environ.get("RANK", "0") == "0":  # where it all went, last
-            summary = RunDir(run_dir).summary_txt.read_text().splitlines()[-1]
-            print(f"[fpdiff] {summary}\n[fpdiff] outputs in {run_dir}/: checkpoints/, export/ (EMA weights, "
-                  f"model card), samples.png, metrics.jsonl, summary.json, summary.txt", flush=True)
+        if code == EXIT_OK and is_main_rank():  # where it all went, last
+            result(RunDir(run_dir).summary_txt.read_text().splitlines()[-1])
+            result(f"outputs in {run_dir}/: checkpoints/, export/ (EMA weights, model card), samples.png, "
+                   f"metrics.jsonl, summary.json, summary.txt")
         return code
     except ckpt.CheckpointError as e:
         print(f"fpdiff: {e}", file=sys.stderr)
