@@ -7,6 +7,7 @@ one line naming the key path (``ConfigError``), before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -67,6 +68,11 @@ class ModelConfig:
             raise ConfigError(f"{path}.ch_mult: must not be empty")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{path}.dropout: must be in [0, 1), got {self.dropout}")
+        _positive(self.num_heads, f"{path}.num_heads")
+        bad = sorted(w for w in {self.nf * c for c in self.ch_mult} if w % self.num_heads or w < 4)
+        if bad:
+            raise ConfigError(f"{path}.num_heads/nf: channel widths {bad} must be >= 4 and divisible by num_heads "
+                              f"{self.num_heads}")
 
 
 @dataclass
@@ -209,10 +215,12 @@ class FPEConfig:
     t_max: float = 1.0
     dt_method: Literal["jvp", "fd3", "central"] = "jvp"
     fd_step: float = 1e-3
+    # divergences: hutchinson (probes) or exact (D backward passes; tiny data only): exact gives one
+    # exact residual, so validate sets n_probes to 1 and norm_estimator to single
     div_method: Literal["hutchinson", "exact"] = "hutchinson"
     probe: Literal["rademacher", "gaussian"] = "rademacher"
     norm_estimator: Literal["unbiased", "single"] = "unbiased"
-    n_probes: int = 2  # Hutchinson probes per residual (>= 2 for the unbiased estimator)
+    n_probes: int = 2  # Hutchinson probes per residual (>= 2 for the unbiased estimator; refused below that)
     # parameter gradient of the unbiased ‖r‖²: "first" backpropagates through the first probe's
     # residual only, scaled to stay unbiased (the parameter backward is most of the cost);
     # "all": through every probe (the estimator's exact gradient, lower variance)
@@ -236,6 +244,12 @@ class FPEConfig:
         _positive(self.n_probes, f"{path}.n_probes")
         if self.norm_estimator == "unbiased" and self.div_method == "hutchinson" and self.n_probes < 2:
             raise ConfigError(f"{path}.n_probes: the unbiased norm estimator needs >= 2 probes, got {self.n_probes}")
+        self.resolve_probes()
+
+    def resolve_probes(self) -> None:
+        """div_method "exact": one exact residual (n_probes 1, norm_estimator "single")."""
+        if self.div_method == "exact":
+            self.n_probes, self.norm_estimator = 1, "single"
 
 
 @dataclass
@@ -277,7 +291,8 @@ class EvalConfig:
     ref_stats: str = ""  # .npz of reference statistics, or a clean-fid dataset name
     bpd_num_batches: int = 1
     bpd_passes: int = 1
-    hutchinson: Literal["rademacher", "gaussian"] = "rademacher"
+    # the likelihood's trace estimator: rademacher or gaussian probes, or exact (D passes; tiny data only)
+    hutchinson: Literal["rademacher", "gaussian", "exact"] = "rademacher"
     rtol: float = 1e-5
     atol: float = 1e-5
     seed: int = 0  # sample / probe seeds (per global batch index: independent of world size)
@@ -347,9 +362,11 @@ class Config:
     provenance: Literal["user", "export"] = "user"
 
     def validate(self) -> None:
+        check_choices(self, "")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
+                check_choices(section, f.name)
                 section.validate(f.name)
         # cross-section checks
         down = 2 ** (len(self.model.ch_mult) - 1) * self.model.patch_size
@@ -360,6 +377,10 @@ class Config:
                 f"model.patch_size {self.model.patch_size})")
         if self.model.embedding_type == "fourier" and self.sde.type != "ve":
             raise ConfigError("model.embedding_type: 'fourier' (log-sigma labels) needs sde.type 've'")
+        if self.model.scale_by_sigma and self.sde.type != "ve":
+            raise ConfigError("model.scale_by_sigma: only valid with sde.type 've' (labels are sigma)")
+        if self.model.embedding_type == "positional" and self.model.nf < 4:
+            raise ConfigError(f"model.nf: must be >= 4, got {self.model.nf}")
         if self.sampling.guidance_weight and not self.model.num_classes:
             raise ConfigError("sampling.guidance_weight: classifier-free guidance needs a class-conditional "
                               "model (model.num_classes > 0)")
@@ -375,6 +396,27 @@ class Config:
 def _positive(value, path: str) -> None:
     if value <= 0:
         raise ConfigError(f"{path}: must be > 0, got {value}")
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def choices(section, key: str) -> tuple:
+    """The values a ``Literal`` key of a config section (class or instance) allows: its annotation is the one
+    place they are spelled (``Config.validate`` checks them; modules that take them as arguments ask here)."""
+    return typing.get_args(_hints(section if isinstance(section, type) else type(section))[key])
+
+
+def check_choices(section, path: str) -> None:
+    """Every ``Literal`` key of ``section`` holds one of its values; the error names the key."""
+    for f in dataclasses.fields(section):
+        if typing.get_origin(_hints(type(section))[f.name]) is Literal:
+            allowed, value = choices(section, f.name), getattr(section, f.name)
+            if value not in allowed or isinstance(value, bool):
+                raise ConfigError(f"{path + '.' if path else ''}{f.name}: must be one of {list(allowed)}, "
+                                  f"got {short_repr(value)}")
 
 
 MAX_SHOWN = 200  # characters of a value shown in a message (an alias bomb expands to gigabytes)
@@ -430,12 +472,10 @@ def _coerce(value: Any, tp, path: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{path}: expected {type_name(tp)}, got {type(value).__name__} {short_repr(value)}")
-    if origin is Literal:
+    if origin is Literal:  # its allowed values are checked by Config.validate (check_choices)
         if isinstance(value, bool):  # YAML 1.1 reads a bare `no` / `off` as false
             spelled = [a for a in (("no", "off", "false") if not value else ("yes", "on", "true")) if a in args]
             value = spelled[0] if spelled else value
-        if value not in args:
-            raise ConfigError(f"{path}: must be one of {list(args)}, got {short_repr(value)}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):

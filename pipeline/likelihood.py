@@ -44,6 +44,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from pipeline.config import EvalConfig, choices
 from pipeline.ode import odeint_adaptive
 from pipeline.sde import SDE, bcast
 
@@ -101,8 +102,8 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *,
     ``probe`` (shape of x) overrides the probe drawn from ``generator``. ``callback(t)`` is
     called with the integrator's times after every step (a progress bar).
     """
-    if hutchinson not in ("rademacher", "gaussian", "exact"):
-        raise ValueError(f"log_likelihood: unknown hutchinson {hutchinson!r} (rademacher, gaussian, exact)")
+    if hutchinson not in choices(EvalConfig, "hutchinson"):
+        raise ValueError(f"log_likelihood: unknown hutchinson {hutchinson!r} ({', '.join(choices(EvalConfig, 'hutchinson'))})")
     B = x.shape[0]
     shape = x.shape
     D = x[0].numel()

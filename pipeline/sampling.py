@@ -44,6 +44,7 @@ from typing import Callable, Optional
 
 import torch
 
+from pipeline.config import SamplingConfig, choices
 from pipeline.ode import odeint_adaptive
 from pipeline.score import batch_sizes
 from pipeline.sde import SDE, bcast
@@ -52,8 +53,8 @@ __all__ = ["pc_sample", "ode_sample", "sample", "default_eps", "PREDICTORS", "CO
            "probability_flow_drift"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
-CORRECTORS = ("langevin", "ald", "none")
+PREDICTORS = choices(SamplingConfig, "predictor")
+CORRECTORS = choices(SamplingConfig, "corrector")
 
 
 def default_eps(sde: SDE) -> float:

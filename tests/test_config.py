@@ -103,3 +103,37 @@ def test_a_removed_key_at_its_neutral_value_loads_and_any_other_value_is_refused
     path.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError, match=r"training.init_ema_updates: removed \(superseded by training.init_fresh"):
         load_config(path)
+
+
+def test_each_option_is_checked_once_where_the_config_is_validated():
+    """A Literal key's values are spelled once (its annotation): a config built in code, the estimator and
+    the samplers all refuse a value outside them with the same one line; the estimator keeps the configured
+    probe count (validate refuses too few), and div_method exact's rule is applied by validate, visibly."""
+    from pipeline.config import Config, FPEConfig
+    from pipeline.fpe import ResidualEstimator
+    from pipeline.sampling import PREDICTORS
+    from pipeline.sde import VPSDE
+
+    cfg = Config()
+    cfg.fpe.probe = "uniform"
+    with pytest.raises(ConfigError, match=r"^fpe\.probe: must be one of \['rademacher', 'gaussian'\], got uniform$"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match=r"^fpe\.probe: must be one of \['rademacher', 'gaussian'\], got uniform$"):
+        ResidualEstimator(VPSDE(), probe="uniform")
+    assert PREDICTORS == ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
+    with pytest.raises(ConfigError, match=r"^fpe\.n_probes: the unbiased norm estimator needs >= 2 probes, got 1$"):
+        load_config(None, ["fpe.n_probes=1"])
+    assert ResidualEstimator.from_config(FPEConfig(n_probes=1), VPSDE()).n_probes == 1  # not raised behind one's back
+    assert ResidualEstimator.from_config(FPEConfig(n_probes=5), VPSDE()).n_probes == 5
+    exact = load_config(None, ["fpe.div_method=exact"]).fpe
+    assert (exact.n_probes, exact.norm_estimator) == (1, "single")
+    est = ResidualEstimator.from_config(exact, VPSDE())
+    assert (est.div_method, est.n_probes, est.norm_estimator) == ("exact", 1, "single")
+
+
+def test_model_options_fail_when_the_config_loads_not_when_the_network_is_built():
+    with pytest.raises(ConfigError, match=r"^model\.num_heads/nf: channel widths \[128, 256\] must be >= 4 and "
+                                          r"divisible by num_heads 3$"):
+        load_config(None, ["model.num_heads=3"])
+    with pytest.raises(ConfigError, match=r"^model\.scale_by_sigma: only valid with sde\.type 've'"):
+        load_config(None, ["model.scale_by_sigma=true"])

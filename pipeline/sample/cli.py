@@ -14,7 +14,7 @@ import torch
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.rundir import RunDir
 from pipeline.cliargs import ArgumentParser
-from pipeline.config import finite_float
+from pipeline.config import SamplingConfig, choices, finite_float
 from pipeline.status import EXIT_BAD_CONFIG, result
 
 
@@ -31,7 +31,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True, help="run directory, its export/ folder, or a checkpoint directory")
     p.add_argument("--num-samples", type=int, default=None,
                    help="samples to draw, or test images for --inpaint / --colorize (default: the run's sampling.num_samples)")
-    p.add_argument("--method", choices=["pc", "ode"], default=None, help="override sampling.method")
+    p.add_argument("--method", choices=choices(SamplingConfig, "method"), default=None, help="override sampling.method")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (and of --inpaint random's mask)")
     p.add_argument("--out", default=None, help="output directory (default RUN/samples)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
