@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from pipeline.sde import SDE_CLASSES
+from pipeline.sde import SDE, SDE_CLASSES
 from pipeline.status import note, warn
 
 
@@ -184,7 +184,8 @@ class TrainingConfig:
             raise ConfigError(f"{path}.ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.warmup < 0:
             raise ConfigError(f"{path}.warmup: must be >= 0, got {self.warmup}")
-        _positive(self.eps, f"{path}.eps")
+        if not 0.0 < self.eps < SDE.T:
+            raise ConfigError(f"{path}.eps: must be in (0, T = {SDE.T}), got {self.eps}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"{path}.label_dropout: must be in [0, 1), got {self.label_dropout}")
         bad = [p for p in self.init_fresh if p not in ("optimizer", "ema", "schedule", "data")]

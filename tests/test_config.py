@@ -129,6 +129,11 @@ def test_each_option_is_checked_once_where_the_config_is_validated():
     assert (exact.n_probes, exact.norm_estimator) == (1, "single")
     est = ResidualEstimator.from_config(exact, VPSDE())
     assert (est.div_method, est.n_probes, est.norm_estimator) == ("exact", 1, "single")
+    # the DSM loss's arguments are training.* keys, refused as the config refuses them
+    from pipeline.losses import DSMLoss
+    for refuse in (lambda: load_config(None, ["training.eps=2.0"]), lambda: DSMLoss(VPSDE(), eps=2.0)):
+        with pytest.raises(ConfigError, match=r"^training\.eps: must be in \(0, T = 1\.0\), got 2\.0$"):
+            refuse()
 
 
 def test_model_options_fail_when_the_config_loads_not_when_the_network_is_built():
