@@ -28,9 +28,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
-    # a label (score_sde's model name, kept with the run and its export): DDPM++ and NCSN++ are
-    # configurations of one network, set by the keys below
-    name: Literal["ddpmpp", "ncsnpp"] = "ddpmpp"
+    # one network (score_sde's NCSN++ code): DDPM++ and NCSN++ are configurations of it, set by these keys
     nf: int = 128  # base channel count
     ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
     num_res_blocks: int = 4
@@ -506,15 +504,17 @@ def _coerce(value: Any, tp, path: str) -> Any:
 # keys an earlier fpdiff wrote into configs and run dirs: a saved config that holds one at the value
 # that meant today's behaviour still loads (one line says it is dropped); any other value is refused
 # with what replaced it, since silently ignoring it would change what the run does
-REMOVED_KEYS = {
-    "training.init_ema_updates": (0, "superseded by training.init_fresh: a fine-tune continues its source's "
-                                     "EMA warm-up position unless training.init_fresh lists ema"),
+REMOVED_KEYS = {  # key: (the values that meant today's behaviour, why it went)
+    "training.init_ema_updates": ((0,), "superseded by training.init_fresh: a fine-tune continues its source's "
+                                        "EMA warm-up position unless training.init_fresh lists ema"),
+    "model.name": (("ddpmpp", "ncsnpp"), "a label that chose nothing: DDPM++ and NCSN++ are configurations of one "
+                                         "network, set by the other model keys"),
 }
 
 
 def _removed_key(key_path: str, value: Any) -> None:
     neutral, why = REMOVED_KEYS[key_path]
-    if value != neutral:
+    if value not in neutral or isinstance(value, bool):
         raise ConfigError(f"{key_path}: removed ({why}); it was {short_repr(value)}, delete the key")
     note(f"{key_path}: removed key dropped ({why})")
 

@@ -20,7 +20,6 @@ from pipeline.status import EXIT_BAD_CONFIG
 MEANINGS = {
     "name": "experiment name (the default run dir is runs/<name>)",
     "run_dir": "output directory (default runs/<name>; --run-dir overrides it)",
-    "model.name": "network: ddpmpp (DDPM++) or ncsnpp (NCSN++)",
     "model.ch_mult": "channel multiplier of each resolution level (its length: the number of levels)",
     "model.num_res_blocks": "residual blocks per resolution level",
     "model.attn_resolutions": "resolutions (in pixels) with a self-attention block",
@@ -35,7 +34,6 @@ MEANINGS = {
     "model.progressive_input": "input path: none, input_skip or residual",
     "model.progressive_combine": "how the progressive input joins: sum or cat",
     "model.init_scale": "scale of the last convolutions' initialisation (0: zero-initialised)",
-    "model.conv_size": "kernel size of the convolutions",
     "sde.type": "forward SDE: vp, subvp or ve",
     "sde.beta_min": "VP / sub-VP: beta(0)",
     "sde.beta_max": "VP / sub-VP: beta(1)",

@@ -142,3 +142,17 @@ def test_model_options_fail_when_the_config_loads_not_when_the_network_is_built(
         load_config(None, ["model.num_heads=3"])
     with pytest.raises(ConfigError, match=r"^model\.scale_by_sigma: only valid with sde\.type 've'"):
         load_config(None, ["model.scale_by_sigma=true"])
+
+
+@pytest.mark.parametrize("label", ["ddpmpp", "ncsnpp"])
+def test_a_run_dir_with_the_old_model_name_label_loads(tmp_path, capsys, label):
+    """model.name chose nothing (one network, configured by the other keys): removed; a config written
+    with either label loads as the same config, another value is refused naming the key."""
+    tree = load_config().to_dict()
+    tree["model"]["name"] = label
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert load_config(path).to_dict() == load_config().to_dict()
+    assert "model.name: removed key dropped" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^model\.name: removed \(a label that chose nothing"):
+        load_config(None, ["model.name=unet"])

@@ -18,8 +18,7 @@ __all__ = ["NCSNpp", "build_model", "count_parameters"]
 def build_model(cfg: Config) -> nn.Module:
     """Build the UNet described by ``cfg.model`` for ``cfg.data`` images and ``cfg.sde``.
 
-    ``model.name`` ("ddpmpp" / "ncsnpp") is a label only: both are configurations of one
-    network. Parameters are created on the current default device (``with
+    DDPM++ and NCSN++ are configurations of this one network. Parameters are created on the current default device (``with
     torch.device("meta"): build_model(cfg)`` builds without allocating). The keys' values are
     checked when the config loads (``Config.validate``), not here.
     """
