@@ -15,7 +15,7 @@ from typing import Optional
 
 from pipeline.cliargs import ArgumentParser, nearest
 from pipeline.config import Config, ConfigError, load_config, load_saved_config, type_name
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import fail
 
 MEANINGS = {
     "name": "experiment name (the default run dir is runs/<name>)",
@@ -180,8 +180,7 @@ def config_main(argv: Optional[list[str]] = None) -> int:
                 raise ConfigError(unknown_key(args.key, [r[0] for r in rows] + sorted({r[0].split(".")[0] for r in rows})))
             rows = chosen
     except ConfigError as e:
-        print(f"fpdiff config: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("config", e)
     values = [repr(_value(cfg, key)) for key, _, _ in rows]
     kw, vw, tw = (min(max(map(len, col)), 28) for col in ([r[0] for r in rows], values, [r[1] for r in rows]))
     for (key, tp, meaning), value in zip(rows, values):

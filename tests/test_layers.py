@@ -78,7 +78,7 @@ def test_the_core_importing_a_stage_is_caught(tmp_path):
 
 
 # --------------------------------------------------------------------------- status lines and exit codes
-STATUS = "pipeline.status"  # the one module that writes "[fpdiff]" lines and spells the exit codes
+STATUS = "pipeline.status"  # the one module that writes "[fpdiff]" lines and errors, and spells the exit codes
 EXIT_LITERALS = {1, 2, 3, 75, 130}  # pipeline.status.EXIT_* other than 0
 
 
@@ -94,8 +94,8 @@ def _is_exit_literal(node) -> bool:
 
 
 def own_reporting(pkg: Path) -> list[str]:
-    """Modules other than pipeline.status that write a "[fpdiff]" line, use ``logging``, or spell an exit
-    code as a number (in ``sys.exit``, ``SystemExit`` or a ``return``)."""
+    """Modules other than pipeline.status that write a "[fpdiff]" line or to stderr, use ``logging``, or
+    spell an exit code as a number (in ``sys.exit``, ``SystemExit`` or a ``return``)."""
     bad = []
     for path in sorted(pkg.rglob("*.py")):
         mod = module_name(path, pkg)
@@ -106,6 +106,8 @@ def own_reporting(pkg: Path) -> list[str]:
             where = f"{mod}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, ast.Call) and any("[fpdiff]" in s for s in _strings(node)):
                 bad.append(f"{where} writes a [fpdiff] line itself")
+            elif isinstance(node, ast.Attribute) and ast.unparse(node) == "sys.stderr":
+                bad.append(f"{where} writes to stderr itself")
             elif isinstance(node, ast.Import) and any(a.name == "logging" for a in node.names):
                 bad.append(f"{where} imports logging")
             elif isinstance(node, ast.ImportFrom) and node.module == "logging":
@@ -118,7 +120,7 @@ def own_reporting(pkg: Path) -> list[str]:
     return bad
 
 
-def test_status_lines_and_exit_codes_come_only_from_pipeline_status():
+def test_status_lines_errors_and_exit_codes_come_only_from_pipeline_status():
     assert own_reporting(PKG) == []
 
 
@@ -130,10 +132,11 @@ def test_a_module_reporting_by_itself_is_caught(tmp_path):
         'import logging\nimport sys\nlog = logging.getLogger("x")\n'
         'def f(n):\n    print(f"[fpdiff] {n} steps")\n    return 1.0\n'
         'def main():\n    if f(1):\n        return 2\n    sys.exit(75)\n'
-        'def ok():\n    return 0\n')
-    assert own_reporting(tmp_path / "pipeline") == [
+        'def ok():\n    print("fpdiff x: no such file", file=sys.stderr)\n    return 0\n')
+    assert sorted(own_reporting(tmp_path / "pipeline"), key=lambda s: int(s.split(":")[1].split()[0])) == [
         "pipeline.train.x:1 imports logging",
         "pipeline.train.x:5 writes a [fpdiff] line itself",
         "pipeline.train.x:9 returns the literal exit code 2",
         "pipeline.train.x:10 exits with the literal 75",
+        "pipeline.train.x:12 writes to stderr itself",
     ]

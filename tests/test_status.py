@@ -25,3 +25,15 @@ def test_rank_world_from_the_state_else_the_launcher_else_one_process(monkeypatc
     assert rank_world() == (1, 2) and not is_main_rank()  # torchrun's, before any process group exists
     state = SimpleNamespace(process_index=0, num_processes=4)  # an Accelerate state says otherwise: it wins
     assert rank_world(state) == (0, 4) and is_main_rank(state)
+
+
+def test_an_error_is_one_line_naming_the_command_and_returns_its_exit_code(capsys):
+    from pipeline.status import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, fail, interrupted
+
+    assert fail("sample", FileNotFoundError("runs/x: no config.yaml")) == EXIT_BAD_CONFIG == 2
+    assert fail("", "config error: training.lr: must be > 0, got 0") == 2
+    assert fail("push", "upload to a/b failed: 500", EXIT_FAILED) == 1
+    assert interrupted("eval") == EXIT_INTERRUPTED == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("fpdiff sample: runs/x: no config.yaml\nfpdiff: config error: training.lr: must be > 0, "
+                                 "got 0\nfpdiff push: upload to a/b failed: 500\n\nfpdiff eval: interrupted\n")

@@ -24,7 +24,7 @@ from pipeline.fpe import mean_by_t_bucket
 from pipeline.models.classifier import NoiseConditionalClassifier, input_scale, save_classifier
 from pipeline.rundir import RunDir, require_test_shards
 from pipeline.sde import SDE, build_sde
-from pipeline.status import EXIT_BAD_CONFIG, result
+from pipeline.status import fail, result
 
 
 def classifier_loss(clf, sde: SDE, x0: torch.Tensor, y: torch.Tensor, eps: float,
@@ -121,8 +121,7 @@ def classifier_main(argv: list[str] | None = None) -> int:
                                 num_classes=args.num_classes, device=args.device, seed=args.seed,
                                 eval_samples=args.eval_samples)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"fpdiff classifier: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("classifier", e)
     buckets = ", ".join(f"{k[4:]}: {v:.2f}" for k, v in meta.items() if k.startswith("acc_t"))
     result(f"classifier: {args.steps} steps in {meta['seconds']:.0f}s, test accuracy {meta['acc']:.3f} "
            f"({buckets}): {out}")

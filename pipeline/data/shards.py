@@ -28,7 +28,7 @@ from pipeline.cliargs import ArgumentParser
 from pipeline.data.reader import file_sha256
 from pipeline.config import finite_float
 from pipeline.data.sources import ShardWriteError, _Source, load_source
-from pipeline.status import EXIT_BAD_CONFIG, EXIT_FAILED, result, warn
+from pipeline.status import EXIT_FAILED, fail, result, warn
 
 INDEX_FORMAT = "fpdiff-shards"
 INDEX_VERSION = 1
@@ -256,13 +256,10 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
                               max_bytes=args.max_bytes, test_fraction=args.test_fraction, seed=args.seed,
                               shuffle=not args.no_shuffle, limit=args.limit)
     except ShardWriteError as e:
-        print(f"fpdiff data shards: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("data shards", e)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy / zip / the disk on a bad source
         why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"fpdiff data shards: {args.source}: cannot be read as a source ({type(e).__name__}: {why})",
-              file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("data shards", f"{args.source}: cannot be read as a source ({type(e).__name__}: {why})")
     for split, idx in written.items():
         print(f"{split}: {idx['num_samples']} samples in {len(idx['shards'])} shards, "
               f"{idx['height']}x{idx['width']}x{idx['channels']}, {len(idx['class_names'])} classes")

@@ -46,7 +46,7 @@ from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, Missing
                                     check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
 from pipeline.collectives import barrier, is_main_rank, rank_world
 from pipeline.config import finite_float
-from pipeline.status import EXIT_BAD_CONFIG, result
+from pipeline.status import EXIT_BAD_CONFIG, fail, result
 
 
 # --------------------------------------------------------------------------- in-training / library API
@@ -197,7 +197,7 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
 
 def _print_err(state, msg: str) -> None:
     if is_main_rank(state):
-        print(f"fpdiff eval: error: {msg}", file=sys.stderr, flush=True)
+        fail("eval", f"error: {msg}")
 
 
 def evaluate_main(argv: Optional[list[str]] = None) -> int:

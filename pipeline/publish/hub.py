@@ -26,7 +26,7 @@ from pipeline.cliargs import ArgumentParser
 from pipeline.config import finite_float
 from pipeline.rundir import (CONFIG, EMA_WEIGHTS, EXPORT_FILES, EXPORT_METRICS, SAMPLES_PNG, RunDir, find_weights,
                              load_state_into, read_weights)
-from pipeline.status import EXIT_FAILED, result, warn
+from pipeline.status import EXIT_FAILED, fail, result, warn
 
 
 # what an upload takes from an export folder, nothing else (no symlinks, no stray files)
@@ -290,14 +290,11 @@ def push_main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        print(f"fpdiff push: run directory not found: {run_dir}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail("push", f"run directory not found: {run_dir}", EXIT_FAILED)
     export = RunDir(run_dir).find_export()
     if export is None:
-        print(f"fpdiff push: no export in {run_dir} (expected {RunDir(run_dir).export}/{EMA_WEIGHTS} and "
-              f"{CONFIG}; the trainer writes it at the end of training and every hub.push_every steps)",
-              file=sys.stderr)
-        return EXIT_FAILED
+        return fail("push", f"no export in {run_dir} (expected {RunDir(run_dir).export}/{EMA_WEIGHTS} and {CONFIG}; "
+                            f"the trainer writes it at the end of training and every hub.push_every steps)", EXIT_FAILED)
     message = args.commit_message
     if message is None:
         try:
@@ -318,8 +315,7 @@ def push_main(argv: list[str] | None = None) -> int:
     pusher.close()
     st = pusher.status()
     if st["pushes_ok"] < 1:
-        print(f"fpdiff push: upload to {args.repo_id} failed: {st['last_error']}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail("push", f"upload to {args.repo_id} failed: {st['last_error']}", EXIT_FAILED)
     result(f"pushed {export} to {args.repo_id}: {st['last_commit_url']}")
     return 0
 

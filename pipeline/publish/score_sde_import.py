@@ -38,7 +38,7 @@ import torch
 from pipeline.cliargs import ArgumentParser
 from pipeline.data.reader import file_sha256
 from pipeline.rundir import MODEL_WEIGHTS, OPTIMIZER, RunDir, check_finite, save_weights
-from pipeline.status import EXIT_BAD_CONFIG, note, result
+from pipeline.status import fail, note, result
 
 
 # --------------------------------------------------------------------------- score_sde configs
@@ -332,8 +332,7 @@ def import_main(argv: list[str] | None = None) -> int:
     try:
         out = import_score_sde(args.checkpoint, args.config, args.out, args.overrides)
     except ImportFailure as e:
-        print(f"fpdiff import: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("import", e)
     if not (RunDir(out).imported / OPTIMIZER).is_file():
         note(f"{args.checkpoint} has no optimizer entry; a fine-tune from it starts a fresh Adam")
     result(f"imported {args.checkpoint} ({args.config}) -> {out} (EMA weights in {RunDir(out).export})")

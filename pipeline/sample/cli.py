@@ -15,7 +15,7 @@ from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.rundir import RunDir
 from pipeline.cliargs import ArgumentParser
 from pipeline.config import SamplingConfig, choices, finite_float
-from pipeline.status import EXIT_BAD_CONFIG, result
+from pipeline.status import fail, result
 
 
 def sample_main(argv: list[str] | None = None) -> int:
@@ -94,8 +94,7 @@ def sample_main(argv: list[str] | None = None) -> int:
             score_fn, labels, clf = _guided(args, get_score_fn(model, sde), sde)
             cfg.sampling.batch_size = args.num_samples  # the labels go with the whole batch
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"fpdiff sample: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("sample", e)
     # a new folder each call (RUN/samples/sample-001, -002, ...): no call overwrites an earlier one's
     out = Path(args.out) if args.out else RunDir(args.run_dir).new_samples_folder()
     out.mkdir(parents=True, exist_ok=True)
@@ -105,8 +104,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         try:
             return _conditional_main(args, model, cfg, sde, out, g, shape, step)
         except (FileNotFoundError, ValueError) as e:
-            print(f"fpdiff sample: {e}", file=sys.stderr)
-            return EXIT_BAD_CONFIG
+            return fail("sample", e)
     t0 = time.time()
     if clf is None:  # streamed to disk batch by batch: any --num-samples in bounded memory
         return _stream_samples(args, cfg, score_fn, sde, shape, g, out, step)

@@ -40,7 +40,7 @@ from pipeline.images import label_columns, save_grid, to_uint8
 from pipeline.rundir import SAMPLES_PNG, RunDir, RunLock
 from pipeline.sampling import sample
 from pipeline.score import sampling_score_fn
-from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, result, say
+from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, fail, result, say
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.backends import build_backend
 from pipeline.train.init_source import load_init_source, plan_continuation
@@ -470,17 +470,13 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
                    f"metrics.jsonl, summary.json, summary.txt")
         return code
     except ckpt.CheckpointError as e:
-        print(f"fpdiff: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", e)
     except ConfigError as e:
-        print(f"fpdiff: config error: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", f"config error: {e}")
     except MissingFileError as e:
-        print(f"fpdiff: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", e)
     except OSError as e:  # a full disk or a lost mount while writing metrics, samples, the summary
-        print(f"fpdiff: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", f"{e.filename or ''}: {e.strerror or e}")
     finally:  # a run that failed to start leaves no handler of its StopRequest behind
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
