@@ -39,7 +39,8 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
         if not argv or argv[0] != "shards":
             asked = bool(argv) and argv[0] in ("-h", "--help")
             hint = " (did you mean shards?)" if argv and not asked and nearest(argv[0], ["shards"]) else ""
-            usage = "usage: fpdiff data shards SOURCE --out DIR [--name NAME] [options]   (see fpdiff data shards --help)"
+            usage = ("usage: fpdiff data shards SOURCE --out DIR [--name NAME] [options]   "
+                     "(see fpdiff data shards --help)")
             if not asked:
                 return fail("data", f"need the shards subcommand{hint}; {usage}")
             print(usage)

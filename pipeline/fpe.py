@@ -99,8 +99,8 @@ def _fd_step(t: torch.Tensor, h: float, method: str):
     return torch.full_like(t, h), direction
 
 
-def score_and_dt(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, dt_method: str = "jvp",
-                 fd_step: float = 1e-3):
+def score_and_dt(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, dt_method: str = FPEConfig.dt_method,
+                 fd_step: float = FPEConfig.fd_step):
     """(s(x,t), ∂t s(x,t)), both differentiable in x and in the parameters; one dropout mask."""
     if dt_method == "jvp":
         # exact: one forward pass with a dual time, tangent 1 (forward-mode AD in t)

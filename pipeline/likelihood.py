@@ -89,8 +89,8 @@ def draw_probes(shape, n: int, kind: str = "rademacher", *, generator: Optional[
 
 
 def log_likelihood(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *,
-                   hutchinson: Literal["rademacher", "gaussian", "exact"] = "rademacher",
-                   rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
+                   hutchinson: str = EvalConfig.hutchinson, rtol: float = EvalConfig.rtol,
+                   atol: float = EvalConfig.atol, eps: float = EvalConfig.likelihood_eps,
                    generator: Optional[torch.Generator] = None,
                    error_norm: Literal["per_sample", "global"] = "per_sample",
                    probe: Optional[torch.Tensor] = None,
@@ -103,7 +103,8 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *,
     called with the integrator's times after every step (a progress bar).
     """
     if hutchinson not in choices(EvalConfig, "hutchinson"):
-        raise ValueError(f"log_likelihood: unknown hutchinson {hutchinson!r} ({', '.join(choices(EvalConfig, 'hutchinson'))})")
+        raise ValueError(f"log_likelihood: unknown hutchinson {hutchinson!r} "
+                         f"({', '.join(choices(EvalConfig, 'hutchinson'))})")
     B = x.shape[0]
     shape = x.shape
     D = x[0].numel()

@@ -49,8 +49,10 @@ class DSMOutput:
 class DSMLoss:
     """``DSMLoss(sde, eps, likelihood_weighting, reduce_mean, min_snr_gamma, t_sampling)(score_fn, x0, generator)``."""
 
-    def __init__(self, sde: SDE, eps: float = 1e-5, likelihood_weighting: bool = False,
-                 reduce_mean: bool = True, min_snr_gamma: float = 0.0, t_sampling: str = "uniform"):
+    def __init__(self, sde: SDE, eps: float = TrainingConfig.eps,
+                 likelihood_weighting: bool = TrainingConfig.likelihood_weighting,
+                 reduce_mean: bool = TrainingConfig.reduce_mean, min_snr_gamma: float = TrainingConfig.min_snr_gamma,
+                 t_sampling: str = TrainingConfig.t_sampling):
         # the arguments are training.* keys: checked where the config's are (ConfigError is a ValueError)
         opts = TrainingConfig(eps=eps, likelihood_weighting=likelihood_weighting, reduce_mean=reduce_mean,
                               min_snr_gamma=min_snr_gamma, t_sampling=t_sampling)

@@ -1,11 +1,12 @@
-"""How fpdiff reports to people and launch scripts: the one place that writes a "[fpdiff]" line, the
-exit codes, and the error class every stage shares for a missing input file (core: any stage may
-import it).
+"""How fpdiff reports to people and launch scripts: the one place that writes a "[fpdiff]" line or an
+error line, the exit codes, and the error class every stage shares for a missing input file (core:
+any stage may import it).
 
 Status lines (``say``, ``note``, ``warn``) and errors (``fail``: ``fpdiff COMMAND: what is wrong``,
 returning the exit code) go to stderr, one line each, unbuffered, so that a command's stdout holds
-only what it produced: the tables and the final ``result`` line that names its outputs. Nothing here goes through ``logging``: a library logger without a handler drops its
-messages, and these must reach the person who ran the command (data-loader worker processes too)."""
+only what it produced: the tables and the final ``result`` line that names its outputs. Nothing
+here goes through ``logging``: a library logger without a handler drops its messages, and these
+must reach the person who ran the command (data-loader worker processes too)."""
 from __future__ import annotations
 
 import sys
