@@ -6,6 +6,7 @@ one line naming the key path (``ConfigError``), before anything is written.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -290,8 +291,7 @@ class EvalConfig:
     ref_stats: str = ""  # .npz of reference statistics, or a clean-fid dataset name
     bpd_num_batches: int = 1
     bpd_passes: int = 1
-    # the likelihood's trace estimator: rademacher or gaussian probes, or exact (D passes; tiny data only)
-    hutchinson: Literal["rademacher", "gaussian", "exact"] = "rademacher"
+    hutchinson: Literal["rademacher", "gaussian", "exact"] = "rademacher"  # exact: D VJPs per ODE step (tiny data)
     rtol: float = 1e-5
     atol: float = 1e-5
     seed: int = 0  # sample / probe seeds (per global batch index: independent of world size)
@@ -622,7 +622,11 @@ def load_saved_config(path: str | Path, overrides: list[str] | None = None, *,
                                     keep_local_paths=keep_local_paths)
 
 
-def config_from_dict(tree: dict) -> Config:
+def config_from_dict(tree: dict, overrides: list[str] | None = None) -> Config:
+    """A validated Config from a nested dict, dotted ``overrides`` applied on top."""
+    tree = copy.deepcopy(tree)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
     cfg.validate()
     return cfg

@@ -15,6 +15,7 @@ from typing import Optional
 
 from pipeline.cliargs import ArgumentParser, nearest
 from pipeline.config import Config, ConfigError, load_config, load_saved_config, type_name
+from pipeline.rundir import CONFIG
 from pipeline.status import fail
 
 MEANINGS = {
@@ -169,7 +170,7 @@ def config_main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("key", nargs="?", default=None, help="a key (training.lr) or a section (training)")
     args = p.parse_args(argv)
     try:
-        if args.config and args.config.endswith("config.yaml"):
+        if args.config and args.config.endswith(CONFIG):
             cfg = load_saved_config(args.config)
         else:
             cfg = load_config(args.config)

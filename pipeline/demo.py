@@ -16,7 +16,7 @@ DEMO_FINETUNE = ["fpe.enabled=true", "training.warmup=0", "training.lr=5e-4"]
 DEMO_QUICK = ["training.n_steps=20", "training.log_every=5", "sampling.num_steps=30"]
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     """bf16 autocast pays on CPUs with AVX512-BF16 / AMX (1.4x per DSM step here); elsewhere it is emulated."""
     import torch
 
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
 
         # the demo's own settings come first, the user's overrides after them (so they win)
         base, user = (DEMO_QUICK if args.quick else []), list(args.overrides)
-        if not _cpu_has_native_bf16():  # configs/demo.yaml trains the DSM path under bf16 autocast
+        if not cpu_has_native_bf16():  # configs/demo.yaml trains the DSM path under bf16 autocast
             say("demo: this CPU has no native bf16; training in fp32 (slower: fewer steps fit 10 minutes)")
             base = ["training.mixed_precision=no"] + base
         # the DSM phase's own grid is a 16-sample preview (dsm/samples.png)

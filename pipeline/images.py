@@ -4,8 +4,9 @@ grids."""
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -62,3 +63,45 @@ def save_grid(x: torch.Tensor, path: str | Path, centered: bool, nrow: int | Non
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path
+
+
+def _npy_member(zf: zipfile.ZipFile, name: str, shape: tuple, dtype, chunks: Iterable) -> None:
+    """Write an array member of an .npz (``np.load`` reads it) from ``chunks`` of its rows, never
+    holding more than one chunk."""
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+        np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(shape)})
+        for chunk in chunks:
+            fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def write_sample_set(npz: Path, grid: Path, batches: Iterable[torch.Tensor], shape: tuple, centered: bool,
+                     labels=None, extra: Optional[Mapping[str, np.ndarray]] = None, grid_max: Optional[int] = None,
+                     grid_images: Optional[torch.Tensor] = None, nrow: Optional[int] = None) -> Path:
+    """A set of ``shape[0]`` samples, drawn in ``batches`` (model space, (b, C, H, W) each), written
+    as it comes: ``npz`` holds them as uint8 ("images"), their class ``labels`` when given and the
+    ``extra`` arrays; ``grid`` is a PNG of the first ``grid_max`` (all: None) samples, or of
+    ``grid_images`` when given, ``nrow`` per row (default: one column per class when the labels
+    cycle 0..K-1). Only one batch and the grid's samples are held at once. Returns the grid's path."""
+    shown: list[torch.Tensor] = []
+
+    def uint8_batches():
+        for x in batches:
+            if grid_images is None and (grid_max is None or sum(len(b) for b in shown) < grid_max):
+                shown.append(x[:None if grid_max is None else grid_max - sum(len(b) for b in shown)].detach().cpu())
+            yield to_uint8(x, centered).cpu().numpy()
+
+    members = dict(extra or {})
+    if labels is not None:
+        members = {"labels": np.asarray(labels, dtype=np.int64), **members}
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(npz) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            _npy_member(zf, "images", shape, np.uint8, uint8_batches())
+            for name, array in members.items():
+                array = np.asarray(array)
+                _npy_member(zf, name, array.shape, array.dtype, [array])
+    on_grid = grid_images if grid_images is not None else torch.cat(shown)
+    if nrow is None and labels is not None:
+        nrow = label_columns([int(v) for v in np.asarray(labels)[:len(on_grid)]])
+    return save_grid(on_grid, grid, centered=centered, nrow=nrow)

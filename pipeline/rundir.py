@@ -13,11 +13,13 @@ name of this layout::
         metrics.jsonl               training metrics, one JSON object a line; wandb_run_id.txt, wandb/
         eval/                       metrics.jsonl (in-training evaluation), <metric>-step<S>.json
         samples.png, samples.npz    the final samples; samples/ (grids during training; sample-NNN/: one
-                                    ``fpdiff sample`` call each)
+                                    ``fpdiff sample`` call each: samples.npz, grid.png, samples.json, or
+                                    inpaint.* / colorize.*)
         summary.json, summary.txt   the end of training (and one line per ``fpdiff eval``)
         STOP                        asks a running trainer to checkpoint and exit
         .lock                       the pid of the process training into it (``RunLock``)
-        classifier/                 ``fpdiff classifier``;  imported/: ``fpdiff import``
+        classifier/                 ``fpdiff classifier``: model.safetensors, classifier.json
+        imported/                   ``fpdiff import``: model.safetensors, optimizer.pt, import.json
         init_from.json              a fine-tune's source and what it continued (``training.init_from``)
 
 ``find_weights(path)`` resolves what a person may pass for "a trained model" (a run dir, its
@@ -44,18 +46,42 @@ from pipeline.config import ConfigError, load_saved_config
 from pipeline.models import build_model
 from pipeline.status import say
 
-# file names of a run (and of its export folder and checkpoints)
+# file names of a run (and of its export folder, checkpoints and sample folders)
 CONFIG = "config.yaml"
 EMA_WEIGHTS = "ema.safetensors"
 MODEL_WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 CHECKPOINT_STATE = "state.json"
+CHECKPOINTS_DIR = "checkpoints"
+DEEPSPEED_DIR = "deepspeed"  # a checkpoint's partitioned optimizer states (DeepSpeed's tag)
+EXPORT_DIR = "export"
 EXPORT_METRICS = "metrics.json"
 MODEL_CARD = "README.md"
 EXPORT_FILES = (EMA_WEIGHTS, CONFIG, EXPORT_METRICS, MODEL_CARD)
+METRICS_LOG = "metrics.jsonl"
+WANDB_ID = "wandb_run_id.txt"
+EVAL_DIR = "eval"
 SAMPLES_PNG = "samples.png"
+SAMPLES_NPZ = "samples.npz"
+SAMPLES_DIR = "samples"
+SAMPLE_FOLDER_PREFIX = "sample-"
+SAMPLE_GRID = "grid.png"  # a sample-NNN folder's grid, beside samples.npz and
+SAMPLE_RECORD = "samples.json"  # its record (sampler, seed, NFE, ...)
+SUMMARY_JSON = "summary.json"
+SUMMARY_TXT = "summary.txt"
+STOP_FILE = "STOP"
+CLASSIFIER_DIR = "classifier"
+CLASSIFIER_META = "classifier.json"  # beside the classifier's model.safetensors
+IMPORTED_DIR = "imported"
+IMPORT_RECORD = "import.json"
+INIT_SOURCE = "init_from.json"
 STEP_PREFIX = "step_"
 LOCK_FILE = ".lock"  # held by the process training into the run (``RunLock``)
+# every name above: no other module spells one (tests/test_layers.py)
+LAYOUT_NAMES = (CONFIG, EMA_WEIGHTS, MODEL_WEIGHTS, OPTIMIZER, CHECKPOINT_STATE, CHECKPOINTS_DIR, DEEPSPEED_DIR,
+                EXPORT_DIR, EXPORT_METRICS, MODEL_CARD, METRICS_LOG, WANDB_ID, EVAL_DIR, SAMPLES_PNG, SAMPLES_NPZ,
+                SAMPLES_DIR, SAMPLE_GRID, SAMPLE_RECORD, SUMMARY_JSON, SUMMARY_TXT, STOP_FILE, CLASSIFIER_DIR, CLASSIFIER_META,
+                IMPORTED_DIR, IMPORT_RECORD, INIT_SOURCE, LOCK_FILE)
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -75,7 +101,7 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS_DIR
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{STEP_PREFIX}{step:08d}"
@@ -90,23 +116,23 @@ class RunDir:
 
     @property
     def export(self) -> Path:
-        return self.path / "export"
+        return self.path / EXPORT_DIR
 
     @property
     def metrics_log(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / METRICS_LOG
 
     @property
     def wandb_id(self) -> Path:
-        return self.path / "wandb_run_id.txt"
+        return self.path / WANDB_ID
 
     @property
     def eval(self) -> Path:
-        return self.path / "eval"
+        return self.path / EVAL_DIR
 
     @property
     def eval_log(self) -> Path:
-        return self.eval / "metrics.jsonl"
+        return self.eval / METRICS_LOG
 
     def eval_result(self, metric: str, step: Optional[int]) -> Path:
         return self.eval / f"{metric}-step{step if step is not None else 'unknown'}.json"
@@ -116,16 +142,21 @@ class RunDir:
         return self.path / SAMPLES_PNG
 
     @property
+    def samples_npz(self) -> Path:
+        return self.path / SAMPLES_NPZ
+
+    @property
     def samples_dir(self) -> Path:
-        return self.path / "samples"
+        return self.path / SAMPLES_DIR
 
     def new_samples_folder(self) -> Path:
         """A new, empty ``samples/sample-NNN`` (the next free number) for one ``fpdiff sample`` call."""
         self.samples_dir.mkdir(parents=True, exist_ok=True)
-        taken = [int(p.name[7:]) for p in self.samples_dir.glob("sample-*") if p.name[7:].isdigit()]
+        cut = len(SAMPLE_FOLDER_PREFIX)
+        taken = [int(p.name[cut:]) for p in self.samples_dir.glob(f"{SAMPLE_FOLDER_PREFIX}*") if p.name[cut:].isdigit()]
         n = max(taken, default=0) + 1
         while True:
-            folder = self.samples_dir / f"sample-{n:03d}"
+            folder = self.samples_dir / f"{SAMPLE_FOLDER_PREFIX}{n:03d}"
             try:
                 folder.mkdir()
                 return folder
@@ -137,34 +168,39 @@ class RunDir:
 
     @property
     def summary_json(self) -> Path:
-        return self.path / "summary.json"
+        return self.path / SUMMARY_JSON
 
     @property
     def summary_txt(self) -> Path:
-        return self.path / "summary.txt"
+        return self.path / SUMMARY_TXT
 
     @property
     def stop_file(self) -> Path:
-        return self.path / "STOP"
+        return self.path / STOP_FILE
 
     @property
     def classifier(self) -> Path:
-        return self.path / "classifier"
+        return self.path / CLASSIFIER_DIR
 
     @property
     def imported(self) -> Path:
-        return self.path / "imported"
+        return self.path / IMPORTED_DIR
+
+    @property
+    def import_record(self) -> Path:
+        """What ``fpdiff import score-sde`` imported (source, step, EMA decay and updates)."""
+        return self.imported / IMPORT_RECORD
 
     @property
     def init_source(self) -> Path:
         """Where a fine-tune started (``training.init_from``) and what it continued."""
-        return self.path / "init_from.json"
+        return self.path / INIT_SOURCE
 
     @property
     def outputs(self) -> tuple[Path, ...]:
         """What a training run writes (what ``--overwrite`` removes; other files are left)."""
         return (self.checkpoints, self.export, self.metrics_log, self.eval, self.summary_json, self.summary_txt,
-                self.samples_png, self.samples_png.with_suffix(".npz"), self.samples_dir, self.stop_file,
+                self.samples_png, self.samples_npz, self.samples_dir, self.stop_file,
                 self.init_source)
 
     def add_summary_line(self, line: str) -> None:
@@ -212,6 +248,28 @@ class RunDir:
             if (cand / EMA_WEIGHTS).is_file() and (cand / CONFIG).is_file():
                 return cand
         return None
+
+
+class SampleSet(NamedTuple):
+    """The files of one set of samples: the samples (uint8 .npz), their PNG grid, their JSON record."""
+
+    npz: Path
+    grid: Path
+    record: Path
+
+
+def sample_set(folder, kind: Optional[str] = None) -> SampleSet:
+    """The files ``fpdiff sample`` writes into ``folder`` (a ``samples/sample-NNN`` or ``--out``):
+    samples.npz, grid.png, samples.json; for ``kind`` inpaint / colorize KIND.npz, .png, .json."""
+    folder = Path(folder)
+    if kind is None:
+        return SampleSet(folder / SAMPLES_NPZ, folder / SAMPLE_GRID, folder / SAMPLE_RECORD)
+    return SampleSet(folder / f"{kind}.npz", folder / f"{kind}.png", folder / f"{kind}.json")
+
+
+def has_deepspeed_state(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder holds DeepSpeed's partitioned optimizer states."""
+    return (Path(checkpoint) / DEEPSPEED_DIR).is_dir()
 
 
 def checkpoint_step(folder: Path) -> int:

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 from pipeline.config import Config, short_repr
+from pipeline.rundir import CHECKPOINTS_DIR, EMA_WEIGHTS, EXPORT_DIR, METRICS_LOG
 from pipeline.status import warn
 
 # keys that say where things live on a machine (data, weights, feature extractors, the Hub, wandb):
@@ -74,7 +75,7 @@ def looks_saved(path: str | Path) -> bool:
     Hugging Face cache (``models--*``)."""
     p = Path(path).resolve()
     folder = p.parent
-    if any((folder / name).exists() for name in ("ema.safetensors", "checkpoints", "export", "metrics.jsonl")):
+    if any((folder / name).exists() for name in (EMA_WEIGHTS, CHECKPOINTS_DIR, EXPORT_DIR, METRICS_LOG)):
         return True
     return any(part.startswith("models--") for part in p.parts)
 

@@ -67,7 +67,9 @@ def test_long_evaluations_show_images_with_a_total(tmp_path, capsys):
     cfg = load_config(None, TINY_OVERRIDES)
     sde, model = build_sde(cfg.sde), StandIn(1)
     capsys.readouterr()
-    evaluate_bpd(model, cfg, sde, shards=shards, batch_size=4, passes=2, rtol=1e-2, atol=1e-2, progress=True)
+    bpd_cfg = load_config(None, TINY_OVERRIDES + [f"data.test_shards={shards}", "eval.batch_size=4", "eval.bpd_passes=2",
+                                                  "eval.rtol=1e-2", "eval.atol=1e-2"])
+    evaluate_bpd(model, bpd_cfg, sde, progress=True)
     bars = _bar_lines(capsys.readouterr().err)
     assert bars[-1].startswith("bits/dim, 2 passes") and "| 11/11 img [" in bars[-1]
     assert any("/11 img [" in b and "<" in b for b in bars[:-1])  # moving, with elapsed<remaining
@@ -255,9 +257,9 @@ def test_push_dry_run_lists_the_upload_and_touches_no_network(tmp_path, capsys, 
 def test_offline_mode_is_not_retried():
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from pipeline.publish.hub import _is_retryable
+    from pipeline.publish.hub import is_retryable
 
-    assert not _is_retryable(OfflineModeIsEnabled("offline")) and _is_retryable(ConnectionError("reset"))
+    assert not is_retryable(OfflineModeIsEnabled("offline")) and is_retryable(ConnectionError("reset"))
 
 
 def test_no_third_party_warnings_on_a_cpu_eval(tmp_path):

@@ -84,8 +84,9 @@ def test_bpd_matches_closed_form_gaussian(sde_type):
     from pipeline.images import to_model_space
     from pipeline.sde import build_sde
 
-    cfg = load_config(None, ["data.image_size=4", "data.num_channels=1", "model.ch_mult=[1]", f"sde.type={sde_type}",
-                             "data.centered=true", "model.embedding_type=" + ("fourier" if sde_type == "ve" else "positional")])
+    overrides = ["data.image_size=4", "data.num_channels=1", "model.ch_mult=[1]", f"sde.type={sde_type}",
+                 "data.centered=true", "model.embedding_type=" + ("fourier" if sde_type == "ve" else "positional")]
+    cfg = load_config(None, overrides)
     sde = build_sde(cfg.sde)
     m, s = 0.1, 0.4
     g = torch.Generator().manual_seed(0)
@@ -93,16 +94,42 @@ def test_bpd_matches_closed_form_gaussian(sde_type):
     model = GaussianScoreModel(sde, m, s)
     eps = 1e-5
     truth = exact_bpd(sde, to_model_space(u8, True), m, s, eps, True)
-    res = evaluate_bpd(model, cfg, sde, images=u8, batch_size=2, hutchinson="exact", dequantize=False,
-                       eps=eps, progress=False, return_per_sample=True)
+    exact = load_config(None, overrides + ["eval.batch_size=2", "eval.hutchinson=exact", "eval.dequantize=false",
+                                           f"eval.likelihood_eps={eps}"])
+    res = evaluate_bpd(model, exact, sde, images=u8, progress=False, return_per_sample=True)
     assert res["N"] == 5 and res["offset_bits"] == 7.0
     np.testing.assert_array_equal(res["index"], np.arange(5))
     np.testing.assert_allclose(res["per_sample"][:, 0], truth.numpy(), atol=0.01)
-    hut = evaluate_bpd(model, cfg, sde, images=u8, batch_size=5, hutchinson="gaussian", passes=12, dequantize=False,
-                       eps=eps, rtol=1e-4, atol=1e-4, progress=False, return_per_sample=True)
+    probes = load_config(None, overrides + ["eval.batch_size=5", "eval.hutchinson=gaussian", "eval.bpd_passes=12",
+                                            "eval.dequantize=false", f"eval.likelihood_eps={eps}", "eval.rtol=1e-4",
+                                            "eval.atol=1e-4"])
+    hut = evaluate_bpd(model, probes, sde, images=u8, progress=False, return_per_sample=True)
     per = hut["per_sample"]  # (5, passes)
     se = per.std(1, ddof=1) / math.sqrt(per.shape[1])
     assert np.all(np.abs(per.mean(1) - res["per_sample"][:, 0]) <= 4 * se + 2e-3)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bpd", "RUN", "eval.seed=4", "--seed", "3", "--passes", "2", "--rtol", "1e-4", "--eps", "0.001",
+      "--hutchinson", "exact", "--shards", "t/test-{000000..000002}.tar", "--no-dequantize"],
+     {"eval.seed": 3, "eval.bpd_passes": 2, "eval.rtol": 1e-4, "eval.likelihood_eps": 1e-3, "eval.hutchinson": "exact",
+      "data.test_shards": "t/test-{000000..000002}.tar", "eval.dequantize": False, "eval.atol": 1e-5}),
+    (["fid", "RUN", "--num-samples", "11", "--batch-size", "3", "--sampler", "ode", "--no-kid",
+      "--ref-stats", "cifar10:train", "--feature-extractor", "fe 1.pt"],
+     {"eval.fid_num_samples": 11, "eval.batch_size": 3, "eval.sampler": "ode", "eval.kid": False,
+      "eval.ref_stats": "cifar10:train", "eval.feature_extractor": "fe 1.pt", "eval.seed": 0}),
+])
+def test_eval_flags_become_config_overrides(argv, expected):
+    """What ``fpdiff eval fid|bpd`` flags ask for reaches the metric as the config it reads: each
+    given flag is a dotted override after the typed ones (the flag wins), the rest keep their defaults."""
+    from pipeline.config import load_config
+    from pipeline.eval.cli import build_parser, flag_overrides
+
+    args = build_parser().parse_args(argv)
+    cfg = load_config(None, list(args.overrides) + flag_overrides(args))
+    for key, value in expected.items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value, key
 
 
 def test_bpd_offset_convention():

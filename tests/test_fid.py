@@ -63,7 +63,7 @@ def test_extractor_sees_rounded_uint8_and_exactly_n(tmp_path):
     from pipeline.eval.fid import evaluate_fid
     from pipeline.sde import build_sde
 
-    cfg = load_config(None, TINY_OVERRIDES)
+    cfg = load_config(None, TINY_OVERRIDES + ["eval.fid_num_samples=7", "eval.batch_size=3"])
     seen, idx_seen = [], []
     levels = torch.tensor([0.4, 0.6, 1.49, 1.51, 253.5 + 1e-3, 254.7, -3.0, 300.0]) / 255.0
 
@@ -76,9 +76,8 @@ def test_extractor_sees_rounded_uint8_and_exactly_n(tmp_path):
         seen.append(u8.clone())
         return u8.flatten(1)[:, :4].double() + torch.arange(4)
 
-    res = evaluate_fid(torch.nn.Identity(), cfg, build_sde(cfg.sde), num_samples=7, batch_size=3,
-                       feature_extractor=extractor, ref_stats=None, generate_fn=generate,
-                       return_features=True, progress=False)
+    res = evaluate_fid(torch.nn.Identity(), cfg, build_sde(cfg.sde), feature_extractor=extractor, ref_stats=None,
+                       generate_fn=generate, return_features=True, progress=False)
     u8 = torch.cat(seen)
     assert u8.dtype == torch.uint8 and u8.shape[0] == 7 and res["N"] == 7
     expect = torch.tensor([0, 1, 1, 2, 254, 255, 0, 255], dtype=torch.uint8)  # rounding, clamped

@@ -124,3 +124,22 @@ def test_export_source_says_what_it_could_not_bring(runs, capsys, mnist_shards):
     assert train(cfg, other, progress=False) == 0
     record = json.loads(RunDir(other).init_source.read_text())
     assert record["fresh"] == {"data": "data.shards differ from the source's"} and record["optimizer"]
+
+
+def test_a_continued_fine_tune_keeps_the_source_data_order_and_its_seed_draws_new_noise(runs):
+    """training.seed of a fine-tune that continues its source's data position changes the times,
+    noise and probes (they are drawn from (seed, step, micro-shard)) but not the batches: the
+    loader continues where the source stopped, in the source's order (the study's paired seeds
+    rely on both)."""
+    seeded = runs["root"] / "ft_seed1"
+    cfg = load_config(TINY, runs["common"] + ["training.n_steps=2", f"training.init_from={runs['src']}",
+                                              "training.seed=1"])
+    assert train(cfg, seeded, progress=False) == 0
+    other, same_seed = checkpoint_at(seeded, S + 2), checkpoint_at(runs["ft"], S + 2)
+    assert other["state"]["loader"] == same_seed["state"]["loader"]  # the same batches, the same position
+
+    def first_dsm(run):
+        return json.loads(RunDir(run).metrics_log.read_text().splitlines()[0])["loss/dsm"]
+
+    assert first_dsm(seeded) != first_dsm(runs["ft"])  # same weights and batch, other times and noise
+    assert any(not torch.equal(other["model"][k], same_seed["model"][k]) for k in other["model"])

@@ -202,3 +202,21 @@ def test_reading_check_catches_an_unfounded_number():
     res = {"paired": {"mean": 0.012301, "n": 5, "low": -0.0099, "high": 0.03456}, "confidence": 0.95}
     assert reading_numbers_unfound(md, res) == []
     assert reading_numbers_unfound(md.replace("0.0346", "0.0349"), res) == ["+0.0349"]
+
+
+COMMITTED = ROOT / "benchmarks" / "results" / "fpe_study"
+
+
+def test_committed_study_outputs_name_no_machine_path_and_quote_only_their_numbers():
+    """What the full study committed (and commits as each part lands) is read on other machines:
+    no absolute path of the machine it ran on; once the report exists, every number its reading
+    quotes is in results.json."""
+    texts = [f for f in COMMITTED.rglob("*") if f.suffix in (".json", ".md", ".yaml", ".txt")]
+    assert (COMMITTED / "protocol.json").is_file() and texts
+    for f in texts:
+        text = f.read_text()
+        for p in (str(ROOT), "/work/", "/tmp/", "/root/", "/home/", "/Users/"):
+            assert p not in text, (f.relative_to(ROOT), p)
+    if (COMMITTED / "report.md").is_file():
+        res = json.loads((COMMITTED / "results.json").read_text())
+        assert reading_numbers_unfound((COMMITTED / "report.md").read_text(), res) == []

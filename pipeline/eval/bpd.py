@@ -15,42 +15,32 @@ from pipeline.collectives import gather_by_index, rank_world, seed_for
 from pipeline.likelihood import data_bpd_offset
 
 
-def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, shards: Optional[str] = None,
-                 state=None, accelerator=None, batch_size: Optional[int] = None,
-                 passes: Optional[int] = None, num_batches: Optional[int] = None,
-                 max_samples: Optional[int] = None, seed: Optional[int] = None,
-                 hutchinson: Optional[str] = None, rtol: Optional[float] = None,
-                 atol: Optional[float] = None, eps: Optional[float] = None,
-                 dequantize: Optional[bool] = None, progress: bool = True, device=None,
-                 return_per_sample: bool = False) -> dict:
+def evaluate_bpd(model, cfg, sde, *, images: Optional[torch.Tensor] = None, state=None,
+                 num_batches: Optional[int] = None, max_samples: Optional[int] = None, progress: bool = True,
+                 device=None, return_per_sample: bool = False) -> dict:
     """Negative log-likelihood in bits/dim via the probability-flow ODE; every rank calls.
 
-    Data: ``images`` (uint8 (N,C,H,W)) or ``shards`` (default cfg.data.test_shards), read in
-    a fixed order and cut into global batches; batch k runs on rank k mod W. Pass p of batch
-    k draws its dequantisation noise and Hutchinson probes from a generator seeded by
-    (seed, p, k), so results do not depend on the number of ranks. ``num_batches`` limits the
-    number of global batches (the trainer's quick eval: cfg.eval.bpd_num_batches per rank),
-    ``max_samples`` the number of test images; otherwise every test image counts.
+    How comes from the config (``fpdiff eval bpd``'s flags are dotted overrides of it): batches of
+    eval.batch_size, eval.bpd_passes passes, eval.hutchinson probes, the ODE's eval.rtol /
+    eval.atol from t = eval.likelihood_eps, eval.dequantize, seeds from eval.seed.
+    Data: ``images`` (uint8 (N,C,H,W)) or the shards data.test_shards, read in a fixed order and
+    cut into global batches; batch k runs on rank k mod W. Pass p of batch k draws its
+    dequantisation noise and Hutchinson probes from a generator seeded by (seed, p, k), so results
+    do not depend on the number of ranks. ``num_batches`` limits the number of global batches (the
+    trainer's quick eval: cfg.eval.bpd_num_batches per rank), ``max_samples`` the number of test
+    images; otherwise every test image counts.
     Returns {"metric": "bpd", "value" (mean), "stderr", "N", "passes", "pass_means", "nfe", ...}.
     bpd = -log p(x) / (D ln 2) + offset, offset = log2(256) - log2(scale) (``pipeline.likelihood.data_bpd_offset``).
     """
     from pipeline.likelihood import bits_per_dim, log_likelihood
     from pipeline.score import get_score_fn
 
-    state = state if state is not None else accelerator
     rank, world = rank_world(state)
     dev = device_of(state, device)
     ec = cfg.eval
-    bs = int(batch_size or ec.batch_size)
-    passes = int(passes or ec.bpd_passes)
-    seed = ec.seed if seed is None else seed
-    hutchinson = hutchinson or ec.hutchinson
-    rtol = ec.rtol if rtol is None else rtol
-    atol = ec.atol if atol is None else atol
-    eps = ec.likelihood_eps if eps is None else eps
-    dequantize = ec.dequantize if dequantize is None else dequantize
-    if images is None and not shards:
-        shards = cfg.data.test_shards
+    bs, passes, seed, hutchinson = ec.batch_size, ec.bpd_passes, ec.seed, ec.hutchinson
+    rtol, atol, eps, dequantize = ec.rtol, ec.atol, ec.likelihood_eps, ec.dequantize
+    shards = None if images is not None else cfg.data.test_shards
     offset = data_bpd_offset(cfg.data.centered)
     score_fn = get_score_fn(model, sde)
     t0 = time.time()

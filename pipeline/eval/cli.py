@@ -24,6 +24,7 @@ helpers in ``pipeline.eval.common`` (all re-exported here).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -41,7 +42,7 @@ from pipeline.data.test_set import local_shard_counts
 from pipeline.eval.common import device_of, main_first, get_state
 from pipeline.eval.conservativity import evaluate_conservativity
 from pipeline.data.reader import shard_urls
-from pipeline.eval.fid import compute_ref_stats, evaluate_fid
+from pipeline.eval.fid import compute_ref_stats, evaluate_fid, saved_sample_files
 from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
                                     check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
 from pipeline.collectives import barrier, is_main_rank, rank_world
@@ -87,8 +88,9 @@ def evaluate_in_training(model, cfg, sde, accelerator=None, *, step: int,
         out["eval/fid_nfe"] = r["nfe"]
         out["eval/fid_n"] = r["N"]
     if cfg.data.test_shards:
-        r = evaluate_bpd(model, cfg, sde, state=accelerator, num_batches=cfg.eval.bpd_num_batches * world,
-                         passes=1, progress=progress)
+        quick = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, bpd_passes=1))  # one pass
+        r = evaluate_bpd(model, quick, sde, state=accelerator, num_batches=cfg.eval.bpd_num_batches * world,
+                         progress=progress)
         out["eval/bpd"], out["eval/bpd_stderr"], out["eval/bpd_nfe"] = r["value"], r["stderr"], r["nfe"]
         out["eval/bpd_n"] = r["N"]
     out["eval/seconds"] = time.time() - t0
@@ -195,6 +197,25 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     return p
 
 
+# ``fpdiff eval fid`` / ``bpd`` flags that set a config key: given, they become dotted overrides (after
+# the ones typed, so a flag wins), and the metric reads the config alone
+FLAG_KEYS = {
+    "fid": {"num_samples": "eval.fid_num_samples", "batch_size": "eval.batch_size", "seed": "eval.seed",
+            "sampler": "eval.sampler", "ref_stats": "eval.ref_stats", "feature_extractor": "eval.feature_extractor"},
+    "bpd": {"batch_size": "eval.batch_size", "seed": "eval.seed", "shards": "data.test_shards",
+            "passes": "eval.bpd_passes", "hutchinson": "eval.hutchinson", "rtol": "eval.rtol", "atol": "eval.atol",
+            "eps": "eval.likelihood_eps"},
+}
+SWITCH_KEYS = {"fid": {"no_kid": "eval.kid"}, "bpd": {"no_dequantize": "eval.dequantize"}}  # on: the key false
+
+
+def flag_overrides(args) -> list[str]:
+    """The dotted overrides the given flags of ``args.cmd`` stand for (strings quoted: read back as is)."""
+    out = [f"{key}={json.dumps(getattr(args, flag)) if isinstance(getattr(args, flag), str) else getattr(args, flag)}"
+           for flag, key in FLAG_KEYS.get(args.cmd, {}).items() if getattr(args, flag) is not None]
+    return out + [f"{key}=false" for flag, key in SWITCH_KEYS.get(args.cmd, {}).items() if getattr(args, flag)]
+
+
 def _print_err(state, msg: str) -> None:
     if is_main_rank(state):
         fail("eval", f"error: {msg}")
@@ -219,6 +240,8 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
                              ("--max-samples", args.max_samples, 2)):
             if v < low:
                 parser.error(f"{flag}: must be >= {low}, got {v}")
+    if args.cmd in FLAG_KEYS:
+        args.overrides = list(args.overrides) + flag_overrides(args)
     state = get_state()
     try:
         if args.cmd == "ref-stats":
@@ -265,10 +288,10 @@ def _cmd_run(args, state) -> int:
     if args.cmd == "fid":
         from pipeline.config import load_saved_config
         cfg0 = load_saved_config(weights.config, args.overrides)
-        fe_spec = args.feature_extractor or cfg0.eval.feature_extractor or None
+        fe_spec = cfg0.eval.feature_extractor or None
         fe_path = main_first(state, lambda dl: check_feature_extractor(fe_spec, download=dl))
-        ref_path = main_first(state, lambda dl: check_ref_stats(args.ref_stats or cfg0.eval.ref_stats,
-                                                                   cfg0.data.image_size, download=dl))
+        ref_path = main_first(state, lambda dl: check_ref_stats(cfg0.eval.ref_stats, cfg0.data.image_size,
+                                                                   download=dl))
     if args.cmd in ("bpd", "fpe", "conservativity"):  # test data, never the training shards; checked before the model loads
         from pipeline.config import load_saved_config
         require_test_shards(load_saved_config(weights.config, args.overrides), args.shards,
@@ -282,11 +305,12 @@ def _cmd_run(args, state) -> int:
         grid = None
         if args.grid is not None:
             grid = Path(args.grid) if args.grid else out.parent / f"fid-grid-step{step}.png"
-        res = evaluate_fid(model, cfg, sde, num_samples=args.num_samples, feature_extractor=fe,
-                           ref_stats=load_ref_stats(ref_path), state=state, batch_size=args.batch_size,
-                           seed=args.seed, sampler=args.sampler, save_dir=args.save_samples,
-                           grid_path=grid, kid=False if args.no_kid else None, progress=progress, device=dev,
-                           return_features=bool(args.save_features), from_samples=args.from_samples)
+        sample_files = None
+        if args.from_samples:  # all of them, or the first --num-samples
+            sample_files = saved_sample_files(args.from_samples)[:args.num_samples or None]
+        res = evaluate_fid(model, cfg, sde, feature_extractor=fe, ref_stats=load_ref_stats(ref_path), state=state,
+                           sample_files=sample_files, save_dir=args.save_samples, grid_path=grid, progress=progress,
+                           device=dev, return_features=bool(args.save_features))
         if args.save_features and rank == 0:
             feats_out = Path(args.save_features)
             with atomic_path(feats_out) as tmp, open(tmp, "wb") as fh:
@@ -300,11 +324,7 @@ def _cmd_run(args, state) -> int:
         if args.from_samples:
             res["from_samples"] = [str(d) for d in args.from_samples]
     elif args.cmd == "bpd":
-        res = evaluate_bpd(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
-                           batch_size=args.batch_size, passes=args.passes, max_samples=args.max_samples,
-                           seed=args.seed, hutchinson=args.hutchinson, rtol=args.rtol, atol=args.atol,
-                           eps=args.eps, dequantize=False if args.no_dequantize else None,
-                           progress=progress, device=dev)
+        res = evaluate_bpd(model, cfg, sde, state=state, max_samples=args.max_samples, progress=progress, device=dev)
     elif args.cmd == "fpe":
         res = evaluate_fpe(model, cfg, sde, shards=args.shards or cfg.data.test_shards, state=state,
                            batch_size=args.batch_size, num_times=args.num_times,

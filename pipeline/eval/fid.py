@@ -19,17 +19,14 @@ from pipeline.collectives import broadcast_float
 from pipeline.collectives import all_reduce_sum, rank_world, seed_for
 
 
-def _sampling_cfg(cfg, sampler: Optional[str]):
-    method = sampler or (cfg.eval.sampler if cfg.eval.sampler != "config" else cfg.sampling.method)
-    return dataclasses.replace(cfg.sampling, method=method)
-
-
-def make_generate_fn(model, cfg, sde, sampler: Optional[str] = None, device="cpu"):
-    """generate(n, generator) -> (x model space (n,C,H,W), nfe) with the config's sampler."""
+def make_generate_fn(model, cfg, sde, device="cpu"):
+    """generate(n, generator) -> (x model space (n,C,H,W), nfe) with eval.sampler (``config``:
+    sampling.method)."""
     from pipeline.sampling import sample
     from pipeline.score import sampling_score_fn
 
-    scfg = _sampling_cfg(cfg, sampler)
+    method = cfg.eval.sampler if cfg.eval.sampler != "config" else cfg.sampling.method
+    scfg = dataclasses.replace(cfg.sampling, method=method)
     score_fn, _ = sampling_score_fn(model, sde, cfg)  # conditional nets: guided, labels in turn
     shape_tail = (cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
 
@@ -45,68 +42,57 @@ _EXTRACTORS: dict = {}
 
 
 def _as_extractor(fe, cfg, device) -> FeatureExtractor:
-    """A FeatureExtractor / callable as is; a path (or None: cfg / Inception) loaded once per
-    (path, device) and cached (the trainer evaluates many times)."""
-    if callable(fe) and not isinstance(fe, (str, Path)):
+    """A FeatureExtractor / callable as is; None: cfg.eval.feature_extractor (or Inception), loaded
+    once per (path, device) and cached (the trainer evaluates many times)."""
+    if fe is not None:
         return fe
-    path = str(fe) if fe else (cfg.eval.feature_extractor or None)
-    key = (path, str(device))
+    key = (cfg.eval.feature_extractor or None, str(device))
     if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = FeatureExtractor(path, device=device, download=False)
+        _EXTRACTORS[key] = FeatureExtractor(key[0], device=device, download=False)
     return _EXTRACTORS[key]
 
 
-def _as_ref(ref, cfg) -> dict:
-    if isinstance(ref, dict):
-        return ref
-    spec = str(ref) if ref else cfg.eval.ref_stats
-    return load_ref_stats(check_ref_stats(spec, cfg.data.image_size, download=False))
-
-
-def evaluate_fid(model, cfg, sde, *, num_samples: Optional[int] = None, feature_extractor=None,
-                 ref_stats=None, state=None, accelerator=None, batch_size: Optional[int] = None,
-                 seed: Optional[int] = None, sampler: Optional[str] = None,
-                 save_dir: Optional[str | Path] = None, grid_path: Optional[str | Path] = None,
-                 kid: Optional[bool] = None, progress: bool = True, device=None,
-                 generate_fn: Optional[Callable] = None, return_features: bool = False,
-                 from_samples: Optional[list] = None) -> dict:
+def evaluate_fid(model, cfg, sde, *, state=None, feature_extractor=None, ref_stats=None,
+                 sample_files: Optional[list[Path]] = None, save_dir: Optional[str | Path] = None,
+                 grid_path: Optional[str | Path] = None, progress: bool = True, device=None,
+                 generate_fn: Optional[Callable] = None, return_features: bool = False) -> dict:
     """Distributed FID (and KID) of ``model``'s samples; every rank must call it.
 
-    feature_extractor: a FeatureExtractor / callable(uint8 (B,C,H,W)) -> (B,F), a TorchScript
-    path, or None (cfg.eval.feature_extractor, else clean-fid Inception). ref_stats: dict with
-    mu, sigma (feats), an .npz path, a clean-fid name, or None (cfg.eval.ref_stats); with no
-    reference the dict has the sample statistics' n and NFE but no "value".
-    generate_fn(n, generator) -> (x, nfe) replaces the sampler (tests). from_samples: folders of
-    PNG samples saved earlier (``--save-samples``): scored as they are (all of them, N = their
-    count, or the first ``num_samples`` of them), nothing is sampled; e.g. to pool sample sets of several seeds or to score them with
-    another feature network.
+    What to compute comes from the config (``fpdiff eval fid``'s flags are dotted overrides of
+    it): eval.fid_num_samples samples in batches of eval.batch_size, seeded by eval.seed, drawn by
+    eval.sampler (``config``: sampling.method), KID when eval.kid and the reference holds features.
+    feature_extractor: a FeatureExtractor / callable(uint8 (B,C,H,W)) -> (B,F), or None
+    (cfg.eval.feature_extractor, else clean-fid Inception). ref_stats: dict with mu, sigma
+    (feats), or None (cfg.eval.ref_stats); with no reference the dict has the sample statistics'
+    n and NFE but no "value". generate_fn(n, generator) -> (x, nfe) replaces the sampler (tests).
+    sample_files: PNG samples saved earlier (``--save-samples``, ``saved_sample_files``), scored
+    as they are (N = their count), nothing is sampled; e.g. to pool sample sets of several seeds
+    or to score them with another feature network. save_dir / grid_path: the samples as PNG files
+    / a grid of the first 64.
     Returns {"metric": "fid", "value", "kid", "N", "sampler", "nfe", "seconds", ...} on every rank.
     """
     from pipeline.images import save_grid
 
-    state = state if state is not None else accelerator
     rank, world = rank_world(state)
     dev = device_of(state, device)
-    pngs = saved_sample_files(from_samples) if from_samples else None
-    if pngs is not None and num_samples:
-        pngs = pngs[:int(num_samples)]  # the first N of the saved samples
-    n_total = len(pngs) if pngs is not None else int(num_samples or cfg.eval.fid_num_samples)
-    bs = int(batch_size or cfg.eval.batch_size)
-    seed = cfg.eval.seed if seed is None else seed
-    kid = cfg.eval.kid if kid is None else kid
+    ec = cfg.eval
+    pngs = list(sample_files) if sample_files is not None else None
+    n_total = len(pngs) if pngs is not None else ec.fid_num_samples
+    bs, seed, kid = ec.batch_size, ec.seed, ec.kid
     t0 = time.time()
     fe = _as_extractor(feature_extractor, cfg, dev)
     ref = None
     if ref_stats is not None or cfg.eval.ref_stats:
-        ref = _as_ref(ref_stats, cfg)
+        ref = ref_stats if ref_stats is not None else load_ref_stats(
+            check_ref_stats(cfg.eval.ref_stats, cfg.data.image_size, download=False))
         check_ref_matches(ref, getattr(fe, "name", type(fe).__name__), getattr(fe, "identity", None),
                           cfg.data.image_size)
     want_feats = return_features or (kid and ref is not None and "feats" in ref)
     if pngs is not None:
         batch_u8 = _read_samples_fn(pngs, bs, cfg)
     else:
-        batch_u8 = _sampled_batches(generate_fn or make_generate_fn(model, cfg, sde, sampler, dev), seed, dev, cfg)
-    method = getattr(batch_u8, "method", sampler or "custom")
+        batch_u8 = _sampled_batches(generate_fn or make_generate_fn(model, cfg, sde, device=dev), seed, dev, cfg)
+    method = getattr(batch_u8, "method", "custom")
     n_batches = ceil_div(n_total, bs)
     mine = list(range(rank, n_batches, world))
     # features kept for KID in float32; in float64 when returned (exact check against np.cov)

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from pipeline.atomic import atomic_directory
 from pipeline.models.layers import timestep_embedding
-from pipeline.rundir import save_weights
+from pipeline.rundir import CLASSIFIER_META, MODEL_WEIGHTS, save_weights
 from pipeline.sde import SDE, bcast
 
-WEIGHTS, META = "model.safetensors", "classifier.json"
+WEIGHTS, META = MODEL_WEIGHTS, CLASSIFIER_META  # the files of its folder
 
 
 class _Block(nn.Module):

@@ -34,7 +34,7 @@ EXPORT_UPLOADS = EXPORT_FILES + (SAMPLES_PNG,)
 
 
 # ============================================================================ push
-def _is_retryable(exc: BaseException) -> bool:
+def is_retryable(exc: BaseException) -> bool:
     """Client errors (bad token, no permission, bad request) are not worth retrying."""
     resp = getattr(exc, "response", None)
     code = getattr(resp, "status_code", None)
@@ -122,7 +122,7 @@ class HubPusher:
         try:
             if not folder.is_dir():
                 raise FileNotFoundError(f"{folder}: not a folder")
-            staging, owned = self._snapshot(folder), True
+            staging, owned = self.snapshot(folder), True
         except Exception as e:  # noqa: BLE001 - never fatal
             with self._lock:
                 self.pushes_failed += 1
@@ -172,9 +172,8 @@ class HubPusher:
                     "pending": self._pending is not None, "in_progress": self._busy,
                     "last_error": self.last_error, "last_commit_url": self.last_commit_url}
 
-    # ------------------------------------------------------------------ internals
     @staticmethod
-    def _snapshot(folder: Path) -> Path:
+    def snapshot(folder: Path) -> Path:
         """Hard-link (copy where linking fails) the export's own files (``EXPORT_UPLOADS``, regular
         files, not symlinks) into a private staging dir, so the trainer may rewrite the export
         while the upload runs."""
@@ -200,6 +199,7 @@ class HubPusher:
             raise
         return staging
 
+    # ------------------------------------------------------------------ internals
     @staticmethod
     def _discard(job: _Job) -> None:
         if job.owned:
@@ -243,7 +243,7 @@ class HubPusher:
                 err = _short(e)
                 with self._lock:
                     self.last_error = err
-                retry = _is_retryable(e) and attempt < self.max_retries and not self._stop.is_set()
+                retry = is_retryable(e) and attempt < self.max_retries and not self._stop.is_set()
                 if not retry:
                     with self._lock:
                         self.pushes_failed += 1

@@ -113,16 +113,12 @@ class ImportFailure(ValueError):
 
 def fpdiff_config(name: str, overrides: list[str] | None = None):
     """The fpdiff ``Config`` of score_sde config NAME (dotted ``overrides`` applied on top)."""
-    from pipeline.config import _build, _set_dotted, parse_overrides, Config
+    from pipeline.config import config_from_dict
 
     if name not in SCORE_SDE_CONFIGS:
         raise ImportFailure(f"--config {name!r}: unknown score_sde config (known: {', '.join(SCORE_SDE_CONFIGS)})")
     tree = _merge(SCORE_SDE_CONFIGS[name], {"name": "score_sde-" + name.replace("/", "-")})
-    for key, value in parse_overrides(overrides):
-        _set_dotted(tree, key, value)
-    cfg = _build(Config, tree, "")
-    cfg.validate()
-    return cfg
+    return config_from_dict(tree, overrides)
 
 
 def noise_levels(cfg) -> torch.Tensor:
@@ -282,7 +278,7 @@ def write_run(out: str | Path, cfg, weights: dict, ema: dict, info: dict, optimi
                      metadata={"format": "pt", "producer": "fpdiff import score-sde"})
         if optimizer is not None:
             torch.save({"optimizer": optimizer}, run.imported / OPTIMIZER)
-        (run.imported / "import.json").write_text(json.dumps(info, indent=1))
+        run.import_record.write_text(json.dumps(info, indent=1))
         write_export(run.export, ema, cfg.to_dict(), metrics={"step": info.get("step"), "imported_from": info["source"]})
     return out
 

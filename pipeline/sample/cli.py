@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_path, atomic_write_json
-from pipeline.rundir import RunDir
+from pipeline.atomic import atomic_write_json
+from pipeline.images import write_sample_set
+from pipeline.rundir import RunDir, sample_set
 from pipeline.cliargs import ArgumentParser
 from pipeline.config import SamplingConfig, choices, finite_float
 from pipeline.status import fail, result
@@ -22,7 +23,6 @@ def sample_main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError, parse_overrides
     from pipeline.config_doc import unknown_key
     from pipeline.rundir import load_for_eval, require_test_shards
-    from pipeline.images import label_columns, save_grid, to_uint8
     from pipeline.sampling import sample
     from pipeline.score import get_score_fn, sampling_score_fn
     from pipeline.sde import build_sde
@@ -111,22 +111,18 @@ def sample_main(argv: list[str] | None = None) -> int:
     x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, shape,
                     device=args.device, generator=g, progress=True)
     seconds = time.time() - t0
-    grid = save_grid(x, out / "grid.png", centered=cfg.data.centered,
-                     nrow=label_columns(labels.tolist() if labels is not None else None))
-    arrays = {"images": to_uint8(x, cfg.data.centered).cpu().numpy()}
-    record = {"num_samples": args.num_samples, "seed": args.seed, "method": cfg.sampling.method, "nfe": int(nfe),
-              "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
     from pipeline.models.classifier import input_scale
     t_end = torch.full((x.shape[0],), cfg.sde.sampling_eps, device=x.device)
     with torch.no_grad():
         logp = torch.log_softmax(clf(x, t_end, input_scale(sde, t_end)).float(), 1)
-    record.update(class_labels=labels.tolist(), guidance_scale=args.guidance_scale,
-                  classifier_agrees=float((logp.argmax(1) == labels).float().mean()),
-                  classifier_log_prob=float(logp.gather(1, labels[:, None]).mean()))
-    arrays["labels"] = labels.cpu().numpy()
-    with atomic_path(out / "samples.npz") as tmp:
-        np.savez_compressed(tmp, **arrays)
-    atomic_write_json(out / "samples.json", record)
+    files = sample_set(out)
+    grid = write_sample_set(files.npz, files.grid, [x], shape, cfg.data.centered, labels=labels.cpu().numpy())
+    record = {"num_samples": args.num_samples, "seed": args.seed, "method": cfg.sampling.method, "nfe": int(nfe),
+              "checkpoint_step": step, "seconds": seconds, "grid": str(grid),
+              "class_labels": labels.tolist(), "guidance_scale": args.guidance_scale,
+              "classifier_agrees": float((logp.argmax(1) == labels).float().mean()),
+              "classifier_log_prob": float(logp.gather(1, labels[:, None]).mean())}
+    atomic_write_json(files.record, record)
     result(f"{args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
     return 0
 
@@ -134,57 +130,37 @@ def sample_main(argv: list[str] | None = None) -> int:
 GRID_MAX = 256  # samples shown in grid.png (all of them are in samples.npz)
 
 
-def _npy_member(zf, name: str, shape: tuple, dtype, chunks) -> None:
-    """Write an array member of an .npz (``np.load`` reads it) from ``chunks`` of its rows, never
-    holding more than one chunk."""
-    with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
-        np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                  "fortran_order": False, "shape": tuple(shape)})
-        for chunk in chunks:
-            fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
-
-
 def _stream_samples(args, cfg, score_fn, sde, shape, g, out: Path, step) -> int:
     """Draw ``shape[0]`` samples in batches of ``sampling.batch_size`` (the same draws as one
     ``sample`` call: it batches the same way) and write each to samples.npz as it comes."""
-    import zipfile
-
-    from pipeline.images import label_columns, save_grid, to_uint8
     from pipeline.sampling import batch_sizes, sample
     from pipeline.score import cycled_labels
 
     sizes = batch_sizes(shape[0], cfg.sampling.batch_size)
     conditional = cfg.model.num_classes > 0  # labels 0..K-1 in turn in each batch (``sampling_score_fn``)
-    nfes, shown, t0 = [], [], time.time()
+    nfes, t0 = [], time.time()
 
     def image_batches():
         for size in sizes:
             x, nfe = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, (size, *shape[1:]),
                             device=args.device, generator=g, progress=True)
             nfes.append(nfe)
-            if sum(len(b) for b in shown) < GRID_MAX:
-                shown.append(x[:GRID_MAX - sum(len(b) for b in shown)].cpu())
-            yield to_uint8(x, cfg.data.centered).cpu().numpy()
+            yield x
 
-    with atomic_path(out / "samples.npz") as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-            _npy_member(zf, "images", shape, np.uint8, image_batches())
-            if conditional:
-                _npy_member(zf, "labels", (shape[0],), np.int64,
-                            (cycled_labels(size, cfg.model.num_classes).numpy() for size in sizes))
+    labels = (np.concatenate([cycled_labels(size, cfg.model.num_classes).numpy() for size in sizes])
+              if conditional else None)
+    files = sample_set(out)
+    grid = write_sample_set(files.npz, files.grid, image_batches(), shape, cfg.data.centered, labels=labels,
+                            grid_max=GRID_MAX)
     seconds = time.time() - t0
     nfe = round(sum(nfes) / len(nfes))
-    # the labels of the samples in the grid (all of them are in samples.npz): one digit per column
-    grid_labels = ([int(y) for size in batch_sizes(min(shape[0], GRID_MAX), cfg.sampling.batch_size)
-                    for y in cycled_labels(size, cfg.model.num_classes)] if conditional else None)
-    grid = save_grid(torch.cat(shown), out / "grid.png", centered=cfg.data.centered, nrow=label_columns(grid_labels))
     record = {"num_samples": args.num_samples, "seed": args.seed, "method": cfg.sampling.method, "nfe": int(nfe),
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
-    if conditional:
-        record.update(class_labels=grid_labels, guidance_weight=cfg.sampling.guidance_weight)
-    atomic_write_json(out / "samples.json", record)
+    if conditional:  # the labels of the samples in the grid (all of them are in samples.npz)
+        record.update(class_labels=[int(y) for y in labels[:GRID_MAX]], guidance_weight=cfg.sampling.guidance_weight)
+    atomic_write_json(files.record, record)
     result(f"{args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): "
-           f"{out / 'samples.npz'}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
+           f"{files.npz}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
     return 0
 
 
@@ -217,7 +193,7 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     from pipeline.controllable import colorize, inpaint, make_mask
     from pipeline.data.reader import shard_urls
     from pipeline.data.test_set import rank_test_batches
-    from pipeline.images import save_grid, to_model_space, to_uint8
+    from pipeline.images import to_model_space
     from pipeline.score import get_score_fn
 
     spec = args.data  # the test shards (require_test_shards, checked before anything was written)
@@ -264,12 +240,13 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     # per image: original, masked, filled (inpaint) / gray input, colorized, original (colorize)
     cols = [data, shown, x] if kind == "inpaint" else [shown, x, data]
     rows = torch.stack(cols, 1).flatten(0, 1)
-    grid = save_grid(rows, out / f"{kind}.png", centered=cfg.data.centered, nrow=3 * min(4, data.shape[0]))
-    with atomic_path(out / f"{kind}.npz") as tmp:
-        np.savez_compressed(tmp, images=to_uint8(x, cfg.data.centered).cpu().numpy(), originals=u8.numpy(), **extra)
+    files = sample_set(out, kind)
+    grid = write_sample_set(files.npz, files.grid, [x], tuple(x.shape), cfg.data.centered,
+                            extra={"originals": u8.numpy(), **extra}, grid_images=rows,
+                            nrow=3 * min(4, data.shape[0]))
     record = {"num_samples": int(data.shape[0]), **record, "nfe": int(nfe), "data": spec,
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
-    atomic_write_json(out / f"{kind}.json", record)
+    atomic_write_json(files.record, record)
     result(f"{what}, {nfe} score evaluations, {seconds:.1f}s: {grid}")
     return 0
 

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.collectives import rank_world
 from pipeline.config import Config, ConfigError
+from pipeline.rundir import DEEPSPEED_DIR
 
 
 class AccelerateBackend:
@@ -103,7 +104,7 @@ class AccelerateBackend:
 
 class DeepSpeedBackend:
     name = "deepspeed"
-    TAG = "deepspeed"
+    TAG = DEEPSPEED_DIR  # the checkpoint subfolder its optimizer partitions go to
 
     def __init__(self, cfg: Config, ds_config_path: str):
         import deepspeed

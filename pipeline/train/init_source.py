@@ -29,7 +29,7 @@ import torch
 from pipeline.config import Config, ConfigError
 from pipeline.data.reader import resolve_shards
 from pipeline.rundir import (CHECKPOINT_STATE, EMA_WEIGHTS, MODEL_WEIGHTS, OPTIMIZER, RunDir, find_weights,
-                             read_weights)
+                             has_deepspeed_state, read_weights)
 from pipeline.train import checkpoint as ckpt
 
 FRESH_CHOICES = ("optimizer", "ema", "schedule", "data")
@@ -59,20 +59,19 @@ class InitSource:
         return self.model if self.model is not None else self.ema
 
 
-def _from_checkpoint(location: str, folder: Path) -> InitSource:
-    state = ckpt.load_checkpoint(folder)
+def _from_checkpoint(location: str, folder: Path, state: dict) -> InitSource:
     s = state["state"]
     return InitSource(location, "checkpoint", folder, ema=state["ema"], model=state["model"],
                       optimizer=state.get("optimizer"), scaler=state.get("scaler"), rng=state.get("rng"),
                       scheduler=state.get("scheduler"),
                       step=int(s["step"]), ema_updates=int(s.get("counters", {}).get("ema_updates", s["step"])),
                       loader=s.get("loader"),
-                      deepspeed_dir=folder if (folder / "deepspeed").is_dir() else None)
+                      deepspeed_dir=folder if has_deepspeed_state(folder) else None)
 
 
 def _from_import(location: str, run: RunDir) -> InitSource:
     """``fpdiff import score-sde``'s run: raw weights, EMA, and (when the .pth had it) Adam state."""
-    info = json.loads((run.imported / "import.json").read_text())
+    info = json.loads(run.import_record.read_text())
     opt_file = run.imported / OPTIMIZER
     optimizer = None
     if opt_file.is_file():
@@ -103,13 +102,14 @@ def _load(location: str, hub_export_folder: Optional[Callable]) -> InitSource:
             raise ConfigError(f"{location} does not exist (a Hub repo id needs fpdiff train)")
         folder = hub_export_folder(location)
         return InitSource(location, "export", folder, ema=read_weights(folder / EMA_WEIGHTS))
+    # a checkpoint folder, or a run dir's newest checkpoint that reads back (falling back past
+    # unreadable ones with a line): the resume's own resolver, each file read once
     if (p / CHECKPOINT_STATE).is_file():
-        return _from_checkpoint(location, p)
+        return _from_checkpoint(location, p, ckpt.load_checkpoint(p))
     run = RunDir(p)
     if p.is_dir() and run.list_checkpoints():
-        newest, _ = ckpt.load_for_resume(p, "auto")  # falls back past unreadable ones, with a line
-        return _from_checkpoint(location, newest)
-    if (run.imported / "import.json").is_file():
+        return _from_checkpoint(location, *ckpt.load_for_resume(p, "auto"))
+    if run.import_record.is_file():
         return _from_import(location, run)
     try:
         w = find_weights(p, prefer_export=True, need_config=False)

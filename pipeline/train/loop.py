@@ -25,18 +25,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from tqdm.auto import tqdm
 
-from pipeline.atomic import atomic_path, atomic_write_json
+from pipeline.atomic import atomic_write_json
 from pipeline.cliargs import ArgumentParser
 from pipeline.collectives import is_main_rank
 from pipeline.config import Config, ConfigError, save_config
 from pipeline.data.loader import build_train_loader, gather_state
 from pipeline.fpe import mean_by_t_bucket
-from pipeline.images import label_columns, save_grid, to_uint8
+from pipeline.images import write_sample_set
 from pipeline.rundir import SAMPLES_PNG, RunDir, RunLock
 from pipeline.sampling import sample
 from pipeline.score import sampling_score_fn
@@ -122,14 +121,9 @@ def sample_grid(ema_model, cfg: Config, sde, device, path: Path, seed: int, prog
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         x, _ = sample(cfg.sampling, cfg.sde.sampling_eps, score_fn, sde, shape,
                       device=device, generator=g, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"images": to_uint8(x, cfg.data.centered).cpu().numpy()}
-    labels = labels_for(n, cfg.sampling.batch_size)
-    if labels is not None:  # a conditional model's samples: the class each was drawn for
-        arrays["labels"] = labels.numpy()
-    with atomic_path(path.with_suffix(".npz")) as tmp:
-        np.savez_compressed(tmp, **arrays)
-    return save_grid(x, path, centered=cfg.data.centered, nrow=label_columns(arrays.get("labels")))
+    labels = labels_for(n, cfg.sampling.batch_size)  # a conditional model's: the class each was drawn for
+    return write_sample_set(path.with_suffix(".npz"), path, [x], shape, cfg.data.centered,
+                            labels=None if labels is None else labels.numpy())
 
 
 @dataclass

@@ -145,7 +145,8 @@ class TrainStep:
         self.model, self.raw_model = self.backend.prepare(self.model, self.optimizer)
         if optimizer_from is not None:
             self.backend.load_state(*optimizer_from)
-        # the configured optimizer settings win over those stored with a resumed or continued state
+        # always: LambdaLR set the lr of step 0 and a run may start mid-schedule; and the configured
+        # settings win over those stored with a resumed or continued optimizer state
         set_optimizer_settings(self.optimizer, self.scheduler, tc)
         # DSM through the wrapper (DDP syncs these gradients); torch.compile only here: compiled
         # modules have no double backward, so the regularizer keeps using the raw module
