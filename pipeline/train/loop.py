@@ -39,7 +39,7 @@ from pipeline.images import write_sample_set
 from pipeline.rundir import SAMPLES_PNG, RunDir, RunLock
 from pipeline.sampling import sample
 from pipeline.score import sampling_score_fn
-from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, fail, result, say
+from pipeline.status import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, fail, result, say
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.backends import build_backend
 from pipeline.train.init_source import load_init_source, plan_continuation
@@ -47,8 +47,7 @@ from pipeline.train.resume import training_config
 from pipeline.train.step import TrainStep, class_labels, lr_lambda  # noqa: F401 (class_labels, lr_lambda: API)
 from pipeline.train.tracking import Tracker
 
-__all__ = ["EXIT_BAD_CONFIG", "EXIT_NONFINITE", "EXIT_OK", "EXIT_REQUEUE", "TrainHooks", "class_labels",
-           "lr_lambda", "main", "train"]
+__all__ = ["TrainHooks", "class_labels", "lr_lambda", "main", "train"]  # exit codes: pipeline.status
 
 
 @dataclass
