@@ -46,7 +46,7 @@ from pipeline.eval.fid import compute_ref_stats, evaluate_fid, saved_sample_file
 from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
                                     check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
 from pipeline.collectives import barrier, is_main_rank, rank_world
-from pipeline.config import finite_float
+from pipeline.config import EvalConfig, SamplingConfig, choices, finite_float
 from pipeline.status import EXIT_BAD_CONFIG, fail, result
 
 
@@ -151,7 +151,8 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     f = sub.add_parser("fid", help="FID (and KID) of samples against reference statistics")
     common(f)
     f.add_argument("--num-samples", type=int, default=None, help="N (default eval.fid_num_samples)")
-    f.add_argument("--sampler", choices=["pc", "ode"], default=None, help="default eval.sampler / sampling.method")
+    f.add_argument("--sampler", choices=choices(SamplingConfig, "method"), default=None,
+                   help="default eval.sampler / sampling.method")
     f.add_argument("--ref-stats", default=None, help=".npz from `ref-stats`, or a clean-fid name NAME[:SPLIT] (default eval.ref_stats)")
     f.add_argument("--feature-extractor", default=None, help="local TorchScript file (default: clean-fid Inception)")
     f.add_argument("--save-samples", default=None, help="folder for the samples as PNG files (<index>.png)")
@@ -166,7 +167,7 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     b.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
     b.add_argument("--passes", type=int, default=None, help="passes with fresh dequantisation noise and probes (default eval.bpd_passes)")
     b.add_argument("--max-samples", type=int, default=None, help="only the first M test images (default all)")
-    b.add_argument("--hutchinson", choices=["rademacher", "gaussian", "exact"], default=None,
+    b.add_argument("--hutchinson", choices=choices(EvalConfig, "hutchinson"), default=None,
                    help="trace estimator probes (default eval.hutchinson); exact: D VJPs per step (tiny data only)")
     b.add_argument("--rtol", type=finite_float, default=None, help="likelihood ODE relative tolerance (default eval.rtol)")
     b.add_argument("--atol", type=finite_float, default=None, help="likelihood ODE absolute tolerance (default eval.atol)")
