@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.atomic import atomic_path, atomic_write_text
+from pipeline.status import say
 
 CONFIDENT = 0.9  # a sample is "legible" when the judge's softmax max is at least this
 
@@ -160,6 +161,6 @@ def cached_digit_net(data_path: Optional[str | os.PathLike] = None, cache_dir: O
             torch.jit.save(torch.jit.script(net), str(tmp))
         atomic_write_text(acc_path, f"{acc}\n")
         if progress:
-            print(f"[fpdiff] digit net: test accuracy {acc:.4f} ({time.time() - t0:.0f}s), cached at {path}")
+            say(f"digit net: test accuracy {acc:.4f} ({time.time() - t0:.0f}s), cached at {path}")
     net = torch.jit.load(str(path)).eval()
     return net, path, float(acc_path.read_text())

@@ -157,6 +157,7 @@ class Study:
         import contextlib
 
         from pipeline.cli import main as fpdiff_main
+        from pipeline.status import EXIT_BAD_CONFIG
 
         path = self.work / "logs" / f"{log}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ class Study:
                     with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
                         rc = fpdiff_main(args)
                 except SystemExit as e:  # argparse errors
-                    rc = e.code if isinstance(e.code, int) else 2
+                    rc = e.code if isinstance(e.code, int) else EXIT_BAD_CONFIG
                 finally:
                     os.chdir(cwd)
         if rc:

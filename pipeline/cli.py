@@ -11,7 +11,7 @@ import sys
 from pipeline import __version__
 from pipeline.cliargs import nearest
 from pipeline.quiet import quiet_third_party
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import fail, interrupted
 
 USAGE = """usage: fpdiff <command> [options]
 
@@ -42,9 +42,12 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
         if not argv or argv[0] != "shards":
             asked = bool(argv) and argv[0] in ("-h", "--help")
             hint = " (did you mean shards?)" if argv and not asked and nearest(argv[0], ["shards"]) else ""
-            print(f"usage: fpdiff data shards SOURCE --out DIR [--name NAME] [options]   "
-                  f"(see fpdiff data shards --help){hint}", file=sys.stdout if asked else sys.stderr)
-            return 0 if asked else EXIT_BAD_CONFIG
+            usage = ("usage: fpdiff data shards SOURCE --out DIR [--name NAME] [options]   "
+                     "(see fpdiff data shards --help)")
+            if not asked:
+                return fail("data", f"need the shards subcommand{hint}; {usage}")
+            print(usage)
+            return 0
         argv = argv[1:]
     if cmd == "train":
         from pipeline.app import train_main  # deferred: torch; `fpdiff --help` stays fast
@@ -59,9 +62,7 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
               "sample": "pipeline.sample", "push": "pipeline.publish", "classifier": "pipeline.classifier"}
     if cmd not in stages:
         close = nearest(cmd, COMMANDS)
-        print(f"fpdiff: unknown command {cmd!r}" + (f"; did you mean {close}?" if close else "")
-              + f"\n\n{USAGE}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", f"unknown command {cmd!r}" + (f"; did you mean {close}?" if close else "") + f"\n\n{USAGE}")
     return importlib.import_module(stages[cmd]).main(argv)
 
 
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(_dispatch(argv[0], argv[1:]) or 0)
     except KeyboardInterrupt:  # every file is written atomically: nothing half-written is left
-        print(f"\nfpdiff {argv[0]}: interrupted", file=sys.stderr)
-        return 130
+        return interrupted(argv[0])
 
 
 if __name__ == "__main__":

@@ -1,22 +1,31 @@
-"""Collectives over torch.distributed that are no-ops in a single process: rank / world size,
-sums, max, broadcast, barrier, and gathering rows from every rank without padding duplicates
-(used by the FID / bpd evaluation), plus rank-independent seeds."""
+"""Collectives over torch.distributed that are no-ops in a single process: rank / world size (the
+one way any module asks), sums, max, broadcast, barrier, and gathering rows from every rank without
+padding duplicates (used by the FID / bpd evaluation), plus rank-independent seeds."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 
-def dist_rank_world(state=None) -> tuple[int, int]:
+def rank_world(state=None) -> tuple[int, int]:
     """(rank, world size): torch.distributed's when initialised (the collectives use it;
     Accelerate's state can say 1 process on a CPU-only machine although the process group
-    spans all ranks), else the Accelerate state's / Accelerator's, else (0, 1)."""
+    spans all ranks), else the Accelerate state's / Accelerator's, else the launcher's
+    (torchrun / accelerate launch set RANK and WORLD_SIZE before any process group exists, and
+    they still hold after it is torn down), else (0, 1)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if state is not None:
         return int(state.process_index), int(state.num_processes)
-    return 0, 1
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_rank(state=None) -> bool:
+    """Rank 0 (``rank_world``): the process that writes files and status lines."""
+    return rank_world(state)[0] == 0
 
 
 def _distributed() -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import math
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from pipeline.atomic import atomic_write_text
+from pipeline.sde import SDE, SDE_CLASSES
+from pipeline.status import note, warn
 
 
 class ConfigError(ValueError):
@@ -29,9 +31,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
-    # a label (score_sde's model name, kept with the run and its export): DDPM++ and NCSN++ are
-    # configurations of one network, set by the keys below
-    name: Literal["ddpmpp", "ncsnpp"] = "ddpmpp"
+    # one network (score_sde's NCSN++ code): DDPM++ and NCSN++ are configurations of it, set by these keys
     nf: int = 128  # base channel count
     ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
     num_res_blocks: int = 4
@@ -69,6 +69,11 @@ class ModelConfig:
             raise ConfigError(f"{path}.ch_mult: must not be empty")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{path}.dropout: must be in [0, 1), got {self.dropout}")
+        _positive(self.num_heads, f"{path}.num_heads")
+        bad = sorted(w for w in {self.nf * c for c in self.ch_mult} if w % self.num_heads or w < 4)
+        if bad:
+            raise ConfigError(f"{path}.num_heads/nf: channel widths {bad} must be >= 4 and divisible by num_heads "
+                              f"{self.num_heads}")
 
 
 @dataclass
@@ -79,7 +84,7 @@ class SDEConfig:
     sigma_min: float = 0.01
     sigma_max: float = 50.0
     num_scales: int = 1000  # N: discretisation used by the PC samplers
-    eps: Optional[float] = None  # smallest time for sampling (default 1e-3 VP/sub-VP, 1e-5 VE)
+    eps: Optional[float] = None  # smallest time for sampling (default: the SDE's default_eps, 1e-3 VP/sub-VP, 1e-5 VE)
 
     def validate(self, path: str) -> None:
         _positive(self.beta_min, f"{path}.beta_min")
@@ -92,9 +97,7 @@ class SDEConfig:
 
     @property
     def sampling_eps(self) -> float:
-        if self.eps is not None:
-            return self.eps
-        return 1e-5 if self.type == "ve" else 1e-3
+        return self.eps if self.eps is not None else SDE_CLASSES[self.type].default_eps
 
 
 @dataclass
@@ -182,7 +185,8 @@ class TrainingConfig:
             raise ConfigError(f"{path}.ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.warmup < 0:
             raise ConfigError(f"{path}.warmup: must be >= 0, got {self.warmup}")
-        _positive(self.eps, f"{path}.eps")
+        if not 0.0 < self.eps < SDE.T:
+            raise ConfigError(f"{path}.eps: must be in (0, T = {SDE.T}), got {self.eps}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"{path}.label_dropout: must be in [0, 1), got {self.label_dropout}")
         bad = [p for p in self.init_fresh if p not in ("optimizer", "ema", "schedule", "data")]
@@ -213,10 +217,12 @@ class FPEConfig:
     t_max: float = 1.0
     dt_method: Literal["jvp", "fd3", "central"] = "jvp"
     fd_step: float = 1e-3
+    # divergences: hutchinson (probes) or exact (D backward passes; tiny data only): exact gives one
+    # exact residual, so validate sets n_probes to 1 and norm_estimator to single
     div_method: Literal["hutchinson", "exact"] = "hutchinson"
     probe: Literal["rademacher", "gaussian"] = "rademacher"
     norm_estimator: Literal["unbiased", "single"] = "unbiased"
-    n_probes: int = 2  # Hutchinson probes per residual (>= 2 for the unbiased estimator)
+    n_probes: int = 2  # Hutchinson probes per residual (>= 2 for the unbiased estimator; refused below that)
     # parameter gradient of the unbiased ‖r‖²: "first" backpropagates through the first probe's
     # residual only, scaled to stay unbiased (the parameter backward is most of the cost);
     # "all": through every probe (the estimator's exact gradient, lower variance)
@@ -240,6 +246,12 @@ class FPEConfig:
         _positive(self.n_probes, f"{path}.n_probes")
         if self.norm_estimator == "unbiased" and self.div_method == "hutchinson" and self.n_probes < 2:
             raise ConfigError(f"{path}.n_probes: the unbiased norm estimator needs >= 2 probes, got {self.n_probes}")
+        self.resolve_probes()
+
+    def resolve_probes(self) -> None:
+        """div_method "exact": one exact residual (n_probes 1, norm_estimator "single")."""
+        if self.div_method == "exact":
+            self.n_probes, self.norm_estimator = 1, "single"
 
 
 @dataclass
@@ -361,9 +373,11 @@ class Config:
     provenance: Literal["user", "export"] = "user"
 
     def validate(self) -> None:
+        check_choices(self, "")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
+                check_choices(section, f.name)
                 section.validate(f.name)
         # cross-section checks
         down = 2 ** (len(self.model.ch_mult) - 1) * self.model.patch_size
@@ -374,6 +388,10 @@ class Config:
                 f"model.patch_size {self.model.patch_size})")
         if self.model.embedding_type == "fourier" and self.sde.type != "ve":
             raise ConfigError("model.embedding_type: 'fourier' (log-sigma labels) needs sde.type 've'")
+        if self.model.scale_by_sigma and self.sde.type != "ve":
+            raise ConfigError("model.scale_by_sigma: only valid with sde.type 've' (labels are sigma)")
+        if self.model.embedding_type == "positional" and self.model.nf < 4:
+            raise ConfigError(f"model.nf: must be >= 4, got {self.model.nf}")
         if self.sampling.guidance_weight and not self.model.num_classes:
             raise ConfigError("sampling.guidance_weight: classifier-free guidance needs a class-conditional "
                               "model (model.num_classes > 0)")
@@ -389,6 +407,27 @@ class Config:
 def _positive(value, path: str) -> None:
     if value <= 0:
         raise ConfigError(f"{path}: must be > 0, got {value}")
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def choices(section, key: str) -> tuple:
+    """The values a ``Literal`` key of a config section (class or instance) allows: its annotation is the one
+    place they are spelled (``Config.validate`` checks them; modules that take them as arguments ask here)."""
+    return typing.get_args(_hints(section if isinstance(section, type) else type(section))[key])
+
+
+def check_choices(section, path: str) -> None:
+    """Every ``Literal`` key of ``section`` holds one of its values; the error names the key."""
+    for f in dataclasses.fields(section):
+        if typing.get_origin(_hints(type(section))[f.name]) is Literal:
+            allowed, value = choices(section, f.name), getattr(section, f.name)
+            if value not in allowed or isinstance(value, bool):
+                raise ConfigError(f"{path + '.' if path else ''}{f.name}: must be one of {list(allowed)}, "
+                                  f"got {short_repr(value)}")
 
 
 MAX_SHOWN = 200  # characters of a value shown in a message (an alias bomb expands to gigabytes)
@@ -442,12 +481,10 @@ def _coerce(value: Any, tp, path: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{path}: expected {type_name(tp)}, got {type(value).__name__} {short_repr(value)}")
-    if origin is Literal:
+    if origin is Literal:  # its allowed values are checked by Config.validate (check_choices)
         if isinstance(value, bool):  # YAML 1.1 reads a bare `no` / `off` as false
             spelled = [a for a in (("no", "off", "false") if not value else ("yes", "on", "true")) if a in args]
             value = spelled[0] if spelled else value
-        if value not in args:
-            raise ConfigError(f"{path}: must be one of {list(args)}, got {short_repr(value)}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -477,17 +514,19 @@ def _coerce(value: Any, tp, path: str) -> Any:
 # keys an earlier fpdiff wrote into configs and run dirs: a saved config that holds one at the value
 # that meant today's behaviour still loads (one line says it is dropped); any other value is refused
 # with what replaced it, since silently ignoring it would change what the run does
-REMOVED_KEYS = {
-    "training.init_ema_updates": (0, "superseded by training.init_fresh: a fine-tune continues its source's "
-                                     "EMA warm-up position unless training.init_fresh lists ema"),
+REMOVED_KEYS = {  # key: (the values that meant today's behaviour, why it went)
+    "training.init_ema_updates": ((0,), "superseded by training.init_fresh: a fine-tune continues its source's "
+                                        "EMA warm-up position unless training.init_fresh lists ema"),
+    "model.name": (("ddpmpp", "ncsnpp"), "a label that chose nothing: DDPM++ and NCSN++ are configurations of one "
+                                         "network, set by the other model keys"),
 }
 
 
 def _removed_key(key_path: str, value: Any) -> None:
     neutral, why = REMOVED_KEYS[key_path]
-    if value != neutral:
+    if value not in neutral or isinstance(value, bool):
         raise ConfigError(f"{key_path}: removed ({why}); it was {short_repr(value)}, delete the key")
-    print(f"[fpdiff] note: {key_path}: removed key dropped ({why})", file=sys.stderr, flush=True)
+    note(f"{key_path}: removed key dropped ({why})")
 
 
 def _build(cls, data: Any, path: str):
@@ -573,8 +612,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None and not trusted and (cfg.provenance == EXPORT_PROVENANCE or looks_saved(path)):
         apply_saved_config_rules(cfg, path, overridden, keep_local_paths=cfg.provenance != EXPORT_PROVENANCE)
     if path is not None and cfg.hub.endpoint and "hub.endpoint" not in overridden:
-        print(f"[fpdiff] warning: {p}: hub.endpoint is not read from a file (the Hub token goes only to an "
-              f"endpoint from HF_ENDPOINT or the command line: hub.endpoint=URL)", file=sys.stderr, flush=True)
+        warn(f"{p}: hub.endpoint is not read from a file (the Hub token goes only to an "
+             f"endpoint from HF_ENDPOINT or the command line: hub.endpoint=URL)")
         cfg.hub.endpoint = ""
     return cfg
 

@@ -16,12 +16,11 @@ from typing import Optional
 from pipeline.cliargs import ArgumentParser, nearest
 from pipeline.config import Config, ConfigError, load_config, load_saved_config, type_name
 from pipeline.rundir import CONFIG
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import fail
 
 MEANINGS = {
     "name": "experiment name (the default run dir is runs/<name>)",
     "run_dir": "output directory (default runs/<name>; --run-dir overrides it)",
-    "model.name": "network: ddpmpp (DDPM++) or ncsnpp (NCSN++)",
     "model.ch_mult": "channel multiplier of each resolution level (its length: the number of levels)",
     "model.num_res_blocks": "residual blocks per resolution level",
     "model.attn_resolutions": "resolutions (in pixels) with a self-attention block",
@@ -36,7 +35,6 @@ MEANINGS = {
     "model.progressive_input": "input path: none, input_skip or residual",
     "model.progressive_combine": "how the progressive input joins: sum or cat",
     "model.init_scale": "scale of the last convolutions' initialisation (0: zero-initialised)",
-    "model.conv_size": "kernel size of the convolutions",
     "sde.type": "forward SDE: vp, subvp or ve",
     "sde.beta_min": "VP / sub-VP: beta(0)",
     "sde.beta_max": "VP / sub-VP: beta(1)",
@@ -76,7 +74,6 @@ MEANINGS = {
     "fpe.t_max": "largest t of the regularizer (and of eval fpe's t-grid)",
     "fpe.dt_method": "d/dt of the score: jvp (exact forward mode), fd3 or central finite differences",
     "fpe.fd_step": "step of the finite differences (dt_method fd3 / central)",
-    "fpe.div_method": "divergences: hutchinson (probes) or exact (D backward passes; tiny data only)",
     "fpe.probe": "Hutchinson probe distribution: rademacher or gaussian",
     "fpe.norm_estimator": "estimate of the squared residual norm: unbiased (two probes) or single (biased up)",
     "fpe.fused": "fused custom-autograd derivatives (pipeline/fused.py)",
@@ -94,7 +91,6 @@ MEANINGS = {
     "eval.batch_size": "images per evaluation batch",
     "eval.bpd_num_batches": "test batches per rank of the bits/dim during training",
     "eval.bpd_passes": "passes of eval bpd with fresh dequantisation noise and probes",
-    "eval.hutchinson": "probes of the likelihood's trace estimator: rademacher, gaussian or exact (tiny data only)",
     "eval.rtol": "likelihood ODE relative tolerance",
     "eval.atol": "likelihood ODE absolute tolerance",
     "logging.backend": "wandb or none (metrics.jsonl is always written)",
@@ -185,8 +181,7 @@ def config_main(argv: Optional[list[str]] = None) -> int:
                 raise ConfigError(unknown_key(args.key, [r[0] for r in rows] + sorted({r[0].split(".")[0] for r in rows})))
             rows = chosen
     except ConfigError as e:
-        print(f"fpdiff config: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("config", e)
     values = [repr(_value(cfg, key)) for key, _, _ in rows]
     kw, vw, tw = (min(max(map(len, col)), 28) for col in ([r[0] for r in rows], values, [r[1] for r in rows]))
     for (key, tp, meaning), value in zip(rows, values):

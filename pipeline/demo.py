@@ -20,7 +20,7 @@ from pipeline.cliargs import ArgumentParser
 from pipeline.config import CONFIG_DIR, ConfigError, load_config
 from pipeline.data.shards import ensure_mnist_shards
 from pipeline.rundir import RunDir
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import fail, result, say
 
 # The demo's second phase (the paper's protocol): fine-tune the DSM model with the regularizer on.
 DEMO_FINETUNE = ["fpe.enabled=true", "training.warmup=0", "training.lr=5e-4"]
@@ -56,7 +56,7 @@ def _demo_summary(dsm_dir: Path, run_dir: Path, what: str) -> str:
                 "fpe_residual_by_t": {"first": residual[0], "last": residual[-1]} if residual else None,
                 "seconds_total": dsm["seconds"] + fpe["seconds"]})
     atomic_write_json(run.summary_json, fpe)
-    return (f"[fpdiff] demo finished: DSM loss {dsm['loss_curve'][0][1]:.4f} -> {dsm_loss[-1]:.4f} over "
+    return (f"demo finished: DSM loss {dsm['loss_curve'][0][1]:.4f} -> {dsm_loss[-1]:.4f} over "
             f"{dsm['steps']} DSM steps + {fpe['steps']} steps with the FPE regularizer ({fpe['seconds_total']:.0f}s "
             f"training); {what} in {run.samples_png}, summary {run.summary_json}")
 
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
         # the demo's own settings come first, the user's overrides after them (so they win)
         base, user = (DEMO_QUICK if args.quick else []), list(args.overrides)
         if not cpu_has_native_bf16():  # configs/demo.yaml trains the DSM path under bf16 autocast
-            print("[fpdiff] demo: this CPU has no native bf16; training in fp32 (slower: fewer steps fit 10 minutes)")
+            say("demo: this CPU has no native bf16; training in fp32 (slower: fewer steps fit 10 minutes)")
             base = ["training.mixed_precision=no"] + base
         # the DSM phase's own grid is a 16-sample preview (dsm/samples.png)
         cfg = load_config(CONFIG_DIR / "demo.yaml", base + user + ["fpe.enabled=false", "sampling.num_samples=16"])
@@ -96,11 +96,10 @@ def main(argv: list[str]) -> int:
         if code == 0:
             code = train(finetune, run_dir)
     except ConfigError as e:
-        print(f"fpdiff: config error: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", f"config error: {e}")
     if code != 0:
         return code
-    print(_demo_summary(dsm_dir, run_dir, _what_was_sampled(finetune)))
+    result(_demo_summary(dsm_dir, run_dir, _what_was_sampled(finetune)))
     return 0
 
 

@@ -43,13 +43,14 @@ estimate through it, so they cannot disagree. Probes come from ``pipeline.likeli
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.config import FPEConfig
+from pipeline.config import FPEConfig, check_choices
 from pipeline.fused import fused_ops, plain_ops
 from pipeline.likelihood import draw_probes
 from pipeline.score import get_score_fn
@@ -99,8 +100,8 @@ def _fd_step(t: torch.Tensor, h: float, method: str):
     return torch.full_like(t, h), direction
 
 
-def score_and_dt(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, dt_method: str = "jvp",
-                 fd_step: float = 1e-3):
+def score_and_dt(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, *, dt_method: str = FPEConfig.dt_method,
+                 fd_step: float = FPEConfig.fd_step):
     """(s(x,t), ∂t s(x,t)), both differentiable in x and in the parameters; one dropout mask."""
     if dt_method == "jvp":
         # exact: one forward pass with a dual time, tangent 1 (forward-mode AD in t)
@@ -210,10 +211,6 @@ def reference_scalar_term(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: torch
 
 
 # --------------------------------------------------------------------------- the estimator
-_CHOICES = {"dt_method": ("jvp", "fd3", "central"), "div_method": ("hutchinson", "exact"),
-            "probe": ("rademacher", "gaussian"), "norm_estimator": ("unbiased", "single"),
-            "probe_gradient": ("all", "first")}
-
 
 @dataclass(frozen=True)
 class ResidualEstimator:
@@ -234,25 +231,22 @@ class ResidualEstimator:
     div_method: str = FPEConfig.div_method  # ∇·s: "hutchinson" | "exact" (K = 1)
     probe: str = FPEConfig.probe
     n_probes: int = FPEConfig.n_probes  # K
-    norm_estimator: str = FPEConfig.norm_estimator  # div_method "exact" forces "single" (one exact residual)
+    norm_estimator: str = FPEConfig.norm_estimator  # div_method "exact": "single" (FPEConfig.resolve_probes)
     probe_gradient: str = FPEConfig.probe_gradient
     fused: bool = FPEConfig.fused
 
     def __post_init__(self):
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"fpe.{name}: unknown choice {getattr(self, name)!r} ({', '.join(allowed)})")
-        if self.div_method == "exact":
-            object.__setattr__(self, "n_probes", 1)
-            object.__setattr__(self, "norm_estimator", "single")
+        # the options are fpe.* keys: their allowed values and the exact-divergence rule live in FPEConfig
+        opts = FPEConfig(**{name: getattr(self, name) for name in _OPTIONS})
+        check_choices(opts, "fpe")
+        opts.resolve_probes()
+        object.__setattr__(self, "n_probes", opts.n_probes)
+        object.__setattr__(self, "norm_estimator", opts.norm_estimator)
 
     @classmethod
     def from_config(cls, cfg: FPEConfig, sde: SDE) -> "ResidualEstimator":
-        """The estimator of ``cfg.fpe``; the unbiased pair estimator gets at least 2 probes."""
-        need = 2 if cfg.norm_estimator == "unbiased" else 1
-        return cls(sde, dt_method=cfg.dt_method, fd_step=cfg.fd_step, div_method=cfg.div_method,
-                   probe=cfg.probe, n_probes=max(int(cfg.n_probes), need), norm_estimator=cfg.norm_estimator,
-                   probe_gradient=cfg.probe_gradient, fused=cfg.fused)
+        """The estimator of ``cfg.fpe``, its values as configured (``FPEConfig.validate`` checked them)."""
+        return cls(sde, **{name: getattr(cfg, name) for name in _OPTIONS})
 
     @property
     def first_probe_only(self) -> bool:
@@ -323,6 +317,10 @@ class ResidualEstimator:
         if create_graph and self.first_probe_only:
             sq = probe_gradient_surrogate(sq, self.n_probes)
         return sq
+
+
+# the estimator's options: fpe.* keys of the same names
+_OPTIONS = tuple(f.name for f in dataclasses.fields(ResidualEstimator) if f.name != "sde")
 
 
 # --------------------------------------------------------------------------- regularizer

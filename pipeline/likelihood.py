@@ -44,6 +44,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from pipeline.config import EvalConfig, choices
 from pipeline.ode import odeint_adaptive
 from pipeline.sde import SDE, bcast
 
@@ -88,8 +89,8 @@ def draw_probes(shape, n: int, kind: str = "rademacher", *, generator: Optional[
 
 
 def log_likelihood(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *,
-                   hutchinson: Literal["rademacher", "gaussian", "exact"] = "rademacher",
-                   rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
+                   hutchinson: str = EvalConfig.hutchinson, rtol: float = EvalConfig.rtol,
+                   atol: float = EvalConfig.atol, eps: float = EvalConfig.likelihood_eps,
                    generator: Optional[torch.Generator] = None,
                    error_norm: Literal["per_sample", "global"] = "per_sample",
                    probe: Optional[torch.Tensor] = None,
@@ -101,8 +102,9 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, *,
     ``probe`` (shape of x) overrides the probe drawn from ``generator``. ``callback(t)`` is
     called with the integrator's times after every step (a progress bar).
     """
-    if hutchinson not in ("rademacher", "gaussian", "exact"):
-        raise ValueError(f"log_likelihood: unknown hutchinson {hutchinson!r} (rademacher, gaussian, exact)")
+    if hutchinson not in choices(EvalConfig, "hutchinson"):
+        raise ValueError(f"log_likelihood: unknown hutchinson {hutchinson!r} "
+                         f"({', '.join(choices(EvalConfig, 'hutchinson'))})")
     B = x.shape[0]
     shape = x.shape
     D = x[0].numel()

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
+from pipeline.config import TrainingConfig, check_choices
 from pipeline.sde import SDE, bcast
 
 __all__ = ["DSMLoss", "DSMOutput"]
@@ -48,14 +49,15 @@ class DSMOutput:
 class DSMLoss:
     """``DSMLoss(sde, eps, likelihood_weighting, reduce_mean, min_snr_gamma, t_sampling)(score_fn, x0, generator)``."""
 
-    def __init__(self, sde: SDE, eps: float = 1e-5, likelihood_weighting: bool = False,
-                 reduce_mean: bool = True, min_snr_gamma: float = 0.0, t_sampling: str = "uniform"):
-        if not 0.0 < eps < sde.T:
-            raise ValueError(f"DSMLoss: eps must be in (0, T={sde.T}), got {eps}")
-        if min_snr_gamma < 0 or (min_snr_gamma > 0 and likelihood_weighting):
-            raise ValueError("DSMLoss: min_snr_gamma must be >= 0 (0: off) and cannot be combined with likelihood_weighting")
-        if t_sampling not in ("uniform", "stratified"):
-            raise ValueError(f"DSMLoss: t_sampling must be 'uniform' or 'stratified', got {t_sampling!r}")
+    def __init__(self, sde: SDE, eps: float = TrainingConfig.eps,
+                 likelihood_weighting: bool = TrainingConfig.likelihood_weighting,
+                 reduce_mean: bool = TrainingConfig.reduce_mean, min_snr_gamma: float = TrainingConfig.min_snr_gamma,
+                 t_sampling: str = TrainingConfig.t_sampling):
+        # the arguments are training.* keys: checked where the config's are (ConfigError is a ValueError)
+        opts = TrainingConfig(eps=eps, likelihood_weighting=likelihood_weighting, reduce_mean=reduce_mean,
+                              min_snr_gamma=min_snr_gamma, t_sampling=t_sampling)
+        check_choices(opts, "training")
+        opts.validate("training")
         self.sde, self.eps = sde, eps
         self.likelihood_weighting, self.reduce_mean = likelihood_weighting, reduce_mean
         self.min_snr_gamma, self.t_sampling = min_snr_gamma, t_sampling

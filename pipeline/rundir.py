@@ -33,7 +33,6 @@ import fcntl
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, NamedTuple, Optional
@@ -45,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.atomic import shared_mode
 from pipeline.config import ConfigError, load_saved_config
 from pipeline.models import build_model
+from pipeline.status import say
 
 # file names of a run (and of its export folder, checkpoints and sample folders)
 CONFIG = "config.yaml"
@@ -477,8 +477,7 @@ class RunLock:
         fh.seek(0)
         stale = fh.read().strip()
         if stale and stale != str(os.getpid()):
-            print(f"[fpdiff] {self.path}: taking over the lock of process {stale}, which is no longer running",
-                  file=sys.stderr, flush=True)
+            say(f"{self.path}: taking over the lock of process {stale}, which is no longer running")
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")

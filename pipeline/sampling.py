@@ -45,6 +45,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.config import SamplingConfig, choices
 from pipeline.ode import odeint_adaptive
 from pipeline.score import batch_sizes
 from pipeline.sde import SDE, bcast
@@ -53,8 +54,8 @@ __all__ = ["pc_sample", "ode_sample", "sample", "default_eps", "PREDICTORS", "CO
            "probability_flow_drift"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
-CORRECTORS = ("langevin", "ald", "none")
+PREDICTORS = choices(SamplingConfig, "predictor")
+CORRECTORS = choices(SamplingConfig, "corrector")
 
 
 def default_eps(sde: SDE) -> float:
@@ -132,9 +133,10 @@ def _prior(sde, shape, device, dtype, generator, x_init):
 
 
 @torch.no_grad()
-def pc_sample(score_fn: ScoreFn, sde: SDE, shape, *, predictor: str = "reverse_diffusion",
-              corrector: str = "langevin", snr: float = 0.16, n_steps_each: int = 1,
-              num_steps: Optional[int] = None, eps: Optional[float] = None, noise_removal: bool = True,
+def pc_sample(score_fn: ScoreFn, sde: SDE, shape, *, predictor: str = SamplingConfig.predictor,
+              corrector: str = SamplingConfig.corrector, snr: float = SamplingConfig.snr,
+              n_steps_each: int = SamplingConfig.n_steps_each, num_steps: Optional[int] = None,
+              eps: Optional[float] = None, noise_removal: bool = SamplingConfig.noise_removal,
               device=None, dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None,
               progress: bool = False, x_init: Optional[torch.Tensor] = None,
               constraint: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
@@ -204,9 +206,10 @@ def probability_flow_drift(score_fn: ScoreFn, sde: SDE) -> Callable[[torch.Tenso
 
 
 @torch.no_grad()
-def ode_sample(score_fn: ScoreFn, sde: SDE, shape, *, rtol: float = 1e-5, atol: float = 1e-5,
-               eps: Optional[float] = None, device=None, dtype: torch.dtype = torch.float32,
-               generator: Optional[torch.Generator] = None, noise_removal: bool = True,
+def ode_sample(score_fn: ScoreFn, sde: SDE, shape, *, rtol: float = SamplingConfig.rtol,
+               atol: float = SamplingConfig.atol, eps: Optional[float] = None, device=None,
+               dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None,
+               noise_removal: bool = SamplingConfig.noise_removal,
                error_norm: str = "global", progress: bool = False,
                x_init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
     """Probability-flow ODE sampling from T to eps with adaptive RK45; returns (x, nfe).

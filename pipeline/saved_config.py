@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 import typing
 from pathlib import Path
 
 from pipeline.config import Config, short_repr
 from pipeline.rundir import CHECKPOINTS_DIR, EMA_WEIGHTS, EXPORT_DIR, METRICS_LOG
+from pipeline.status import warn
 
 # keys that say where things live on a machine (data, weights, feature extractors, the Hub, wandb):
 # a saved config (an export, a run dir, a Hub download) may not choose them, and an export drops them
@@ -64,8 +64,7 @@ def apply_saved_config_rules(cfg: Config, origin: str | Path, overridden: typing
         _set(cfg, key, "")
         what = "a pipe: URL (a shell command)" if "pipe:" in value else \
             "a URL" if not _is_local_path(value) else "a location on the machine that wrote it"
-        print(f"[fpdiff] warning: {short_repr(origin)}: {key} is {what}, not taken from a saved config; "
-              f"give it on the command line", file=sys.stderr, flush=True)
+        warn(f"{short_repr(origin)}: {key} is {what}, not taken from a saved config; give it on the command line")
     cfg.provenance = "user"  # what is left describes the model and its training
     return cfg
 

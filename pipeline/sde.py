@@ -209,6 +209,9 @@ class VESDE(SDE):
         return x + bcast(d2, x) * score, torch.sqrt(sigma_next ** 2 * d2 / sigma ** 2)
 
 
+SDE_CLASSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}  # by sde.type
+
+
 def build_sde(cfg) -> SDE:
     """From an ``SDEConfig``."""
     if cfg.type == "vp":

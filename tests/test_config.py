@@ -103,3 +103,56 @@ def test_a_removed_key_at_its_neutral_value_loads_and_any_other_value_is_refused
     path.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError, match=r"training.init_ema_updates: removed \(superseded by training.init_fresh"):
         load_config(path)
+
+
+def test_each_option_is_checked_once_where_the_config_is_validated():
+    """A Literal key's values are spelled once (its annotation): a config built in code, the estimator and
+    the samplers all refuse a value outside them with the same one line; the estimator keeps the configured
+    probe count (validate refuses too few), and div_method exact's rule is applied by validate, visibly."""
+    from pipeline.config import Config, FPEConfig
+    from pipeline.fpe import ResidualEstimator
+    from pipeline.sampling import PREDICTORS
+    from pipeline.sde import VPSDE
+
+    cfg = Config()
+    cfg.fpe.probe = "uniform"
+    with pytest.raises(ConfigError, match=r"^fpe\.probe: must be one of \['rademacher', 'gaussian'\], got uniform$"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match=r"^fpe\.probe: must be one of \['rademacher', 'gaussian'\], got uniform$"):
+        ResidualEstimator(VPSDE(), probe="uniform")
+    assert PREDICTORS == ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
+    with pytest.raises(ConfigError, match=r"^fpe\.n_probes: the unbiased norm estimator needs >= 2 probes, got 1$"):
+        load_config(None, ["fpe.n_probes=1"])
+    assert ResidualEstimator.from_config(FPEConfig(n_probes=1), VPSDE()).n_probes == 1  # not raised behind one's back
+    assert ResidualEstimator.from_config(FPEConfig(n_probes=5), VPSDE()).n_probes == 5
+    exact = load_config(None, ["fpe.div_method=exact"]).fpe
+    assert (exact.n_probes, exact.norm_estimator) == (1, "single")
+    est = ResidualEstimator.from_config(exact, VPSDE())
+    assert (est.div_method, est.n_probes, est.norm_estimator) == ("exact", 1, "single")
+    # the DSM loss's arguments are training.* keys, refused as the config refuses them
+    from pipeline.losses import DSMLoss
+    for refuse in (lambda: load_config(None, ["training.eps=2.0"]), lambda: DSMLoss(VPSDE(), eps=2.0)):
+        with pytest.raises(ConfigError, match=r"^training\.eps: must be in \(0, T = 1\.0\), got 2\.0$"):
+            refuse()
+
+
+def test_model_options_fail_when_the_config_loads_not_when_the_network_is_built():
+    with pytest.raises(ConfigError, match=r"^model\.num_heads/nf: channel widths \[128, 256\] must be >= 4 and "
+                                          r"divisible by num_heads 3$"):
+        load_config(None, ["model.num_heads=3"])
+    with pytest.raises(ConfigError, match=r"^model\.scale_by_sigma: only valid with sde\.type 've'"):
+        load_config(None, ["model.scale_by_sigma=true"])
+
+
+@pytest.mark.parametrize("label", ["ddpmpp", "ncsnpp"])
+def test_a_run_dir_with_the_old_model_name_label_loads(tmp_path, capsys, label):
+    """model.name chose nothing (one network, configured by the other keys): removed; a config written
+    with either label loads as the same config, another value is refused naming the key."""
+    tree = load_config().to_dict()
+    tree["model"]["name"] = label
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert load_config(path).to_dict() == load_config().to_dict()
+    assert "model.name: removed key dropped" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^model\.name: removed \(a label that chose nothing"):
+        load_config(None, ["model.name=unet"])

@@ -2,7 +2,6 @@
 its real mode), the index's sha256 and counts are checked when a shard is opened, and a small
 shard cannot make it allocate gigabytes (members and decoded images are capped first)."""
 import json
-import logging
 import struct
 import zlib
 
@@ -30,23 +29,24 @@ def gray(i):
     return png(Image.new("L", (8, 8), 10 * i))
 
 
-def loaded_keys(index, caplog, **cfg):
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
-        loader = ShardLoader(DataConfig(shards=str(index), image_size=8, num_channels=1, **cfg), batch_size=2,
-                             exact_epochs=True, train=False)
-        keys = [k for _x, _y, ks in loader for k in ks]
-    return sorted(keys), loader.corrupt_count
+def loaded_keys(index, capsys, **cfg):
+    """(keys, skip count, the status lines it wrote)."""
+    capsys.readouterr()
+    loader = ShardLoader(DataConfig(shards=str(index), image_size=8, num_channels=1, **cfg), batch_size=2,
+                         exact_epochs=True, train=False)
+    keys = [k for _x, _y, ks in loader for k in ks]
+    return sorted(keys), loader.corrupt_count, capsys.readouterr().err
 
 
-def test_samples_that_would_change_are_skipped_and_counted_with_their_real_mode(tmp_path, caplog):
+def test_samples_that_would_change_are_skipped_and_counted_with_their_real_mode(tmp_path, capsys):
     a16 = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
     odd = {"k16": png(Image.fromarray(a16)), "krgba": png(Image.new("RGBA", (8, 8), (1, 2, 3, 128))),
            "krgb": png(Image.new("RGB", (8, 8), (200, 10, 10))), "krgb16": png_rgb16(8, 8)}
     index = write_shards(tmp_path / "sh", [[("a0", gray(0)), *odd.items(), ("a1", gray(1))]])
-    keys, corrupt = loaded_keys(index, caplog)
+    keys, corrupt, log = loaded_keys(index, capsys)
     assert keys == ["a0", "a1"] and corrupt == 4
     for real in ("16-bit gray", "RGB with alpha", "8-bit RGB", "16-bit RGB"):
-        assert f"a {real} image" in caplog.text
+        assert f"a {real} image" in log
     # evaluation / --inpaint read the same way: an RGB image is not grayed for a 1-channel model
     skipped = []
     got = [k for k, _, _ in iter_images([str(index.parent / "t-000000.tar")], 1, skipped=skipped)]
@@ -61,7 +61,7 @@ def test_a_label_that_is_no_int64_is_a_bad_sample():
         decode_sample({"png": gray(1), "cls": b"12345678901234567890123"})
 
 
-def test_the_index_sha256_and_count_are_checked_when_a_shard_is_opened(tmp_path, caplog):
+def test_the_index_sha256_and_count_are_checked_when_a_shard_is_opened(tmp_path, capsys):
     index = write_shards(tmp_path / "sh", [[("a0", gray(0)), ("a1", gray(1))], [("b0", gray(2)), ("b1", gray(3))],
                                            [("c0", gray(4)), ("c1", gray(5)), ("c2", gray(6))]])
     folder = index.parent
@@ -71,13 +71,13 @@ def test_the_index_sha256_and_count_are_checked_when_a_shard_is_opened(tmp_path,
     tree["shards"][2]["count"] = 2
     tree["shards"][2]["sha256"] = ""
     index.write_text(json.dumps(tree))
-    keys, corrupt = loaded_keys(index, caplog)
+    keys, corrupt, log = loaded_keys(index, capsys)
     assert keys == ["b0", "b1"] and corrupt == 4
-    assert "t-000000.tar" in caplog.text and "sha256 differs" in caplog.text
-    assert "it holds 3 samples" in caplog.text
+    assert "t-000000.tar" in log and "sha256 differs" in log
+    assert "it holds 3 samples" in log
 
 
-def test_a_huge_member_is_not_read(tmp_path, caplog):
+def test_a_huge_member_is_not_read(tmp_path, capsys):
     """A gzip shard of a few KB whose one member inflates to 4 MB, with a 1 MB cap."""
     big = png(Image.new("L", (8, 8))) + bytes(4 << 20)  # a valid PNG with trailing zeros
     index = write_shards(tmp_path / "sh", [[("a0", gray(0)), ("big", big), ("a1", gray(1))]], gzip=True)
@@ -86,7 +86,7 @@ def test_a_huge_member_is_not_read(tmp_path, caplog):
     got = [key for _, key, _ in read_shard(str(index.parent / "t-000000.tar"), errors=errors,
                                              max_member_bytes=1 << 20)]
     assert got == ["a0"] and "more than the 1048576 allowed" in errors[0][1]
-    keys, corrupt = loaded_keys(index, caplog, max_member_bytes=1 << 20)
+    keys, corrupt, log = loaded_keys(index, capsys, max_member_bytes=1 << 20)
     assert keys == ["a0"] and corrupt == 2
 
 

@@ -82,7 +82,7 @@ def test_demo_falls_back_to_fp32_without_native_bf16(mnist_shards, tmp_path, mon
     monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: False)
     data_dir = str(Path(mnist_shards[0]).parent)
     assert demo.main(["--quick", "--run-dir", str(tmp_path / "fp32"), "--data-dir", data_dir]) == 0
-    assert "no native bf16; training in fp32" in capsys.readouterr().out
+    assert "no native bf16; training in fp32" in capsys.readouterr().err
     for phase in (tmp_path / "fp32" / "dsm", tmp_path / "fp32"):
         assert yaml.safe_load((phase / "config.yaml").read_text())["training"]["mixed_precision"] == "no"
     assert demo.main(["--quick", "--run-dir", str(tmp_path / "bf16"), "--data-dir", data_dir,

@@ -223,8 +223,8 @@ def test_import_without_optimizer_notes_it_and_bad_moments_are_refused(tmp_path,
     cfg = fpdiff_config(name, small_overrides(name))
     write_checkpoint(tmp_path / "a.pth", cfg, edit=lambda c: c.pop("optimizer"))
     assert run_import(tmp_path, name, tmp_path / "a.pth", out="a") == 0
-    out = capsys.readouterr().out
-    assert "has no optimizer entry; a fine-tune from it starts a fresh Adam" in out
+    err = capsys.readouterr().err
+    assert "has no optimizer entry; a fine-tune from it starts a fresh Adam" in err
     assert not (tmp_path / "a" / "imported" / "optimizer.pt").exists()
 
     def shrink(c):

@@ -190,6 +190,71 @@ def test_a_private_name_used_across_modules_is_caught():
                                     "line 9: feats._cache"]
 
 
+# --------------------------------------------------------------------------- status lines and exit codes
+STATUS = "pipeline.status"  # the one module that writes "[fpdiff]" lines and errors, and spells the exit codes
+EXIT_LITERALS = {1, 2, 3, 75, 130}  # pipeline.status.EXIT_* other than 0
+
+
+def _strings(node: ast.AST):
+    """String constants in ``node``, an f-string's literal parts included."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str):
+            yield n.value
+
+
+def _is_exit_literal(node) -> bool:
+    return isinstance(node, ast.Constant) and type(node.value) is int and node.value in EXIT_LITERALS
+
+
+def own_reporting(pkg: Path) -> list[str]:
+    """Modules other than pipeline.status that write a "[fpdiff]" line or to stderr, use ``logging``, or
+    spell an exit code as a number (in ``sys.exit``, ``SystemExit`` or a ``return``)."""
+    bad = []
+    for path in sorted(pkg.rglob("*.py")):
+        mod = module_name(path, pkg)
+        if mod == STATUS:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            where = f"{mod}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Call) and any("[fpdiff]" in s for s in _strings(node)):
+                bad.append(f"{where} writes a [fpdiff] line itself")
+            elif isinstance(node, ast.Attribute) and ast.unparse(node) == "sys.stderr":
+                bad.append(f"{where} writes to stderr itself")
+            elif isinstance(node, ast.Import) and any(a.name == "logging" for a in node.names):
+                bad.append(f"{where} imports logging")
+            elif isinstance(node, ast.ImportFrom) and node.module == "logging":
+                bad.append(f"{where} imports from logging")
+            elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.exit", "exit", "SystemExit") \
+                    and node.args and _is_exit_literal(node.args[0]):
+                bad.append(f"{where} exits with the literal {node.args[0].value}")
+            elif isinstance(node, ast.Return) and _is_exit_literal(node.value):
+                bad.append(f"{where} returns the literal exit code {node.value.value}")
+    return bad
+
+
+def test_status_lines_errors_and_exit_codes_come_only_from_pipeline_status():
+    assert own_reporting(PKG) == []
+
+
+def test_a_module_reporting_by_itself_is_caught(tmp_path):
+    (tmp_path / "pipeline" / "train").mkdir(parents=True)
+    (tmp_path / "pipeline" / "status.py").write_text('import sys\nEXIT_BAD_CONFIG = 2\n'
+                                                     'def say(m):\n    print(f"[fpdiff] {m}", file=sys.stderr)\n')
+    (tmp_path / "pipeline" / "train" / "x.py").write_text(
+        'import logging\nimport sys\nlog = logging.getLogger("x")\n'
+        'def f(n):\n    print(f"[fpdiff] {n} steps")\n    return 1.0\n'
+        'def main():\n    if f(1):\n        return 2\n    sys.exit(75)\n'
+        'def ok():\n    print("fpdiff x: no such file", file=sys.stderr)\n    return 0\n')
+    assert sorted(own_reporting(tmp_path / "pipeline"), key=lambda s: int(s.split(":")[1].split()[0])) == [
+        "pipeline.train.x:1 imports logging",
+        "pipeline.train.x:5 writes a [fpdiff] line itself",
+        "pipeline.train.x:9 returns the literal exit code 2",
+        "pipeline.train.x:10 exits with the literal 75",
+        "pipeline.train.x:12 writes to stderr itself",
+    ]
+
+
 # --------------------------------------------------------------------------- imports at the top
 def undeclared_deferred_imports(source: str) -> list[str]:
     """Imports inside a function or class of ``source`` that do not say why they are there: a comment

@@ -25,7 +25,7 @@ from pipeline.models.classifier import NoiseConditionalClassifier, input_scale, 
 from pipeline.data.test_set import require_test_shards
 from pipeline.rundir import RunDir
 from pipeline.sde import SDE, build_sde
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import fail, result
 
 
 def classifier_loss(clf, sde: SDE, x0: torch.Tensor, y: torch.Tensor, eps: float,
@@ -122,11 +122,10 @@ def classifier_main(argv: list[str] | None = None) -> int:
                                 num_classes=args.num_classes, device=args.device, seed=args.seed,
                                 eval_samples=args.eval_samples)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"fpdiff classifier: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("classifier", e)
     buckets = ", ".join(f"{k[4:]}: {v:.2f}" for k, v in meta.items() if k.startswith("acc_t"))
-    print(f"[fpdiff] classifier: {args.steps} steps in {meta['seconds']:.0f}s, test accuracy {meta['acc']:.3f} "
-          f"({buckets}): {out}")
+    result(f"classifier: {args.steps} steps in {meta['seconds']:.0f}s, test accuracy {meta['acc']:.3f} "
+           f"({buckets}): {out}")
     return 0
 
 

@@ -42,8 +42,6 @@ Design (all of it is a pure function of ``(seed, epoch, reader)``; nothing depen
 """
 from __future__ import annotations
 
-import logging
-import warnings
 from typing import Optional
 
 import numpy as np
@@ -53,8 +51,8 @@ from pipeline.collectives import rng_for
 from pipeline.data.schedule import Schedule
 from pipeline.data.reader import DataError, decode_sample, read_shard, resolve_shards
 from pipeline.images import to_model_space
+from pipeline.status import warn
 
-log = logging.getLogger("pipeline.data.loader")
 
 STATE_VERSION = 1
 
@@ -98,7 +96,7 @@ class _Stream(torch.utils.data.IterableDataset):
                         keys.append(key)
                     except ValueError as err:
                         corrupt += 1
-                        log.warning("data: skipping sample %s in shard %s: %s", key, url, err)
+                        warn(f"data: skipping sample {key} in shard {url}: {err}")
             end_of_epoch = self.one_epoch and o_next == 0
             if len(keys) == self.B or end_of_epoch:
                 yield self._batch(imgs, labels, keys, j, first) + ((w, e_next, o_next, corrupt),)
@@ -228,9 +226,8 @@ class ShardLoader:
                 and state["schedule"] == self._sig)
         if not same:
             e = int(max(p[0] for p in state["positions"])) + 1
-            warnings.warn(f"data: loader state was saved with a different schedule (world_size "
-                          f"{state['world_size']}, workers {state['num_workers']}, {state['schedule']}); "
-                          f"starting epoch {e} from its beginning", stacklevel=3)
+            warn(f"data: loader state was saved with a different schedule (world_size {state['world_size']}, "
+                 f"workers {state['num_workers']}, {state['schedule']}); starting epoch {e} from its beginning")
             self.positions = [[e, 0] for _ in range(self.W)]
             self.next_worker = 0
             self.batches, self.samples = int(state["batches"]), int(state["samples"])
@@ -242,8 +239,8 @@ class ShardLoader:
         else:
             # another rank's state: derive this rank's positions from the samples each worker
             # delivered (exact when this rank met no corrupt samples)
-            warnings.warn(f"data: no saved position for rank {self.rank}; derived from rank {state['rank']}'s "
-                          f"counts (exact unless corrupt samples were skipped)", stacklevel=3)
+            warn(f"data: no saved position for rank {self.rank}; derived from rank {state['rank']}'s counts "
+                 f"(exact unless corrupt samples were skipped)")
             sched = Schedule(self.shardset, world_size=self.world_size, workers=self.W, seed=self.seed,
                              shuffle=self.train, shuffle_buffer=self._sig["shuffle_buffer"],
                              resampled=self._sig["resampled"])

@@ -20,7 +20,6 @@ import glob
 import hashlib
 import io
 import json
-import logging
 import re
 import tarfile
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from pipeline.config import ConfigError
+from pipeline.status import warn
 
-log = logging.getLogger("pipeline.data.loader")
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "bmp")
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -226,8 +225,8 @@ def resolve_shards(spec: str, index: str = "", key: str = "data.shards") -> Shar
     if todo:
         remote = [urls[i] for i in todo if _local_path(urls[i]) is None]
         if remote:
-            log.warning("data: no index for %d remote shard(s) (set data.index); scanning them once to count "
-                        "samples", len(remote))
+            warn(f"data: no index for {len(remote)} remote shard(s) (set data.index); scanning them once to "
+                 f"count samples")
         for i in todo:
             errors: list = []
             counts[i] = count_samples(urls[i], errors)
@@ -503,11 +502,11 @@ def iter_images(urls: Iterable[str], channels: Optional[int] = None, *, height: 
             try:
                 arr, label = decode_sample(files, height, width, channels)
             except ValueError as err:
-                log.warning("data: skipping sample %s in shard %s: %s", key, url, err)
+                warn(f"data: skipping sample {key} in shard {url}: {err}")
                 skipped.append((url, key, str(err)))
                 continue
             yield key, arr, label
         if errors:
-            log.warning("data: shard %s truncated or unreadable after key %s (%s): the rest of it skipped",
-                        url, last, errors[0][1])
+            warn(f"data: shard {url} truncated or unreadable after key {last} ({errors[0][1]}): the rest of it "
+                 f"skipped")
             skipped.append((url, errors[0][0], errors[0][1]))

@@ -3,15 +3,14 @@ gets in each epoch and in which order, as a pure function of ``(seed, epoch, rea
 design is described in ``pipeline.data.loader``'s docstring)."""
 from __future__ import annotations
 
-import logging
 from typing import Iterator, Optional
 
 import numpy as np
 
 from pipeline.collectives import rng_for
 from pipeline.data.reader import ShardSet, read_shard
+from pipeline.status import warn
 
-log = logging.getLogger("pipeline.data.loader")
 
 
 def shuffle_order(n: int, bufsize: int, rng: np.random.Generator) -> np.ndarray:
@@ -133,5 +132,5 @@ class Schedule:
                 yield base + (i - a), url, key, files
             if got < b - first:
                 why = errors[0][1] if errors else "fewer samples than the index lists"
-                log.warning("data: shard %s truncated or unreadable after key %s (%s): %d of its samples "
-                            "in this slice skipped", url, last_key, why, b - first - got)
+                warn(f"data: shard {url} truncated or unreadable after key {last_key} ({why}): "
+                     f"{b - first - got} of its samples in this slice skipped")

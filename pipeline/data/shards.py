@@ -31,7 +31,7 @@ from pipeline.cliargs import ArgumentParser
 from pipeline.data.reader import file_sha256
 from pipeline.config import finite_float
 from pipeline.data.sources import ShardWriteError, Source, load_source
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import EXIT_FAILED, fail, result, warn
 
 INDEX_FORMAT = "fpdiff-shards"
 INDEX_VERSION = 1
@@ -158,13 +158,13 @@ def write_shards(source, out_dir, name: str, *, max_samples: Optional[int] = Non
         sets = {"all": np.arange(n)}
     out_dir = Path(out_dir)
     meta = {"source": str(source), "seed": seed}
-    result = {}
+    written = {}
     for split, idx in sets.items():
         order = rng.permutation(idx) if shuffle else idx
         set_name = name if split == "all" else f"{name}-{split}"
-        result[split] = _write_set(src, order, out_dir, set_name, split, max_samples=max_samples,
-                                   max_bytes=max_bytes, meta=meta)
-    return result
+        written[split] = _write_set(src, order, out_dir, set_name, split, max_samples=max_samples,
+                                    max_bytes=max_bytes, meta=meta)
+    return written
 
 
 def verify_index(index_path) -> list[str]:
@@ -249,18 +249,15 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
         out = Path(args.out)
         if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
             raise ShardWriteError(f"--out {out}: is (or lies under) a file, not a folder")
-        result = write_shards(args.source, args.out, name, max_samples=args.max_samples,
+        written = write_shards(args.source, args.out, name, max_samples=args.max_samples,
                               max_bytes=args.max_bytes, test_fraction=args.test_fraction, seed=args.seed,
                               shuffle=not args.no_shuffle, limit=args.limit)
     except ShardWriteError as e:
-        print(f"fpdiff data shards: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("data shards", e)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy / zip / the disk on a bad source
         why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"fpdiff data shards: {args.source}: cannot be read as a source ({type(e).__name__}: {why})",
-              file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    for split, idx in result.items():
+        return fail("data shards", f"{args.source}: cannot be read as a source ({type(e).__name__}: {why})")
+    for split, idx in written.items():
         print(f"{split}: {idx['num_samples']} samples in {len(idx['shards'])} shards, "
               f"{idx['height']}x{idx['width']}x{idx['channels']}, {len(idx['class_names'])} classes")
         print(f"  {CONFIG_KEY_OF_SPLIT[split]}={idx['abs_pattern']}")
@@ -268,12 +265,12 @@ def shards_main(argv: Optional[Sequence[str]] = None) -> int:
         if args.verify:
             problems = verify_index(idx["index_path"])
             for pr in problems:
-                print(f"  verify: {pr}", file=sys.stderr)
+                warn(f"verify: {pr}")
             if problems:
-                return 1
+                return EXIT_FAILED
     paste = " ".join(f"{CONFIG_KEY_OF_SPLIT[split]}={idx['abs_pattern']}"
-                     for split, idx in sorted(result.items(), key=lambda item: item[0] == "test"))  # training first
-    print(f"[fpdiff] shards written to {Path(args.out).resolve()}; pass them to training as: {paste}")
+                     for split, idx in sorted(written.items(), key=lambda item: item[0] == "test"))  # training first
+    result(f"shards written to {Path(args.out).resolve()}; pass them to training as: {paste}")
     return 0
 
 

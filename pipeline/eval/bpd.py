@@ -9,9 +9,9 @@ from typing import Optional
 import torch
 
 from pipeline.data.test_set import rank_share, rank_test_batches
-from pipeline.eval.common import IMAGE_BAR, device_of, eval_pass, rank_world
+from pipeline.eval.common import IMAGE_BAR, device_of, eval_pass
 from pipeline.images import to_model_space
-from pipeline.collectives import gather_by_index, seed_for
+from pipeline.collectives import gather_by_index, rank_world, seed_for
 from pipeline.likelihood import bits_per_dim, data_bpd_offset, log_likelihood
 from pipeline.score import get_score_fn
 

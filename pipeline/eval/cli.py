@@ -39,16 +39,16 @@ from pipeline.rundir import RunDir, find_weights, load_for_eval
 from pipeline.eval.bpd import evaluate_bpd
 from pipeline.eval.fpe import evaluate_fpe
 from pipeline.data.test_set import local_shard_counts, require_test_shards
-from pipeline.eval.common import device_of, is_main_rank, main_first, rank_world, get_state
+from pipeline.eval.common import device_of, main_first, get_state
 from pipeline.eval.conservativity import evaluate_conservativity
 from pipeline.data.reader import shard_urls
 from pipeline.eval.fid import compute_ref_stats, evaluate_fid, saved_sample_files
 from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
                                     check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
-from pipeline.collectives import barrier
-from pipeline.config import ConfigError, finite_float, load_saved_config
+from pipeline.collectives import barrier, is_main_rank, rank_world
+from pipeline.config import ConfigError, EvalConfig, SamplingConfig, choices, finite_float, load_saved_config
 from pipeline.sde import build_sde
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import EXIT_BAD_CONFIG, fail, result
 
 
 # --------------------------------------------------------------------------- in-training / library API
@@ -152,7 +152,8 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     f = sub.add_parser("fid", help="FID (and KID) of samples against reference statistics")
     common(f)
     f.add_argument("--num-samples", type=int, default=None, help="N (default eval.fid_num_samples)")
-    f.add_argument("--sampler", choices=["pc", "ode"], default=None, help="default eval.sampler / sampling.method")
+    f.add_argument("--sampler", choices=choices(SamplingConfig, "method"), default=None,
+                   help="default eval.sampler / sampling.method")
     f.add_argument("--ref-stats", default=None, help=".npz from `ref-stats`, or a clean-fid name NAME[:SPLIT] (default eval.ref_stats)")
     f.add_argument("--feature-extractor", default=None, help="local TorchScript file (default: clean-fid Inception)")
     f.add_argument("--save-samples", default=None, help="folder for the samples as PNG files (<index>.png)")
@@ -167,7 +168,7 @@ def build_parser(prog: str = "fpdiff eval") -> argparse.ArgumentParser:
     b.add_argument("--shards", default=None, help="test shard pattern (default data.test_shards)")
     b.add_argument("--passes", type=int, default=None, help="passes with fresh dequantisation noise and probes (default eval.bpd_passes)")
     b.add_argument("--max-samples", type=int, default=None, help="only the first M test images (default all)")
-    b.add_argument("--hutchinson", choices=["rademacher", "gaussian", "exact"], default=None,
+    b.add_argument("--hutchinson", choices=choices(EvalConfig, "hutchinson"), default=None,
                    help="trace estimator probes (default eval.hutchinson); exact: D VJPs per step (tiny data only)")
     b.add_argument("--rtol", type=finite_float, default=None, help="likelihood ODE relative tolerance (default eval.rtol)")
     b.add_argument("--atol", type=finite_float, default=None, help="likelihood ODE absolute tolerance (default eval.atol)")
@@ -233,7 +234,7 @@ def name_the_flag(msg: str, args) -> str:
 
 def _print_err(state, msg: str) -> None:
     if is_main_rank(state):
-        print(f"fpdiff eval: error: {msg}", file=sys.stderr, flush=True)
+        fail("eval", f"error: {msg}")
 
 
 def evaluate_main(argv: Optional[list[str]] = None) -> int:
@@ -276,7 +277,7 @@ def _cmd_ref_stats(args, state) -> int:
         save_stats(out, stats, feats=feats, meta={"feature_extractor": fe.name, "feature_extractor_id": fe.identity,
                                                   "image_size": getattr(stats, "image_size", None),
                                                   "shards": args.shards, "mode": "clean"})
-        print(f"[fpdiff] reference statistics of {stats.n} images ({time.time() - t0:.0f}s): {out}", flush=True)
+        result(f"reference statistics of {stats.n} images ({time.time() - t0:.0f}s): {out}")
     barrier()
     return 0
 
@@ -338,7 +339,7 @@ def _cmd_run(args, state) -> int:
     res["checkpoint"] = str(args.run)
     write_result(res, out, run, state)
     if rank == 0:
-        print(f"[fpdiff] {_summary_line(res)} -> {out}", flush=True)
+        result(f"{_summary_line(res)} -> {out}")
     barrier()
     return 0
 

@@ -10,8 +10,7 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from pipeline.status import MissingFileError
-from pipeline.collectives import broadcast_float
-from pipeline.collectives import dist_rank_world
+from pipeline.collectives import broadcast_float, rank_world
 
 # --------------------------------------------------------------------------- helpers
 def get_state():
@@ -19,14 +18,6 @@ def get_state():
     # cpu=True on a machine without CUDA: otherwise Accelerate reports DistributedType.NO
     # (1 process) under `accelerate launch --multi_gpu` on CPU
     return PartialState(cpu=not torch.cuda.is_available())
-
-
-def rank_world(state) -> tuple[int, int]:
-    return dist_rank_world(state)
-
-
-def is_main_rank(state) -> bool:
-    return rank_world(state)[0] == 0
 
 
 def device_of(state, device=None) -> torch.device:

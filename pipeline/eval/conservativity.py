@@ -23,9 +23,9 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.collectives import gather_by_index, seed_for
+from pipeline.collectives import gather_by_index, rank_world, seed_for
 from pipeline.data.test_set import rank_test_batches
-from pipeline.eval.common import device_of, eval_pass, rank_world
+from pipeline.eval.common import device_of, eval_pass
 from pipeline.fpe import draw_random, fp32_at_least, fpe_precision
 from pipeline.images import to_model_space
 from pipeline.score import get_score_fn

@@ -13,13 +13,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
-from pipeline.eval.common import device_of, rank_world, eval_pass
+from pipeline.eval.common import device_of, eval_pass
 from pipeline.data.reader import iter_images
 from pipeline.data.test_set import batched, ceil_div
 from pipeline.eval.features import (FeatureExtractor, FeatureStats, check_ref_matches, check_ref_stats, frechet_distance,
                                     kernel_distance, load_ref_stats)
 from pipeline.collectives import broadcast_float
-from pipeline.collectives import all_reduce_sum, seed_for
+from pipeline.collectives import all_reduce_sum, rank_world, seed_for
 from pipeline.images import save_grid, to_uint8
 from pipeline.sampling import sample
 from pipeline.score import sampling_score_fn

@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from pipeline.collectives import all_reduce_sum, seed_for
+from pipeline.collectives import all_reduce_sum, rank_world, seed_for
 from pipeline.data.test_set import rank_share, rank_test_batches
-from pipeline.eval.common import IMAGE_BAR, device_of, eval_pass, rank_world
+from pipeline.eval.common import IMAGE_BAR, device_of, eval_pass
 from pipeline.fpe import ResidualEstimator, fp32_at_least, draw_random, fpe_precision
 from pipeline.images import to_model_space
 from pipeline.score import get_score_fn

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..config import Config, ConfigError
+from ..config import Config
 from .ncsnpp import NCSNpp
 
 __all__ = ["NCSNpp", "build_model", "count_parameters"]
@@ -18,23 +18,11 @@ __all__ = ["NCSNpp", "build_model", "count_parameters"]
 def build_model(cfg: Config) -> nn.Module:
     """Build the UNet described by ``cfg.model`` for ``cfg.data`` images and ``cfg.sde``.
 
-    ``model.name`` ("ddpmpp" / "ncsnpp") is a label only: both are configurations of one
-    network. Parameters are created on the current default device (``with
-    torch.device("meta"): build_model(cfg)`` builds without allocating).
+    DDPM++ and NCSN++ are configurations of this one network. Parameters are created on the current default device (``with
+    torch.device("meta"): build_model(cfg)`` builds without allocating). The keys' values are
+    checked when the config loads (``Config.validate``), not here.
     """
     m = cfg.model
-    if m.embedding_type == "fourier" and cfg.sde.type != "ve":
-        raise ConfigError("model.embedding_type: 'fourier' (log-sigma labels) needs sde.type 've'")
-    if m.scale_by_sigma and cfg.sde.type != "ve":
-        raise ConfigError("model.scale_by_sigma: only valid with sde.type 've' (labels are sigma)")
-    if m.num_heads < 1:
-        raise ConfigError(f"model.num_heads: must be >= 1, got {m.num_heads}")
-    widths = {m.nf * c for c in m.ch_mult}
-    bad = sorted(w for w in widths if w % m.num_heads or w < 4)
-    if bad:
-        raise ConfigError(f"model.num_heads/nf: channel widths {bad} must be >= 4 and divisible by num_heads {m.num_heads}")
-    if m.embedding_type == "positional" and m.nf < 4:
-        raise ConfigError(f"model.nf: must be >= 4, got {m.nf}")
     return NCSNpp(
         image_size=cfg.data.image_size, num_channels=cfg.data.num_channels, centered=cfg.data.centered,
         nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,

@@ -39,23 +39,11 @@ class NCSNpp(nn.Module):
                  progressive_combine: str = "sum", init_scale: float = 0.0,
                  scale_by_sigma: bool = False, num_heads: int = 1, centered: bool = True, patch_size: int = 1,
                  num_classes: int = 0):
-        super().__init__()
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
-        if patch_size < 1 or image_size % patch_size:
-            raise ValueError(f"patch_size {patch_size} must be >= 1 and divide image_size {image_size}")
+        super().__init__()  # the arguments are model.* keys, checked by Config.validate (build_model's input)
         # patch_size p > 1: the UNet runs on (C p²) x (H / p) x (W / p) (pixel unshuffle in, pixel shuffle
         # out), so at a given cost its first level has p x the channels (cheap width for small images)
         self.patch_size = patch_size
         image_size, num_channels = image_size // patch_size, num_channels * patch_size ** 2
-        if embedding_type not in ("fourier", "positional"):
-            raise ValueError(f"embedding_type {embedding_type!r} unknown")
-        if resblock_type not in ("biggan", "ddpm"):
-            raise ValueError(f"resblock_type {resblock_type!r} unknown")
-        if progressive not in ("none", "output_skip", "residual"):
-            raise ValueError(f"progressive {progressive!r} unknown")
-        if progressive_input not in ("none", "input_skip", "residual"):
-            raise ValueError(f"progressive_input {progressive_input!r} unknown")
         self.act = act = nn.SiLU()
         self.nf = nf
         self.num_resolutions = n_res = len(ch_mult)

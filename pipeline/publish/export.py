@@ -61,7 +61,8 @@ def model_card(config_dict: Mapping, metrics: Mapping, repo_id: str | None = Non
                 if fpe.get("enabled") else "trained with denoising score matching only (FPE regularizer off)")
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()
                      if not isinstance(v, (dict, list)))
-    net = (f"{model.get('name', '?')} UNet, nf={model.get('nf')}, ch_mult={model.get('ch_mult')}, "
+    net = (f"NCSN++ / DDPM++ UNet ({model.get('embedding_type')} time embedding, {model.get('resblock_type')} "
+           f"blocks), nf={model.get('nf')}, ch_mult={model.get('ch_mult')}, "
            f"num_res_blocks={model.get('num_res_blocks')}, attention at {model.get('attn_resolutions')}")
     return f"""---
 library_name: fpdiff

@@ -14,7 +14,6 @@ end of training. ``fpdiff push RUN_DIR --repo-id user/name`` does the same by ha
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -28,8 +27,8 @@ from pipeline.config import ConfigError, finite_float, load_saved_config
 from pipeline.models import build_model
 from pipeline.rundir import (CONFIG, EMA_WEIGHTS, EXPORT_FILES, EXPORT_METRICS, SAMPLES_PNG, RunDir, find_weights,
                              load_state_into, read_weights)
+from pipeline.status import EXIT_FAILED, fail, result, warn
 
-logger = logging.getLogger(__name__)
 
 # what an upload takes from an export folder, nothing else (no symlinks, no stray files)
 EXPORT_UPLOADS = EXPORT_FILES + (SAMPLES_PNG,)
@@ -129,12 +128,12 @@ class HubPusher:
             with self._lock:
                 self.pushes_failed += 1
                 self.last_error = _short(e)
-            logger.error("hub push to %s not queued: %s", self.repo_id, _short(e))
+            warn(f"hub push to {self.repo_id} not queued: {_short(e)}")
             return False
         with self._cond:
             if self._closed:
                 shutil.rmtree(staging, ignore_errors=True)
-                logger.error("hub push to %s not queued: pusher is closed", self.repo_id)
+                warn(f"hub push to {self.repo_id} not queued: pusher is closed")
                 return False
             if self._pending is not None:
                 self._discard(self._pending)
@@ -153,8 +152,7 @@ class HubPusher:
             while self._pending is not None or self._busy:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    logger.warning("hub push to %s still running after %.0fs; not waiting longer",
-                                   self.repo_id, timeout)
+                    warn(f"hub push to {self.repo_id} still running after {timeout:.0f}s; not waiting longer")
                     return False
                 self._cond.wait(left)
         return True
@@ -190,7 +188,7 @@ class HubPusher:
                 if src.is_symlink() or not src.is_file():
                     continue
                 if _linked_elsewhere(src, folder.parent):
-                    logger.warning("hub push: %s is hard-linked to a file outside the export; not uploaded", src)
+                    warn(f"hub push: {src} is hard-linked to a file outside the export; not uploaded")
                     continue
                 dst = staging / name
                 try:
@@ -222,7 +220,7 @@ class HubPusher:
                 with self._lock:
                     self.pushes_failed += 1
                     self.last_error = _short(e)
-                logger.error("hub push to %s crashed: %s", self.repo_id, _short(e))
+                warn(f"hub push to {self.repo_id} crashed: {_short(e)}")
             finally:
                 self._discard(job)
                 with self._cond:
@@ -250,12 +248,12 @@ class HubPusher:
                 if not retry:
                     with self._lock:
                         self.pushes_failed += 1
-                    logger.error("hub push to %s failed after %d attempt(s), giving up on %r: %s",
-                                 self.repo_id, attempt + 1, job.message, err)
+                    warn(f"hub push to {self.repo_id} failed after {attempt + 1} attempt(s), giving up on "
+                         f"{job.message!r}: {err}")
                     return
                 delay = min(self.max_backoff, self.backoff * (2 ** attempt))
-                logger.warning("hub push to %s failed (attempt %d/%d): %s; retrying in %.1fs",
-                               self.repo_id, attempt + 1, self.max_retries + 1, err, delay)
+                warn(f"hub push to {self.repo_id} failed (attempt {attempt + 1}/{self.max_retries + 1}): {err}; "
+                     f"retrying in {delay:.1f}s")
                 if self._stop.wait(delay):
                     with self._lock:
                         self.pushes_failed += 1
@@ -265,7 +263,6 @@ class HubPusher:
                 self.pushes_ok += 1
                 self.last_commit_url = getattr(info, "commit_url", None) or str(info)
                 self.last_ok_message = job.message
-            logger.info("hub push to %s done (%s): %s", self.repo_id, job.message, self.last_commit_url)
             return
 
 
@@ -294,14 +291,11 @@ def push_main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        print(f"fpdiff push: run directory not found: {run_dir}", file=sys.stderr)
-        return 1
+        return fail("push", f"run directory not found: {run_dir}", EXIT_FAILED)
     export = RunDir(run_dir).find_export()
     if export is None:
-        print(f"fpdiff push: no export in {run_dir} (expected {RunDir(run_dir).export}/{EMA_WEIGHTS} and "
-              f"{CONFIG}; the trainer writes it at the end of training and every hub.push_every steps)",
-              file=sys.stderr)
-        return 1
+        return fail("push", f"no export in {run_dir} (expected {RunDir(run_dir).export}/{EMA_WEIGHTS} and {CONFIG}; "
+                            f"the trainer writes it at the end of training and every hub.push_every steps)", EXIT_FAILED)
     message = args.commit_message
     if message is None:
         try:
@@ -313,8 +307,8 @@ def push_main(argv: list[str] | None = None) -> int:
         files = [f for f in sorted(export.iterdir()) if f.name in EXPORT_UPLOADS and f.is_file() and not f.is_symlink()]
         for f in files:
             print(f"  {f.name} ({f.stat().st_size:,} bytes)")
-        print(f"[fpdiff] dry run: would push {len(files)} files of {export} to {args.repo_id} "
-              f"({'private' if args.private else 'public'}), message {message!r}; nothing uploaded")
+        result(f"dry run: would push {len(files)} files of {export} to {args.repo_id} "
+               f"({'private' if args.private else 'public'}), message {message!r}; nothing uploaded")
         return 0
     pusher = HubPusher(args.repo_id, max_retries=args.max_retries, private=args.private, token=args.token,
                        endpoint=args.endpoint, backoff=args.retry_backoff)
@@ -322,9 +316,8 @@ def push_main(argv: list[str] | None = None) -> int:
     pusher.close()
     st = pusher.status()
     if st["pushes_ok"] < 1:
-        print(f"fpdiff push: upload to {args.repo_id} failed: {st['last_error']}", file=sys.stderr)
-        return 1
-    print(f"pushed {export} to {args.repo_id}: {st['last_commit_url']}")
+        return fail("push", f"upload to {args.repo_id} failed: {st['last_error']}", EXIT_FAILED)
+    result(f"pushed {export} to {args.repo_id}: {st['last_commit_url']}")
     return 0
 
 

@@ -42,7 +42,7 @@ from pipeline.data.reader import file_sha256
 from pipeline.models import build_model
 from pipeline.publish.export import write_export
 from pipeline.rundir import MODEL_WEIGHTS, OPTIMIZER, RunDir, check_finite, save_weights
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import fail, note, result
 
 
 # --------------------------------------------------------------------------- score_sde configs
@@ -54,17 +54,17 @@ _CIFAR = {"data": {"dataset": "cifar10", "image_size": 32, "num_channels": 3, "c
                     "fourier_scale": 16.0, "conv_size": 3, "num_heads": 1},
           "training": {"batch_size": 128, "lr": 2e-4, "warmup": 5000, "grad_clip": 1.0, "reduce_mean": False},
           "sampling": {"method": "pc", "predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16}}
-_DDPMPP = {"model": {"name": "ddpmpp", "embedding_type": "positional", "fir": False, "progressive": "none",
+_DDPMPP = {"model": {"embedding_type": "positional", "fir": False, "progressive": "none",
                      "progressive_input": "none", "scale_by_sigma": False},
            "data": {"centered": True}, "training": {"ema_decay": 0.9999, "reduce_mean": True},
            "sampling": {"predictor": "euler_maruyama", "corrector": "none"}}
 _NCSNPP_CIFAR = {"sde": {"type": "ve"}, "training": {"ema_decay": 0.999},
-                 "model": {"name": "ncsnpp", "embedding_type": "fourier", "fir": True, "progressive": "none",
+                 "model": {"embedding_type": "fourier", "fir": True, "progressive": "none",
                            "progressive_input": "residual", "scale_by_sigma": True}}
 # the 256x256 NCSN++ configs (score_sde's default_lsun_configs + model settings)
 _HIGHRES = {"data": {"image_size": 256, "num_channels": 3, "centered": False, "random_flip": True},
             "sde": {"type": "ve", "sigma_min": 0.01, "num_scales": 2000},
-            "model": {"name": "ncsnpp", "nf": 128, "ch_mult": [1, 1, 2, 2, 2, 2, 2], "num_res_blocks": 2,
+            "model": {"nf": 128, "ch_mult": [1, 1, 2, 2, 2, 2, 2], "num_res_blocks": 2,
                       "attn_resolutions": [16], "dropout": 0.0, "embedding_type": "fourier", "fir": True,
                       "progressive": "output_skip", "progressive_input": "input_skip", "scale_by_sigma": True},
             "training": {"batch_size": 64, "ema_decay": 0.999}, "sampling": {"snr": 0.075}}
@@ -322,11 +322,10 @@ def import_main(argv: list[str] | None = None) -> int:
     try:
         out = import_score_sde(args.checkpoint, args.config, args.out, args.overrides)
     except ImportFailure as e:
-        print(f"fpdiff import: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("import", e)
     if not (RunDir(out).imported / OPTIMIZER).is_file():
-        print(f"[fpdiff] note: {args.checkpoint} has no optimizer entry; a fine-tune from it starts a fresh Adam")
-    print(f"[fpdiff] imported {args.checkpoint} ({args.config}) -> {out} (EMA weights in {RunDir(out).export})")
+        note(f"{args.checkpoint} has no optimizer entry; a fine-tune from it starts a fresh Adam")
+    result(f"imported {args.checkpoint} ({args.config}) -> {out} (EMA weights in {RunDir(out).export})")
     return 0
 
 

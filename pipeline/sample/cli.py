@@ -15,7 +15,7 @@ from pipeline.atomic import atomic_write_json
 from pipeline.images import to_model_space, write_sample_set
 from pipeline.rundir import RunDir, load_for_eval, sample_set
 from pipeline.cliargs import ArgumentParser
-from pipeline.config import ConfigError, finite_float, parse_overrides
+from pipeline.config import ConfigError, SamplingConfig, choices, finite_float, parse_overrides
 from pipeline.config_doc import unknown_key
 from pipeline.controllable import MASKS, classifier_guided_score, colorize, inpaint, make_mask
 from pipeline.data.reader import shard_urls
@@ -24,7 +24,7 @@ from pipeline.models.classifier import input_scale, load_classifier, log_prob_fn
 from pipeline.sampling import batch_sizes, sample
 from pipeline.score import cycled_labels, get_score_fn, sampling_score_fn
 from pipeline.sde import build_sde
-from pipeline.status import EXIT_BAD_CONFIG
+from pipeline.status import fail, result
 
 
 def sample_main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True, help="run directory, its export/ folder, or a checkpoint directory")
     p.add_argument("--num-samples", type=int, default=None,
                    help="samples to draw, or test images for --inpaint / --colorize (default: the run's sampling.num_samples)")
-    p.add_argument("--method", choices=["pc", "ode"], default=None, help="override sampling.method")
+    p.add_argument("--method", choices=choices(SamplingConfig, "method"), default=None, help="override sampling.method")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (and of --inpaint random's mask)")
     p.add_argument("--out", default=None, help="output directory (default RUN/samples)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -94,8 +94,7 @@ def sample_main(argv: list[str] | None = None) -> int:
             score_fn, labels, clf = _guided(args, get_score_fn(model, sde), sde)
             cfg.sampling.batch_size = args.num_samples  # the labels go with the whole batch
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"fpdiff sample: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("sample", e)
     # a new folder each call (RUN/samples/sample-001, -002, ...): no call overwrites an earlier one's
     out = Path(args.out) if args.out else RunDir(args.run_dir).new_samples_folder()
     out.mkdir(parents=True, exist_ok=True)
@@ -105,8 +104,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         try:
             return _conditional_main(args, model, cfg, sde, out, g, shape, step)
         except (FileNotFoundError, ValueError) as e:
-            print(f"fpdiff sample: {e}", file=sys.stderr)
-            return EXIT_BAD_CONFIG
+            return fail("sample", e)
     t0 = time.time()
     if clf is None:  # streamed to disk batch by batch: any --num-samples in bounded memory
         return _stream_samples(args, cfg, score_fn, sde, shape, g, out, step)
@@ -124,7 +122,7 @@ def sample_main(argv: list[str] | None = None) -> int:
               "classifier_agrees": float((logp.argmax(1) == labels).float().mean()),
               "classifier_log_prob": float(logp.gather(1, labels[:, None]).mean())}
     atomic_write_json(files.record, record)
-    print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
+    result(f"{args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): {grid}")
     return 0
 
 
@@ -157,8 +155,8 @@ def _stream_samples(args, cfg, score_fn, sde, shape, g, out: Path, step) -> int:
     if conditional:  # the labels of the samples in the grid (all of them are in samples.npz)
         record.update(class_labels=[int(y) for y in labels[:GRID_MAX]], guidance_weight=cfg.sampling.guidance_weight)
     atomic_write_json(files.record, record)
-    print(f"[fpdiff] {args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): "
-          f"{files.npz}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
+    result(f"{args.num_samples} samples ({cfg.sampling.method}, {nfe} score evaluations, {seconds:.1f}s): "
+           f"{files.npz}, the first {min(args.num_samples, GRID_MAX)} in {grid}")
     return 0
 
 
@@ -235,7 +233,7 @@ def _conditional_main(args, model, cfg, sde, out: Path, g, shape, step) -> int:
     record = {"num_samples": int(data.shape[0]), **record, "nfe": int(nfe), "data": spec,
               "checkpoint_step": step, "seconds": seconds, "grid": str(grid)}
     atomic_write_json(files.record, record)
-    print(f"[fpdiff] {what}, {nfe} score evaluations, {seconds:.1f}s: {grid}")
+    result(f"{what}, {nfe} score evaluations, {seconds:.1f}s: {grid}")
     return 0
 
 

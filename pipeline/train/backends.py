@@ -23,6 +23,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from pipeline.collectives import rank_world
 from pipeline.config import Config, ConfigError
 from pipeline.rundir import DEEPSPEED_DIR
 
@@ -37,7 +38,8 @@ class AccelerateBackend:
         self.accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision,
                                        cpu=not torch.cuda.is_available() if cpu is None else cpu)
         a = self.accelerator
-        self.rank, self.world, self.is_main, self.device = a.process_index, a.num_processes, a.is_main_process, a.device
+        (self.rank, self.world), self.device = rank_world(a.state), a.device
+        self.is_main = self.rank == 0
         self.grad_accum = cfg.training.grad_accum
         self.grad_clip = cfg.training.grad_clip
 
@@ -120,8 +122,7 @@ class DeepSpeedBackend:
                               "derivative (jvp), which the FPE residual's exact d/dt needs; use stage 1 or 2")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
-
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world = rank_world()
         self.is_main = self.rank == 0
         local = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from pipeline.atomic import atomic_directory
 from pipeline.config import ConfigError
 from pipeline.rundir import (CHECKPOINT_STATE, EMA_WEIGHTS, MODEL_WEIGHTS, OPTIMIZER, RunDir, check_finite,
                              checkpoint_step, save_weights, write_error_text, write_errors)
+from pipeline.status import warn
 
 
 class CheckpointError(ConfigError):
@@ -133,8 +133,7 @@ def load_for_resume(run_dir: str | Path, resume: str | None) -> tuple[Path | Non
         except CheckpointError as e:
             if i + 1 == len(candidates):
                 raise
-            print(f"[fpdiff] warning: {e}; resuming from the previous checkpoint {candidates[i + 1].name}",
-                  file=sys.stderr, flush=True)
+            warn(f"{e}; resuming from the previous checkpoint {candidates[i + 1].name}")
     return None, None
 
 

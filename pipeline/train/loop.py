@@ -17,7 +17,6 @@ and publishing.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_json
 from pipeline.cliargs import ArgumentParser
+from pipeline.collectives import is_main_rank
 from pipeline.config import Config, ConfigError, save_config
 from pipeline.data.loader import build_train_loader, gather_state
 from pipeline.fpe import mean_by_t_bucket
@@ -39,7 +39,7 @@ from pipeline.images import write_sample_set
 from pipeline.rundir import SAMPLES_PNG, RunDir, RunLock
 from pipeline.sampling import sample
 from pipeline.score import sampling_score_fn
-from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, say
+from pipeline.status import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, MissingFileError, fail, result, say
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.backends import build_backend
 from pipeline.train.init_source import load_init_source, plan_continuation
@@ -47,8 +47,7 @@ from pipeline.train.resume import training_config
 from pipeline.train.step import TrainStep, class_labels, lr_lambda  # noqa: F401 (class_labels, lr_lambda: API)
 from pipeline.train.tracking import Tracker
 
-__all__ = ["EXIT_BAD_CONFIG", "EXIT_NONFINITE", "EXIT_OK", "EXIT_REQUEUE", "TrainHooks", "class_labels",
-           "lr_lambda", "main", "train"]
+__all__ = ["TrainHooks", "class_labels", "lr_lambda", "main", "train"]  # exit codes: pipeline.status
 
 
 @dataclass
@@ -458,23 +457,19 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
         cfg, run_dir = training_config(args.config, args.run_dir, args.resume, args.overrides, force=args.force)
         code = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                      deepspeed_config=args.deepspeed, overwrite=args.overwrite, hooks=hooks)
-        if code == EXIT_OK and os.environ.get("RANK", "0") == "0":  # where it all went, last
-            summary = RunDir(run_dir).summary_txt.read_text().splitlines()[-1]
-            print(f"[fpdiff] {summary}\n[fpdiff] outputs in {run_dir}/: checkpoints/, export/ (EMA weights, "
-                  f"model card), samples.png, metrics.jsonl, summary.json, summary.txt", flush=True)
+        if code == EXIT_OK and is_main_rank():  # where it all went, last
+            result(RunDir(run_dir).summary_txt.read_text().splitlines()[-1])
+            result(f"outputs in {run_dir}/: checkpoints/, export/ (EMA weights, model card), samples.png, "
+                   f"metrics.jsonl, summary.json, summary.txt")
         return code
     except ckpt.CheckpointError as e:
-        print(f"fpdiff: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", e)
     except ConfigError as e:
-        print(f"fpdiff: config error: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", f"config error: {e}")
     except MissingFileError as e:
-        print(f"fpdiff: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", e)
     except OSError as e:  # a full disk or a lost mount while writing metrics, samples, the summary
-        print(f"fpdiff: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return fail("", f"{e.filename or ''}: {e.strerror or e}")
     finally:  # a run that failed to start leaves no handler of its StopRequest behind
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -9,13 +9,13 @@ random streams, the network) is refused in one line unless ``--force``.
 """
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
+from pipeline.collectives import is_main_rank
 from pipeline.config import Config, ConfigError, load_config, load_saved_config
 from pipeline.rundir import RunDir
+from pipeline.status import say
 
 # a different value here makes the resumed steps differ from the uninterrupted run's (data order
 # and position, micro-batch split, seeds) or the checkpoint unloadable (network, SDE)
@@ -70,8 +70,7 @@ def training_config(config: Optional[str], run_dir: Optional[str], resume: Optio
         key, old, new = refused[0]
         raise ConfigError(f"{key}: {old!r} in {saved}, {new!r} now; a resumed run with another {key} does not "
                           f"continue the same run (give the run's value, train into a new --run-dir, or pass --force)")
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_rank():
         for key, old, new in changes:
-            print(f"[fpdiff] resume: {key} {old!r} -> {new!r}" + (" (forced)" if breaks_exact_resume(key) else ""),
-                  file=sys.stderr, flush=True)
+            say(f"resume: {key} {old!r} -> {new!r}" + (" (forced)" if breaks_exact_resume(key) else ""))
     return cfg, Path(run_dir)

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import time
@@ -31,8 +30,8 @@ from typing import Any, Mapping
 
 from pipeline.atomic import atomic_write_text, plain_json
 from pipeline.rundir import RunDir
+from pipeline.status import warn
 
-logger = logging.getLogger(__name__)
 
 MAX_WANDB_ERRORS = 5
 
@@ -128,7 +127,7 @@ class Tracker:
             self._disable_wandb(f"wandb init failed ({type(e).__name__}: {e}); logging to {self.metrics_path.name} only")
 
     def _disable_wandb(self, message: str) -> None:
-        logger.warning(message)
+        warn(message)
         run, self.run = self.run, None
         if run is not None:
             try:
@@ -143,7 +142,7 @@ class Tracker:
             self._disable_wandb(f"wandb {what} failed {self._wandb_errors} times in a row "
                                 f"({type(exc).__name__}: {exc}); wandb switched off, {self.metrics_path.name} continues")
         else:
-            logger.warning("wandb %s failed (%s: %s)", what, type(exc).__name__, exc)
+            warn(f"wandb {what} failed ({type(exc).__name__}: {exc})")
 
     # ------------------------------------------------------------------ API
     def _accept(self, step: int) -> bool:
@@ -153,7 +152,6 @@ class Tracker:
             return False
         if self._last_step is not None and step < self._last_step:
             self.skipped_logs += 1
-            logger.debug("dropping log for step %d (last logged step %d)", step, self._last_step)
             return False
         self._last_step = step
         return True
@@ -217,7 +215,7 @@ class Tracker:
                 if wandb.run is None:
                     wandb.teardown()
             except Exception as e:  # noqa: BLE001
-                logger.warning("wandb finish failed (%s: %s)", type(e).__name__, e)
+                warn(f"wandb finish failed ({type(e).__name__}: {e})")
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
