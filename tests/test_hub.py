@@ -180,11 +180,11 @@ def test_push_main_cli(fake_hub, tmp_path, capsys):
 
     rc = hub.push_main([str(tmp_path / "missing"), "--repo-id", "bob/x", "--endpoint", fake_hub.url])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and err.count("\n") == 0 and "run directory not found" in err
+    assert rc == 2 and err.count("\n") == 0 and "run directory not found" in err
     (tmp_path / "empty_run").mkdir()
     rc = hub.push_main([str(tmp_path / "empty_run"), "--repo-id", "bob/x", "--endpoint", fake_hub.url])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and err.count("\n") == 0 and "no export in" in err
+    assert rc == 2 and err.count("\n") == 0 and "no export in" in err
 
 
 def test_push_uploads_only_the_export_files_never_symlinks(fake_hub, tmp_path, capsys):

@@ -291,11 +291,11 @@ def push_main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        return fail("push", f"run directory not found: {run_dir}", EXIT_FAILED)
+        return fail("push", f"run directory not found: {run_dir}")  # bad input: exit 2, like any command
     export = RunDir(run_dir).find_export()
     if export is None:
         return fail("push", f"no export in {run_dir} (expected {RunDir(run_dir).export}/{EMA_WEIGHTS} and {CONFIG}; "
-                            f"the trainer writes it at the end of training and every hub.push_every steps)", EXIT_FAILED)
+                            f"the trainer writes it at the end of training and every hub.push_every steps)")
     message = args.commit_message
     if message is None:
         try:
