@@ -26,7 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import DataConfig, load_config  # noqa: E402
+from pipeline.config import DataConfig  # noqa: E402
+from pipeline.config_files import load_config  # noqa: E402
 from pipeline.data.loader import ShardLoader  # noqa: E402
 from pipeline.data.shards import ensure_mnist_shards, write_shards  # noqa: E402
 from pipeline.train.step import TrainStep  # noqa: E402

@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import pipeline.fused  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config_files import load_config  # noqa: E402
 from pipeline.fpe import FPEOutput, FPERegularizer, flat_dot, fpe_precision  # noqa: E402
 from pipeline.score import get_score_fn  # noqa: E402
 from pipeline.train.step import TrainStep  # noqa: E402

@@ -81,7 +81,7 @@ class Study:
 
     @property
     def sde(self):
-        from pipeline.config import load_config
+        from pipeline.config_files import load_config
         from pipeline.sde import build_sde
         return build_sde(load_config(str(CONFIG)).sde)
 

@@ -55,7 +55,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import fpe_cost  # noqa: E402  (the CPU benchmark's variants (a)-(c): reused, not copied)
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config_files import load_config  # noqa: E402
 from pipeline.fpe import subsample_size  # noqa: E402
 from pipeline.likelihood import log_likelihood  # noqa: E402
 from pipeline.models import build_model  # noqa: E402

@@ -14,7 +14,8 @@ import typing
 from typing import Optional
 
 from pipeline.cliargs import ArgumentParser, nearest
-from pipeline.config import Config, ConfigError, load_config, load_saved_config, type_name
+from pipeline.config import Config, ConfigError, type_name
+from pipeline.config_files import load_config, load_saved_config
 from pipeline.rundir import CONFIG
 from pipeline.status import fail
 

@@ -17,7 +17,8 @@ import torch
 from pipeline.app import train
 from pipeline.atomic import atomic_write_json
 from pipeline.cliargs import ArgumentParser
-from pipeline.config import CONFIG_DIR, ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.config_files import CONFIG_DIR, load_config
 from pipeline.data.shards import ensure_mnist_shards
 from pipeline.rundir import RunDir
 from pipeline.status import fail, result, say

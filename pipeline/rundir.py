@@ -24,7 +24,7 @@ name of this layout::
 
 ``find_weights(path)`` resolves what a person may pass for "a trained model" (a run dir, its
 export/, an export on its own, a checkpoint folder, a weights file) to ``Weights`` (file, its
-config, its run); ``load_for_eval`` builds the EMA model from it. Uses ``pipeline.config``,
+config, its run); ``load_for_eval`` builds the EMA model from it. Uses ``pipeline.config_files``,
 ``pipeline.models`` and safetensors.
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import shared_mode
-from pipeline.config import ConfigError, load_saved_config
+from pipeline.config import ConfigError
+from pipeline.config_files import load_saved_config
 from pipeline.models import build_model
 from pipeline.status import say
 

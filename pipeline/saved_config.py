@@ -2,7 +2,7 @@
 trusted. ``apply_saved_config_rules`` takes nothing from it that says where things live (no shell
 command, no URL, no Hub endpoint or repo, no local path); ``exported_config`` is what an export's
 config.yaml holds (those keys dropped, marked ``provenance: export``); ``looks_saved`` tells such a
-file by where it lies. ``pipeline.config.load_config`` / ``load_saved_config`` apply them."""
+file by where it lies. ``pipeline.config_files.load_config`` / ``load_saved_config`` apply them."""
 from __future__ import annotations
 
 import copy

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from pipeline.train.backends import AccelerateBackend, DeepSpeedBackend, build_backend
-from pipeline.config import CONFIG_DIR, ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.config_files import CONFIG_DIR, load_config
 
 
 def test_zero3_is_refused_with_the_reason(tmp_path):

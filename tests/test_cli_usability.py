@@ -14,7 +14,7 @@ TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mnist_tiny.
 def _run_without_test_shards(tmp_path, train_shards: str, overrides=()) -> Path:
     """A run directory (config.yaml + export/ of a tiny real model) trained on ``train_shards``
     with no data.test_shards, as `fpdiff train` without that override leaves it."""
-    from pipeline.config import load_config, save_config
+    from pipeline.config_files import load_config, save_config
     from pipeline.models import build_model
     from pipeline.publish.export import write_export
 
@@ -53,7 +53,7 @@ def _bar_lines(err: str) -> list[str]:
 def test_long_evaluations_show_images_with_a_total(tmp_path, capsys):
     """bits/dim and the FPE residual count test images against the total (read from the shard
     index), with an ETA; reference statistics count images against theirs."""
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.eval.bpd import evaluate_bpd
     from pipeline.eval.fid import compute_ref_stats
     from pipeline.eval.fpe import evaluate_fpe
@@ -84,7 +84,7 @@ def test_long_evaluations_show_images_with_a_total(tmp_path, capsys):
 
 
 def test_ode_sampler_bar_has_an_eta(capsys):
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.sampling import ode_sample
     from pipeline.sde import build_sde
 
@@ -191,7 +191,8 @@ def test_config_show_lists_every_key_with_value_type_and_meaning(capsys):
     import dataclasses
 
     from pipeline.cli import main
-    from pipeline.config import Config, load_config
+    from pipeline.config import Config
+    from pipeline.config_files import load_config
 
     assert main(["config", "show", "--config", TINY_CONFIG]) == 0
     lines = capsys.readouterr().out.splitlines()

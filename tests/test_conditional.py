@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from gaussian import SDES, GaussianData, moments
 from mixture import GaussianMixture
-from pipeline.config import CONFIG_DIR, ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.config_files import CONFIG_DIR, load_config
 from pipeline.fpe import FPERegularizer
 from pipeline.sampling import pc_sample
 from pipeline.score import cycled_labels, get_score_fn, guided_score_fn, time_labels

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import CONFIG_DIR, ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.config_files import CONFIG_DIR, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

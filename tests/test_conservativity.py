@@ -17,7 +17,7 @@ from helpers.eval_fixtures import EVAL_WORKER, ROOT, TINY_OVERRIDES, clean_env, 
 
 
 def _setup(n: int, side: int = 4, seed: int = 0, overrides=()):
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.sde import build_sde
 
     cfg = load_config(None, TINY_OVERRIDES + [f"data.image_size={side}", *overrides])
@@ -78,7 +78,7 @@ def test_random_linear_map_matches_frobenius_ratio():
 
 
 def test_jvp_and_vjp_of_the_unet_match_its_jacobian():
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.eval.conservativity import jvp_and_vjp
     from pipeline.models import build_model
     from pipeline.score import get_score_fn

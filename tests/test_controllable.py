@@ -127,7 +127,7 @@ def test_masks_and_errors():
 
 # --------------------------------------------------------------------------- the CLI
 def _tiny_export(tmp_path, overrides=()):
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.publish.export import write_export
     from pipeline.models import build_model
 
@@ -186,7 +186,7 @@ def test_classifier_learns_mnist_and_guides_sampling(tmp_path, tiny_overrides, c
 
     from pipeline.classifier.train import accuracy_by_t, classifier_main
     from pipeline.models.classifier import load_classifier
-    from pipeline.config import load_config, save_config
+    from pipeline.config_files import load_config, save_config
     from pipeline.publish.export import write_export
     from pipeline.models import build_model
     from pipeline.sample.cli import sample_main

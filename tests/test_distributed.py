@@ -16,7 +16,7 @@ from ports import free_port
 from safetensors.torch import load_file
 
 from pipeline.rundir import RunDir
-from pipeline.config import CONFIG_DIR
+from pipeline.config_files import CONFIG_DIR
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from helpers.eval_fixtures import (EVAL_WORKER, TINY_OVERRIDES, StandIn, build_e
 # --------------------------------------------------------------------------- loading
 def test_load_for_eval_from_run_checkpoint_and_export(tmp_path):
     from pipeline.train.checkpoint import save_checkpoint
-    from pipeline.config import load_config, save_config
+    from pipeline.config_files import load_config, save_config
     from pipeline.rundir import RunDir, find_weights, load_for_eval
     from pipeline.publish.export import write_export
     from pipeline.models import build_model
@@ -79,7 +79,7 @@ def exact_bpd(sde, x, m, s, eps, centered):
 def test_bpd_matches_closed_form_gaussian(sde_type):
     """Through evaluate_bpd (data path, offset, gathering): exact trace within 0.01 bits/dim
     of the exact Gaussian density; Gaussian Hutchinson probes over passes within 4 SE."""
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.eval.bpd import evaluate_bpd
     from pipeline.images import to_model_space
     from pipeline.sde import build_sde
@@ -130,7 +130,7 @@ def test_bpd_matches_closed_form_gaussian(sde_type):
 def test_eval_flags_become_config_overrides(argv, expected):
     """What ``fpdiff eval METRIC`` flags ask for reaches the metric as the config it reads: each
     given flag is a dotted override after the typed ones (the flag wins), the rest keep their defaults."""
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.eval.cli import build_parser, flag_overrides
 
     args = build_parser().parse_args(argv)
@@ -180,7 +180,7 @@ def test_bpd_two_processes_equal_one_process(tmp_path):
 
 def test_fpe_residual_over_t_grid():
     """`fpdiff eval fpe`: the FPE residual of a (stand-in) model over a t-grid, all samples."""
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.eval.cli import build_parser
     from pipeline.collectives import seed_for
     from pipeline.eval.fpe import evaluate_fpe, fpe_residual_by_t
@@ -211,7 +211,7 @@ def test_fpe_residual_over_t_grid():
 
 def test_evaluate_in_training(tmp_path):
     """The trainer's eval.every hook: small FID + 1-batch bpd, metrics returned and logged."""
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.eval.cli import check_eval_inputs, evaluate_in_training
     from pipeline.sde import build_sde
 

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint as ckpt
-from pipeline.config import CONFIG_DIR
+from pipeline.config_files import CONFIG_DIR
 from pipeline.app import train_main as main
 from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE, EXIT_REQUEUE
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from pipeline.app import train_main as main
-from pipeline.config import CONFIG_DIR, ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.config_files import CONFIG_DIR, load_config
 from pipeline.rundir import RunDir
 from pipeline.status import EXIT_BAD_CONFIG, EXIT_NONFINITE
 

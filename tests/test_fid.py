@@ -59,7 +59,7 @@ def test_clean_resize_matches_cleanfid():
 
 
 def test_extractor_sees_rounded_uint8_and_exactly_n(tmp_path):
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.eval.fid import evaluate_fid
     from pipeline.sde import build_sde
 

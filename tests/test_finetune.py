@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import CONFIG_DIR, ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.config_files import CONFIG_DIR, load_config
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint as ckpt
 from pipeline.app import train

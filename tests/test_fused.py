@@ -151,7 +151,7 @@ def test_fused_equals_plain_on_the_project_model(kind, emb, ops, monkeypatch):
     import pipeline.fused as fu
     if ops == "all":
         monkeypatch.setattr(fu, "FUSED_OPS", set(ALL_OPS))
-    from pipeline.config import load_config
+    from pipeline.config_files import load_config
     from pipeline.models import build_model
     from pipeline.sde import build_sde
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "mnist_tiny.yaml"),

@@ -16,7 +16,7 @@ import torch
 from pipeline.publish import hub
 from pipeline.publish.export import write_export
 from pipeline.rundir import EXPORT_FILES
-from pipeline.config import config_from_dict
+from pipeline.config_files import config_from_dict
 
 from helpers.fake_hub import TOKEN
 

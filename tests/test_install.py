@@ -50,7 +50,7 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(tmp_path, mnist_shar
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    where = subprocess.run([str(python), "-c", "import pipeline.config as c; print(c.__file__); print(c.CONFIG_DIR)"],
+    where = subprocess.run([str(python), "-c", "import pipeline.config_files as c; print(c.__file__); print(c.CONFIG_DIR)"],
                            cwd=work, env=env, check=True, capture_output=True, text=True).stdout.split()
     venv = str(tmp_path / "venv")
     assert where[0].startswith(venv) and where[1].startswith(venv), where  # the installed copy, its configs

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
+from pipeline.config import ConfigError
+from pipeline.config_files import CONFIG_DIR, config_from_dict, load_config
 from pipeline.models import build_model, count_parameters, fir
 from pipeline.models.layers import timestep_embedding
 

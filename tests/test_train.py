@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint as ckpt
-from pipeline.config import CONFIG_DIR, ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.config_files import CONFIG_DIR, load_config
 from pipeline.app import train
 from pipeline.status import EXIT_NONFINITE, EXIT_REQUEUE
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import CONFIG_DIR, load_config
+from pipeline.config_files import CONFIG_DIR, load_config
 from pipeline.publish.export import write_export
 from pipeline.rundir import RunDir
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.cliargs import ArgumentParser
-from pipeline.config import ConfigError, finite_float, load_saved_config
+from pipeline.config import ConfigError, finite_float
+from pipeline.config_files import load_saved_config
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.fpe import mean_by_t_bucket
 from pipeline.models.classifier import NoiseConditionalClassifier, input_scale, save_classifier

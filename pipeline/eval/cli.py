@@ -46,7 +46,8 @@ from pipeline.eval.fid import compute_ref_stats, evaluate_fid, saved_sample_file
 from pipeline.eval.features import (DEFAULT_EXTRACTOR, FeatureExtractor, MissingFileError, check_feature_extractor,
                                     check_ref_matches, check_ref_stats, extractor_identity, load_ref_stats, save_stats)
 from pipeline.collectives import barrier, is_main_rank, rank_world
-from pipeline.config import ConfigError, EvalConfig, SamplingConfig, choices, finite_float, load_saved_config
+from pipeline.config import ConfigError, EvalConfig, SamplingConfig, choices, finite_float
+from pipeline.config_files import load_saved_config
 from pipeline.sde import build_sde
 from pipeline.status import EXIT_BAD_CONFIG, fail, result
 

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from pipeline.cliargs import ArgumentParser
-from pipeline.config import ConfigError, finite_float, load_saved_config
+from pipeline.config import ConfigError, finite_float
+from pipeline.config_files import load_saved_config
 from pipeline.models import build_model
 from pipeline.rundir import (CONFIG, EMA_WEIGHTS, EXPORT_FILES, EXPORT_METRICS, SAMPLES_PNG, RunDir, find_weights,
                              load_state_into, read_weights)

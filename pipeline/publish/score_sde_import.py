@@ -37,7 +37,8 @@ import torch
 
 from pipeline.atomic import atomic_directory
 from pipeline.cliargs import ArgumentParser
-from pipeline.config import ConfigError, config_from_dict, save_config
+from pipeline.config import ConfigError
+from pipeline.config_files import config_from_dict, save_config
 from pipeline.data.reader import file_sha256
 from pipeline.models import build_model
 from pipeline.publish.export import write_export

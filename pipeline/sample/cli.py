@@ -15,7 +15,8 @@ from pipeline.atomic import atomic_write_json
 from pipeline.images import to_model_space, write_sample_set
 from pipeline.rundir import RunDir, load_for_eval, sample_set
 from pipeline.cliargs import ArgumentParser
-from pipeline.config import ConfigError, SamplingConfig, choices, finite_float, parse_overrides
+from pipeline.config import ConfigError, SamplingConfig, choices, finite_float
+from pipeline.config_files import parse_overrides
 from pipeline.config_doc import unknown_key
 from pipeline.controllable import MASKS, classifier_guided_score, colorize, inpaint, make_mask
 from pipeline.data.reader import shard_urls

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_write_json
 from pipeline.cliargs import ArgumentParser
 from pipeline.collectives import is_main_rank
-from pipeline.config import Config, ConfigError, save_config
+from pipeline.config import Config, ConfigError
+from pipeline.config_files import save_config
 from pipeline.data.loader import build_train_loader, gather_state
 from pipeline.fpe import mean_by_t_bucket
 from pipeline.images import write_sample_set

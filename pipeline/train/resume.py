@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.collectives import is_main_rank
-from pipeline.config import Config, ConfigError, load_config, load_saved_config
+from pipeline.config import Config, ConfigError
+from pipeline.config_files import load_config, load_saved_config
 from pipeline.rundir import RunDir
 from pipeline.status import say
 

@@ -54,7 +54,7 @@ TINY_OVERRIDES = ["data.image_size=8", "data.num_channels=1", "model.nf=8", "mod
 def make_export(run_dir: Path, overrides=()) -> Path:
     """RUN/export with the stand-in's weights and a tiny config (step 7), and RUN/config.yaml as a
     run has it (an export folder on its own gets no results written above it)."""
-    from pipeline.config import load_config, save_config
+    from pipeline.config_files import load_config, save_config
     from pipeline.publish.export import write_export
 
     cfg = load_config(None, TINY_OVERRIDES + list(overrides))
