@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data.reader import DataError, decode_sample, resolve_shards
+from pipeline.data.decode import decode_sample
+from pipeline.data.reader import DataError, resolve_shards
 from pipeline.data.loader import ShardLoader
 from pipeline.data.schedule import shuffle_order
 from pipeline.data.shards import encode_png, write_shards

@@ -12,7 +12,8 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.data.loader import ShardLoader
 from helpers.shard_files import png, write_shards
-from pipeline.data.reader import decode_sample, iter_images, read_shard
+from pipeline.data.decode import decode_sample
+from pipeline.data.reader import iter_images, read_shard
 
 
 def png_rgb16(h: int, w: int) -> bytes:

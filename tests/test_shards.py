@@ -12,7 +12,7 @@ from PIL import Image
 from helpers.sources import cifar10_batches, write_idx
 from pipeline.config import DataConfig
 from pipeline.data.loader import ShardLoader
-from pipeline.data.reader import decode_sample
+from pipeline.data.decode import decode_sample
 from pipeline.data.sources import ShardWriteError
 from pipeline.data.shards import default_set_name, ensure_mnist_shards, shards_main, verify_index, write_shards
 

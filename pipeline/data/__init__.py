@@ -2,9 +2,10 @@
 
 Entry point: ``fpdiff data shards`` (``main``), which writes shards from MNIST (IDX / keras .npz),
 an image folder, a .npz or CIFAR-10 pickles (``shards``). Training, evaluation and the classifier
-read those shards through one reader (``reader``: shard lists, tar iteration, decoding) and the
-training loader adds an exactly-once, exactly-resumable sample schedule per rank and worker
-(``loader``, ``schedule``). Uses: webdataset, ``pipeline.config``, ``pipeline.images``.
+read those shards through one reader (``reader``: shard lists, tar iteration; ``decode``: a
+sample's image and label) and the training loader adds an exactly-once, exactly-resumable sample
+schedule per rank and worker (``loader``, ``schedule``). Uses: webdataset, ``pipeline.config``,
+``pipeline.images``.
 """
 
 

@@ -30,10 +30,10 @@ Design (all of it is a pure function of ``(seed, epoch, reader)``; nothing depen
   counting every slot (also corrupt ones), plus the round-robin position and counters.
   A loader built with ``state=`` continues the identical stream (same keys in the same order,
   same flips and dequantisation noise: augmentation is seeded per batch from its position).
-* **Pixels.** ``pipeline.data.reader.decode_sample`` (the decoder evaluation uses too), then
+* **Pixels.** ``pipeline.data.decode.decode_sample`` (the decoder evaluation uses too), then
   flip on uint8 and ``pipeline.images.to_model_space`` (the one uint8 -> model space scaling).
 * **Faults.** A sample whose image cannot be decoded, has the wrong size or cannot be read
-  exactly (16 bits, alpha, colour for a gray model: ``reader.exact_mode``), and every sample
+  exactly (16 bits, alpha, colour for a gray model: ``decode.exact_mode``), and every sample
   lost from a truncated / unreadable shard or one that disagrees with its index (sha256, count),
   is skipped with a warning naming shard and key and counted in ``corrupt_count``. Tar members
   and decoded images are capped (``data.max_member_bytes``, ``data.max_image_pixels``). Start-up problems (no shard spec, missing directory or files,
@@ -49,7 +49,8 @@ import torch
 
 from pipeline.collectives import rng_for
 from pipeline.data.schedule import Schedule
-from pipeline.data.reader import DataError, decode_sample, read_shard, resolve_shards
+from pipeline.data.decode import decode_sample
+from pipeline.data.reader import DataError, read_shard, resolve_shards
 from pipeline.images import to_model_space
 from pipeline.status import warn
 
