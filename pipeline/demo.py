@@ -8,7 +8,6 @@ Uses: ``pipeline.train`` (both phases), ``pipeline.data`` (the shards).
 from __future__ import annotations
 
 import json
-import sys
 from datetime import datetime
 from pathlib import Path
 

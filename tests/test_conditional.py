@@ -11,7 +11,7 @@ from pipeline.config import ConfigError
 from pipeline.config_files import CONFIG_DIR, load_config
 from pipeline.fpe import FPERegularizer
 from pipeline.sampling import pc_sample
-from pipeline.score import cycled_labels, get_score_fn, guided_score_fn, time_labels
+from pipeline.score import cycled_labels, get_score_fn, guided_score_fn
 from pipeline.train.step import class_labels
 
 TINY = str(CONFIG_DIR / "mnist_tiny.yaml")

@@ -1,7 +1,6 @@
 """Issue 26, the trainer: one writer per run dir, no exit 0 with non-finite weights, finite
 float options, one line instead of a traceback. Every test drives the real trainer on the tiny
 config (a few steps)."""
-import json
 import os
 import subprocess
 import sys

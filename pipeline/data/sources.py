@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+
 
 class ShardWriteError(ValueError):
     """A source that cannot be turned into shards; the message names the problem."""

@@ -33,7 +33,7 @@ from pipeline.atomic import atomic_path
 from pipeline.config import ConfigError
 from pipeline.data.reader import file_sha256
 from pipeline.status import MissingFileError
-from pipeline.collectives import (all_reduce_max_int, all_reduce_sum, gather_by_index, gather_rows, seed_for)
+from pipeline.collectives import all_reduce_max_int, all_reduce_sum, gather_by_index
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -354,10 +354,9 @@ def check_ref_matches(ref: dict, extractor_name: str, extractor_id: Optional[str
             f"`fpdiff eval ref-stats --feature-extractor ...`)")
 
 
-# --------------------------------------------------------------------------- batching
+# --------------------------------------------------------------------------- public names
 __all__ = [
     "MissingFileError", "FeatureExtractor", "FeatureStats", "check_feature_extractor",
     "check_ref_stats", "check_ref_matches", "extractor_identity", "load_ref_stats", "save_stats", "frechet_distance", "kernel_distance",
-    "gather_rows", "gather_by_index", "all_reduce_sum", "seed_for",
     "inception_path", "clean_resize",
 ]

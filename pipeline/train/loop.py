@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
-
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_json
