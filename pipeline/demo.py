@@ -52,12 +52,13 @@ def _demo_summary(dsm_dir: Path, run_dir: Path, what: str) -> str:
     dsm_loss = [m["loss/dsm"] for m in logged if "loss/dsm" in m]
     # the residual's mean per t-bucket over each log window (regularized steps only)
     residual = [r for r in ({k: v for k, v in m.items() if k.startswith("fpe/residual_t")} for m in logged) if r]
-    fpe.update({"dsm_steps": dsm["steps"], "fpe_steps": fpe["steps"], "dsm_loss_curve": dsm["loss_curve"],
+    fpe_steps = fpe["steps"] - fpe["start_step"]  # the fine-tune continues the DSM run's step count
+    fpe.update({"dsm_steps": dsm["steps"], "fpe_steps": fpe_steps, "dsm_loss_curve": dsm["loss_curve"],
                 "fpe_residual_by_t": {"first": residual[0], "last": residual[-1]} if residual else None,
                 "seconds_total": dsm["seconds"] + fpe["seconds"]})
     atomic_write_json(run.summary_json, fpe)
     return (f"demo finished: DSM loss {dsm['loss_curve'][0][1]:.4f} -> {dsm_loss[-1]:.4f} over "
-            f"{dsm['steps']} DSM steps + {fpe['steps']} steps with the FPE regularizer ({fpe['seconds_total']:.0f}s "
+            f"{dsm['steps']} DSM steps + {fpe_steps} steps with the FPE regularizer ({fpe['seconds_total']:.0f}s "
             f"training); {what} in {run.samples_png}, summary {run.summary_json}")
 
 

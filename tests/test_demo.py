@@ -52,7 +52,9 @@ def test_demo_draws_legible_digits(mnist_shards, tmp_path, digit_judge):
     assert re.search(r"DSM loss [\d.]+ -> [\d.]+", line[0]) and "64 samples (labels 0-9 in turn" in line[0], line[0]
     assert str(run_dir / "samples.png") in line[0]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] > 0 and summary["fpe_steps"] > 0 and summary["fpe_residual_by_t"] is not None
+    # the fine-tune continues the DSM run's step count; the demo counts each phase's own steps
+    assert (summary["dsm_steps"], summary["fpe_steps"], summary["steps"]) == (1400, 70, 1470), summary
+    assert "1400 DSM steps + 70 steps with the FPE regularizer" in line[0] and summary["fpe_residual_by_t"] is not None
 
     from PIL import Image
     # rows of the digits 0-9 (10 columns, 7 rows for 64), 2-pixel gaps

@@ -64,6 +64,8 @@ def test_fine_tune_without_regularizer_is_the_source_run_continued_bitwise(runs)
     assert record["kind"] == "checkpoint" and record["source_step"] == S and record["start_step"] == S
     assert record["optimizer"] and record["data_position"] and record["fresh"] == {}
     assert record["init_from"] == str(runs["src"])
+    summary = json.loads(RunDir(runs["ft"]).summary_json.read_text())
+    assert (summary["start_step"], summary["steps"]) == (S, S + N)
 
 
 def test_regularizer_on_changes_only_the_loss(runs):

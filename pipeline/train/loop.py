@@ -399,7 +399,8 @@ def finish_run(r: Run, exit_code: int, progress: bool) -> None:
         export_dir = export(r, images={SAMPLES_PNG: grid})
         if r.pusher and export_dir:
             r.pusher.push(export_dir, f"final: step {step}")
-        summary = {"steps": step, "images_per_s": r.images_seen / max(elapsed, 1e-9), "seconds": elapsed,
+        # steps: the global step reached; start_step: where this run began (a fine-tune: its source's)
+        summary = {"steps": step, "start_step": r.origin_step, "images_per_s": r.images_seen / max(elapsed, 1e-9), "seconds": elapsed,
                    "final_loss": counters.loss_curve[-1][1] if counters.loss_curve else None,
                    "loss_curve": counters.loss_curve, "skipped_steps": counters.skipped_steps,
                    "corrupt_samples": counters.corrupt_samples, "samples": str(grid),
