@@ -51,7 +51,8 @@ def save_base(run: Path, saved: Path, portable) -> dict:
     shutil.copytree(ck, dest, ignore=shutil.ignore_patterns("deepspeed", ".tmp-*"))
     cfg = portable(yaml.safe_load((run / "config.yaml").read_text()))
     atomic_write_text(saved / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    files = {str(p.relative_to(saved)): p.stat().st_size for p in sorted(saved.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(saved)): p.stat().st_size for p in sorted(saved.rglob("*"))
+             if p.is_file() and p.name != "base.json"}  # (an older base.json is about to be replaced)
     rec = {"step": checkpoint_step(ck), "checkpoint": ck.name, "files": files, "bytes": sum(files.values())}
     atomic_write_json(saved / "base.json", rec)
     return rec
