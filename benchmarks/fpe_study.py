@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fpe_study_report as report  # noqa: E402
+import fpe_study_stats as stats  # noqa: E402
 from fpe_study_protocol import EVAL_SEED, SCALE, protocol  # noqa: E402
 
 STAGES = ("data", "digits", "base", "gate", "arms", "metrics", "report")
@@ -315,6 +316,12 @@ class Study:
 
     def stage_arms(self) -> None:
         self.base_config()  # checked once, before any arm starts
+        gate = stats.gate({p.name: {m.stem: read_json(m) for m in p.glob("*.json")}
+                           for p in (self.out / "gate").glob("step_*")})
+        if gate["status"] != "passed":  # the arms continue a converged base or none (--quick: a test)
+            (say if self.quick else sys.exit)(f"fpe_study: the base's convergence gate is {gate['status']}"
+                                               + (" (--quick goes on)" if self.quick else "; no arm starts "
+                                                  "from an unconverged base (train it further, then rerun)"))
         self.parallel(self.train_arm, self.all_arms())
 
     def train_arm(self, arm: str, seed: int) -> None:
@@ -430,6 +437,16 @@ class Study:
         for step in steps:
             ck = self.base / "checkpoints" / f"step_{step:08d}"
             folder, feats = self.out / "gate" / f"step_{step:08d}", self.work / "features" / f"gate_{step}"
+            # the EMA weights (1.3 MB) are committed, so any machine can measure the gate: the final
+            # checkpoint is in OUT/base, an earlier one only on the machine that trained the base
+            kept = folder / "checkpoint"
+            if ck.is_dir() and not kept.is_dir() and not (self.out / "base" / ck.name).is_dir():
+                kept.mkdir(parents=True)
+                for name in ("ema.safetensors", "state.json"):
+                    shutil.copy2(ck / name, kept / name)
+                self.commit([kept], f"gate checkpoint {step} (EMA weights)")
+            elif not ck.is_dir() and kept.is_dir():
+                shutil.copytree(kept, ck)
             for m in ("bpd", "fid_pc", "legibility"):
                 if "value" not in (read_json(folder / f"{m}.json") or {}) and not ck.is_dir():
                     say(f"gate: {m} of step {step} not measured ({self.rel(ck)} is not on this machine)")
