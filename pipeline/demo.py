@@ -7,6 +7,7 @@ Uses: ``pipeline.train`` (both phases), ``pipeline.data`` (the shards).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +44,18 @@ def _what_was_sampled(cfg) -> str:
             f"w={cfg.sampling.guidance_weight:g})")
 
 
-def _demo_summary(dsm_dir: Path, run_dir: Path, what: str) -> str:
+def code_fingerprint() -> str:
+    """sha256 of what a demo run depends on (every pipeline/*.py and configs/demo.yaml): a run records
+    it in summary.json, so a check can tell whether a run on disk came from this code."""
+    h = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for f in sorted(package.rglob("*.py")) + [CONFIG_DIR / "demo.yaml"]:
+        h.update(str(f.relative_to(package) if f.is_relative_to(package) else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _demo_summary(dsm_dir: Path, run_dir: Path, what: str, settings: dict) -> str:
     """Merge the two phases into RUN/summary.json; return the one line a person reads."""
 
     dsm_run, run = RunDir(dsm_dir), RunDir(run_dir)
@@ -56,10 +68,12 @@ def _demo_summary(dsm_dir: Path, run_dir: Path, what: str) -> str:
     fpe.update({"dsm_steps": dsm["steps"], "fpe_steps": fpe_steps, "dsm_loss_curve": dsm["loss_curve"],
                 "fpe_residual_by_t": {"first": residual[0], "last": residual[-1]} if residual else None,
                 "seconds_total": dsm["seconds"] + fpe["seconds"]})
-    atomic_write_json(run.summary_json, fpe)
-    return (f"demo finished: DSM loss {dsm['loss_curve'][0][1]:.4f} -> {dsm_loss[-1]:.4f} over "
+    line = (f"demo finished: DSM loss {dsm['loss_curve'][0][1]:.4f} -> {dsm_loss[-1]:.4f} over "
             f"{dsm['steps']} DSM steps + {fpe_steps} steps with the FPE regularizer ({fpe['seconds_total']:.0f}s "
             f"training); {what} in {run.samples_png}, summary {run.summary_json}")
+    fpe.update({"line": line, "settings": settings, "code_sha256": code_fingerprint()})
+    atomic_write_json(run.summary_json, fpe)
+    return line
 
 
 def main(argv: list[str]) -> int:
@@ -100,7 +114,8 @@ def main(argv: list[str]) -> int:
         return fail("", f"config error: {e}")
     if code != 0:
         return code
-    result(_demo_summary(dsm_dir, run_dir, _what_was_sampled(finetune)))
+    settings = {"quick": args.quick, "fpe_steps": fpe_steps, "overrides": user}  # what a check of the run needs
+    result(_demo_summary(dsm_dir, run_dir, _what_was_sampled(finetune), settings))
     return 0
 
 
