@@ -314,10 +314,14 @@ class Study:
                                  f"({self.rel(CONFIG)}); the protocol must describe the base its arms continue")
         return own
 
+    def gate_metrics(self) -> dict:
+        """{step folder: {metric: its JSON}} of the gate's committed results."""
+        return {p.name: {m.stem: read_json(m) for m in sorted(p.glob("*.json"))}
+                for p in sorted((self.out / "gate").glob("step_*"))}
+
     def stage_arms(self) -> None:
         self.base_config()  # checked once, before any arm starts
-        gate = stats.gate({p.name: {m.stem: read_json(m) for m in p.glob("*.json")}
-                           for p in (self.out / "gate").glob("step_*")})
+        gate = stats.gate(self.gate_metrics())
         if gate["status"] != "passed":  # the arms continue a converged base or none (--quick: a test)
             (say if self.quick else sys.exit)(f"fpe_study: the base's convergence gate is {gate['status']}"
                                                + (" (--quick goes on)" if self.quick else "; no arm starts "
@@ -458,8 +462,7 @@ class Study:
         names = [self.arm_name(a, s) for a, s in self.all_arms()]
         arms = {n: read_json(self.out / "arms" / f"{n}.json") for n in names}
         metrics = {n: {p.stem: read_json(p) for p in sorted((self.out / "metrics" / n).glob("*.json"))} for n in names}
-        gate = {p.name: {m.stem: read_json(m) for m in sorted(p.glob("*.json"))}
-                for p in sorted((self.out / "gate").glob("step_*"))}
+        gate = self.gate_metrics()
         setup = {"mode": "quick" if self.quick else "full", "scale": self.scale, "config": self.rel(CONFIG),
                  "data": self.rel(self.a.data), "digit_net": read_json(self.out / "digit_net.json"),
                  "base": read_json(self.out / "base" / "base.json"), "inception": self.rel(self.inception)
