@@ -13,8 +13,11 @@ stage runs fpdiff's own commands (``python -m pipeline.cli ...``):
   base     the DSM-only base WORK/arms/base (configs/fpe_study.yaml): skipped when finished, resumed
            from its newest checkpoint, or restored from the copy committed in OUT/base/; its final
            checkpoint is copied to OUT/base/ when it finishes
-  gate     bits/dim and legibility of the base's last two checkpoints (OUT/gate/)
-  arms     fine-tunes that continue the base (``training.init_from``), only the objective and seed set
+  gate     bits/dim and legibility of the base's last two checkpoints (OUT/gate/); with --jobs 2
+           bits/dim and the samples are measured side by side
+  arms     fine-tunes that continue the base (``training.init_from``), only the objective and seed set;
+           seed by seed (a0, b0, c0, a1, ...), each measured as soon as it is trained (when 'metrics'
+           is among the stages), so a study cut short leaves whole, measured pairs
   metrics  per arm (OUT/metrics/ARM/METRIC.json): eval bpd, eval fpe, eval conservativity, eval fid
            (digit net, PC and PF-ODE samples), legibility, the ODE-PC gap, Inception FID for (a), (b)
   report   OUT/results.json, table.md, report.md, plots (benchmarks/fpe_study_report.py)
@@ -300,6 +303,11 @@ class Study:
     def all_arms(self) -> list[tuple[str, int]]:
         return [(k, s) for k, arm in self.proto["arms"].items() for s in arm["seeds"]]
 
+    def in_pairs(self) -> list[tuple[str, int]]:
+        """Every (arm, seed), seed by seed (a0, b0, c0, a1, ...): a study cut short holds whole pairs."""
+        order = list(self.proto["arms"])
+        return sorted(self.all_arms(), key=lambda p: (p[1], order.index(p[0])))
+
     def base_config(self) -> Path:
         """The base's own config.yaml: every arm continues it with only the objective and seed changed."""
         import yaml
@@ -326,7 +334,14 @@ class Study:
             (say if self.quick else sys.exit)(f"fpe_study: the base's convergence gate is {gate['status']}"
                                                + (" (--quick goes on)" if self.quick else "; no arm starts "
                                                   "from an unconverged base (train it further, then rerun)"))
-        self.parallel(self.train_arm, self.all_arms())
+        self.parallel(self.train_and_measure, self.in_pairs())
+
+    def train_and_measure(self, arm: str, seed: int) -> None:
+        """One arm from start to its last metric (with the 'metrics' stage): a session that ends mid-study
+        leaves measured arms, not trained ones whose weights stay on one machine."""
+        self.train_arm(arm, seed)
+        if "metrics" in self.a.stages:
+            self.measure_arm(arm, seed)
 
     def train_arm(self, arm: str, seed: int) -> None:
         name = self.arm_name(arm, seed)
@@ -411,7 +426,7 @@ class Study:
         return ["fid_pc", "legibility", *extra, "fid_ode", "ode_pc", "bpd", "fpe", "conservativity"]
 
     def stage_metrics(self) -> None:
-        self.parallel(self.measure_arm, self.all_arms())
+        self.parallel(self.measure_arm, self.in_pairs())
 
     def measure_arm(self, arm: str, seed: int) -> None:
         name = self.arm_name(arm, seed)
@@ -438,6 +453,7 @@ class Study:
                 return
             steps = [checkpoint_step(c) for c in ckpts]
             self.write(steps_file, {"steps": steps}, "gate checkpoints")
+        chains = []
         for step in steps:
             ck = self.base / "checkpoints" / f"step_{step:08d}"
             folder, feats = self.out / "gate" / f"step_{step:08d}", self.work / "features" / f"gate_{step}"
@@ -451,11 +467,16 @@ class Study:
                 self.commit([kept], f"gate checkpoint {step} (EMA weights)")
             elif not ck.is_dir() and kept.is_dir():
                 shutil.copytree(kept, ck)
-            for m in ("bpd", "fid_pc", "legibility"):
-                if "value" not in (read_json(folder / f"{m}.json") or {}) and not ck.is_dir():
-                    say(f"gate: {m} of step {step} not measured ({self.rel(ck)} is not on this machine)")
-                    continue
-                self.metric(folder / f"{m}.json", m, ck, feats, self.scale["gate_fid_n"])
+            # bits/dim and the samples (FID, then legibility of the same samples) side by side with --jobs
+            chains += [(step, ck, folder, feats, ("bpd",)), (step, ck, folder, feats, ("fid_pc", "legibility"))]
+        self.parallel(self.gate_chain, chains)
+
+    def gate_chain(self, step: int, ck: Path, folder: Path, feats: Path, metrics: tuple) -> None:
+        for m in metrics:
+            if "value" not in (read_json(folder / f"{m}.json") or {}) and not ck.is_dir():
+                say(f"gate: {m} of step {step} not measured ({self.rel(ck)} is not on this machine)")
+                continue
+            self.metric(folder / f"{m}.json", m, ck, feats, self.scale["gate_fid_n"])
 
     # ------------------------------------------------------------------ report
     def stage_report(self) -> None:
