@@ -16,8 +16,8 @@ stage runs fpdiff's own commands (``python -m pipeline.cli ...``):
   gate     bits/dim and legibility of the base's last two checkpoints (OUT/gate/); with --jobs 2
            bits/dim and the samples are measured side by side
   arms     fine-tunes that continue the base (``training.init_from``), only the objective and seed set;
-           seed by seed (a0, b0, c0, a1, ...), each measured as soon as it is trained (when 'metrics'
-           is among the stages), so a study cut short leaves whole, measured pairs
+           (a, b) pairs first (a0 b0, a1 b1, c0, a2 b2, ...: ``in_pairs``), each measured as soon as it
+           is trained (when 'metrics' is among the stages), so a study cut short leaves whole, measured pairs
   metrics  per arm (OUT/metrics/ARM/METRIC.json): eval bpd, eval fpe, eval conservativity, eval fid
            (digit net, PC and PF-ODE samples), legibility, the ODE-PC gap, Inception FID for (a), (b)
   report   OUT/results.json, table.md, report.md, plots (benchmarks/fpe_study_report.py)
@@ -191,9 +191,12 @@ class Study(StudyFiles):
         return [(k, s) for k, arm in self.proto["arms"].items() for s in arm["seeds"]]
 
     def in_pairs(self) -> list[tuple[str, int]]:
-        """Every (arm, seed), seed by seed (a0, b0, c0, a1, ...): a study cut short holds whole pairs."""
-        order = list(self.proto["arms"])
-        return sorted(self.all_arms(), key=lambda p: (p[1], order.index(p[0])))
+        """Every (arm, seed), each arm's seeds spread evenly over the study and the arms of one place side
+        by side (5, 5, 2 seeds: a0 b0, a1 b1, c0, a2 b2, a3 b3, a4 b4 c1): a study cut short holds whole
+        (a, b) pairs, the comparison with the most seeds, and (c)'s first seed before half of them."""
+        order, most = list(self.proto["arms"]), max(len(a["seeds"]) for a in self.proto["arms"].values())
+        place = {k: most / len(a["seeds"]) for k, a in self.proto["arms"].items()}
+        return sorted(self.all_arms(), key=lambda p: ((p[1] + 1) * place[p[0]], order.index(p[0])))
 
     def base_config(self) -> Path:
         """The base's own config.yaml: every arm continues it with only the objective and seed changed."""
