@@ -16,8 +16,8 @@ stage runs fpdiff's own commands (``python -m pipeline.cli ...``):
   gate     bits/dim and legibility of the base's last two checkpoints (OUT/gate/); with --jobs 2
            bits/dim and the samples are measured side by side
   arms     fine-tunes that continue the base (``training.init_from``), only the objective and seed set;
-           seed by seed (a0, b0, c0, a1, ...), each measured as soon as it is trained (when 'metrics'
-           is among the stages), so a study cut short leaves whole, measured pairs
+           (a, b) pairs first (a0 b0, a1 b1, c0, a2 b2, ...: ``in_pairs``), each measured as soon as it
+           is trained (when 'metrics' is among the stages), so a study cut short leaves whole, measured pairs
   metrics  per arm (OUT/metrics/ARM/METRIC.json): eval bpd, eval fpe, eval conservativity, eval fid
            (digit net, PC and PF-ODE samples), legibility, the ODE-PC gap, Inception FID for (a), (b)
   report   OUT/results.json, table.md, report.md, plots (benchmarks/fpe_study_report.py)
@@ -34,11 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -48,31 +45,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fpe_study_report as report  # noqa: E402
 import fpe_study_stats as stats  # noqa: E402
+from fpe_study_files import StudyFiles, read_json, say  # noqa: E402
 from fpe_study_protocol import EVAL_SEED, SCALE, protocol  # noqa: E402
 
 STAGES = ("data", "digits", "base", "gate", "arms", "metrics", "report")
 CONFIG = ROOT / "configs" / "fpe_study.yaml"
-T0 = time.time()
 
 
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:6.0f}s] {msg}", flush=True)
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class Study:
+class Study(StudyFiles):
     def __init__(self, a):
         import yaml
 
-        self.a, self.quick = a, a.quick
+        super().__init__(a)
+        self.quick = a.quick
         self.scale = SCALE["quick" if a.quick else "full"]
-        self.work, self.out = Path(a.work).resolve(), Path(a.out).resolve()
         self.cfg = yaml.safe_load(CONFIG.read_text())
         self.data_dir, self.base = self.work / "data", self.work / "arms" / "base"
         self.digit_net, self.ref = self.out / "digit_net.pt", self.work / "ref_digit_test.npz"
@@ -80,111 +66,12 @@ class Study:
         self.ref_inception = self.work / "ref_inception_test.npz"
         self.proto = protocol(self.scale, self.cfg)
         self.lw = bool(self.cfg["training"].get("likelihood_weighting", False))
-        self.done = self.skipped = 0
-        self.lock = threading.Lock()
 
     @property
     def sde(self):
         from pipeline.config_files import load_config
         from pipeline.sde import build_sde
         return build_sde(load_config(str(CONFIG)).sde)
-
-    # ------------------------------------------------------------------ paths, files, commands
-    def rel(self, p: Path | str) -> str:
-        """A path as committed files hold it: relative to the repository root, else WORK/..., OUT/...,
-        else its name."""
-        p = Path(p).resolve()
-        for base, label in ((ROOT, ""), (self.work, "WORK"), (self.out, "OUT")):
-            if p == base or base in p.parents:
-                r = p.relative_to(base)
-                return str(Path(label) / r) if label else str(r)
-        return p.name
-
-    def arg(self, p: Path) -> str:
-        """A path as commands get it: relative to the repository root (their working directory) when under it."""
-        p = Path(p).resolve()
-        return str(p.relative_to(ROOT)) if ROOT in p.parents else str(p)
-
-    def portable(self, obj):
-        """``obj`` with every absolute path in its strings made relative (``rel``), also inside KEY=PATH."""
-        if isinstance(obj, dict):
-            return {k: self.portable(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [self.portable(v) for v in obj]
-        if isinstance(obj, Path):
-            return self.rel(obj)
-        if isinstance(obj, str) and "/" in obj:
-            return re.sub(r"(?<![\w.~])/[^\s:,'\"]+", lambda m: self.rel(m.group(0)), obj)
-        return obj
-
-    def write(self, path: Path, obj, what: str) -> None:
-        from pipeline.atomic import atomic_write_json
-        atomic_write_json(path, self.portable(obj))
-        with self.lock:
-            self.done += 1
-        self.commit([path], what)
-
-    def commit(self, paths: list[Path], what: str) -> None:
-        if not self.a.commit:
-            return
-        with self.lock:  # one git index: --jobs commit one at a time
-            self._commit(paths, what)
-
-    def _commit(self, paths: list[Path], what: str) -> None:
-        top = subprocess.run(["git", "-C", str(self.out), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
-        if top.returncode:
-            raise SystemExit(f"fpe_study: --commit: {self.out} is not in a git work tree")
-        files, repo = [str(p) for p in paths], top.stdout.strip()
-        subprocess.run(["git", "-C", repo, "add", "--", *files], check=True)
-        if subprocess.run(["git", "-C", repo, "diff", "--cached", "--quiet", "--", *files]).returncode:
-            subprocess.run(["git", "-C", repo, "commit", "-q", "-m", f"fpe_study: {what}", "--only", "--", *files],
-                           check=True)
-
-    def skip(self, what: str) -> None:
-        with self.lock:
-            self.skipped += 1
-        say(f"skip {what} (done)")
-
-    def parallel(self, fn, items: list) -> None:
-        """fn(*item) for every item, --jobs at a time (each a chain of fpdiff subprocesses)."""
-        if self.a.jobs <= 1:
-            for it in items:
-                fn(*it)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(self.a.jobs) as pool:
-            list(pool.map(lambda it: fn(*it), items))
-
-    def fpdiff(self, args: list, log: str) -> None:
-        """fpdiff ARGS with its output in WORK/logs/LOG.log (a subprocess ``python -m pipeline.cli``, or
-        ``pipeline.cli.main`` in this process with --in-process); a failure stops the study."""
-        import contextlib
-
-        from pipeline.cli import main as fpdiff_main
-        from pipeline.status import EXIT_BAD_CONFIG
-
-        path = self.work / "logs" / f"{log}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        args = [str(a) for a in args]
-        with open(path, "a") as fh:
-            fh.write(f"$ fpdiff {' '.join(args)}\n")
-            fh.flush()
-            if not self.a.in_process:
-                rc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, stdout=fh,
-                                    stderr=subprocess.STDOUT).returncode
-            else:
-                cwd = os.getcwd()
-                try:
-                    os.chdir(ROOT)
-                    with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-                        rc = fpdiff_main(args)
-                except SystemExit as e:  # argparse errors
-                    rc = e.code if isinstance(e.code, int) else EXIT_BAD_CONFIG
-                finally:
-                    os.chdir(cwd)
-        if rc:
-            tail = "".join(path.read_text().splitlines(keepends=True)[-15:])
-            raise SystemExit(f"fpe_study: `fpdiff {' '.join(args[:2])}` exited {rc}; log {path}:\n{tail}")
 
     def shards(self, split: str) -> str:
         """The data stage's shards, relative to the repository root when under it (as the base is started:
@@ -304,9 +191,12 @@ class Study:
         return [(k, s) for k, arm in self.proto["arms"].items() for s in arm["seeds"]]
 
     def in_pairs(self) -> list[tuple[str, int]]:
-        """Every (arm, seed), seed by seed (a0, b0, c0, a1, ...): a study cut short holds whole pairs."""
-        order = list(self.proto["arms"])
-        return sorted(self.all_arms(), key=lambda p: (p[1], order.index(p[0])))
+        """Every (arm, seed), each arm's seeds spread evenly over the study and the arms of one place side
+        by side (5, 5, 2 seeds: a0 b0, a1 b1, c0, a2 b2, a3 b3, a4 b4 c1): a study cut short holds whole
+        (a, b) pairs, the comparison with the most seeds, and (c)'s first seed before half of them."""
+        order, most = list(self.proto["arms"]), max(len(a["seeds"]) for a in self.proto["arms"].values())
+        place = {k: most / len(a["seeds"]) for k, a in self.proto["arms"].items()}
+        return sorted(self.all_arms(), key=lambda p: ((p[1] + 1) * place[p[0]], order.index(p[0])))
 
     def base_config(self) -> Path:
         """The base's own config.yaml: every arm continues it with only the objective and seed changed."""
