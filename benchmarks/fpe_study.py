@@ -39,6 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -47,6 +50,9 @@ import fpe_study_report as report  # noqa: E402
 import fpe_study_stats as stats  # noqa: E402
 from fpe_study_files import StudyFiles, read_json, say  # noqa: E402
 from fpe_study_protocol import EVAL_SEED, SCALE, protocol  # noqa: E402
+from pipeline.config_files import load_config  # noqa: E402
+from pipeline.rundir import RunDir, checkpoint_step  # noqa: E402
+from pipeline.sde import build_sde  # noqa: E402
 
 STAGES = ("data", "digits", "base", "gate", "arms", "metrics", "report")
 CONFIG = ROOT / "configs" / "fpe_study.yaml"
@@ -54,8 +60,6 @@ CONFIG = ROOT / "configs" / "fpe_study.yaml"
 
 class Study(StudyFiles):
     def __init__(self, a):
-        import yaml
-
         super().__init__(a)
         self.quick = a.quick
         self.scale = SCALE["quick" if a.quick else "full"]
@@ -69,8 +73,6 @@ class Study(StudyFiles):
 
     @property
     def sde(self):
-        from pipeline.config_files import load_config
-        from pipeline.sde import build_sde
         return build_sde(load_config(str(CONFIG)).sde)
 
     def shards(self, split: str) -> str:
@@ -118,8 +120,6 @@ class Study(StudyFiles):
                 *([f"sampling.num_steps={s['pc_steps']}"] if s["pc_steps"] else []), *overrides]
 
     def train_record(self, run: Path, extra: dict) -> dict:
-        import torch
-
         summary = read_json(run / "summary.json") or {}
         batch = self.proto["batch_size"]
         return {**extra, "final_step": summary.get("steps"), "final_loss": summary.get("final_loss"),
@@ -130,13 +130,11 @@ class Study(StudyFiles):
                 "jobs_side_by_side": self.a.jobs}
 
     def base_target(self) -> int:
-        import yaml
         saved = self.base / "config.yaml"
         cfg = yaml.safe_load(saved.read_text()) if saved.is_file() else self.cfg
         return int(self.scale["base_steps"] or cfg["training"]["n_steps"])
 
     def base_step(self) -> int:
-        from pipeline.rundir import RunDir, checkpoint_step
         last = RunDir(self.base).latest_checkpoint()
         return checkpoint_step(last) if last is not None else -1
 
@@ -200,8 +198,6 @@ class Study(StudyFiles):
 
     def base_config(self) -> Path:
         """The base's own config.yaml: every arm continues it with only the objective and seed changed."""
-        import yaml
-
         own = self.base / "config.yaml"
         if not own.is_file():
             raise SystemExit(f"fpe_study: no base run in {self.rel(self.base)}; run the 'base' stage")
@@ -332,8 +328,6 @@ class Study(StudyFiles):
                         self.scale["fid_n"])
 
     def stage_gate(self) -> None:
-        from pipeline.rundir import RunDir, checkpoint_step
-
         steps_file = self.out / "gate" / "steps.json"
         steps = (read_json(steps_file) or {}).get("steps")
         if not steps:

@@ -3,6 +3,7 @@ for committed files, atomic JSON results committed one at a time, fpdiff command
 --jobs side by side."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,7 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from pipeline.atomic import atomic_write_json
+from pipeline.cli import main as fpdiff_main
+from pipeline.status import EXIT_BAD_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = time.time()
@@ -65,7 +71,6 @@ class StudyFiles:
         return obj
 
     def write(self, path: Path, obj, what: str) -> None:
-        from pipeline.atomic import atomic_write_json
         atomic_write_json(path, self.portable(obj))
         with self.lock:
             self.done += 1
@@ -98,18 +103,12 @@ class StudyFiles:
             for it in items:
                 fn(*it)
             return
-        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(self.a.jobs) as pool:
             list(pool.map(lambda it: fn(*it), items))
 
     def fpdiff(self, args: list, log: str) -> None:
         """fpdiff ARGS with its output in WORK/logs/LOG.log (a subprocess ``python -m pipeline.cli``, or
         ``pipeline.cli.main`` in this process with --in-process); a failure stops the study."""
-        import contextlib
-
-        from pipeline.cli import main as fpdiff_main
-        from pipeline.status import EXIT_BAD_CONFIG
-
         path = self.work / "logs" / f"{log}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         args = [str(a) for a in args]

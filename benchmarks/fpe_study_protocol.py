@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from pipeline.config import FPEConfig
+from pipeline.fpe import subsample_size
+
 from fpe_study_stats import EXPECTED_EFFECT
 
 # Cost knobs: N of every metric, steps, seeds; "model": overrides of the config's model (quick only).
@@ -25,9 +28,6 @@ PAPER_ALPHA = 0.15
 
 def protocol(scale: dict, cfg: dict) -> dict:
     """The study's design, fixed before anything runs (OUT/protocol.json)."""
-    from pipeline.config import FPEConfig
-    from pipeline.fpe import subsample_size
-
     batch = int(cfg["training"]["batch_size"])
     default_sub = FPEConfig.subsample
     fpe = ["fpe.enabled=true", f"fpe.alpha={PAPER_ALPHA}", "fpe.weighting=likelihood"]

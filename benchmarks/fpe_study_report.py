@@ -11,19 +11,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import yaml
+from PIL import Image
 
 import fpe_study_stats as stats
+from digits import judge, load_mnist_arrays, train_digit_net
+from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text
+from pipeline.eval.features import frechet_distance
+from pipeline.rundir import RunDir, checkpoint_step
 from fpe_study_stats import CONFIDENCE, METRICS, sig
 
 
 # --------------------------------------------------------------------------- inputs
 def train_digit_net_file(data: Path, out: Path, images_seen: int) -> dict:
     """The digit feature net trained on DATA's training split, saved as TorchScript at OUT."""
-    import torch
-
-    from pipeline.atomic import atomic_path
-    from digits import load_mnist_arrays, train_digit_net
-
     t0 = time.time()
     torch.manual_seed(0)
     net, acc = train_digit_net(load_mnist_arrays(data), images_seen=images_seen, progress=False)
@@ -37,11 +39,6 @@ def train_digit_net_file(data: Path, out: Path, images_seen: int) -> dict:
 def save_base(run: Path, saved: Path, portable) -> dict:
     """The base's newest checkpoint (weights, EMA, optimizer.pt, state.json) and its config.yaml, copied to
     SAVED (machine paths in the config made relative) with base.json last, so a partial copy is redone."""
-    import yaml
-
-    from pipeline.atomic import atomic_write_json, atomic_write_text
-    from pipeline.rundir import RunDir, checkpoint_step
-
     ck = RunDir(run).latest_checkpoint()
     if ck is None:
         raise SystemExit(f"fpe_study: the base {run} has no checkpoint to save")
@@ -79,11 +76,6 @@ def ref_count(path: Path):
 def legibility(digit_net: Path, samples_dir: Path) -> dict:
     """``digits.judge`` (benchmarks/digits.py) of the PNG samples ``eval fid --save-samples`` wrote, with the
     binomial standard error of the legible share."""
-    import torch
-    from PIL import Image
-
-    from digits import judge
-
     files = sorted(f for f in Path(samples_dir).glob("*.png") if not f.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"no samples in {samples_dir}")
@@ -95,8 +87,6 @@ def legibility(digit_net: Path, samples_dir: Path) -> dict:
 
 def ode_pc_gap(pc_feats: Path, ode_feats: Path) -> dict:
     """FID between the PF-ODE samples and as many PC samples of the same model (digit-net features)."""
-    from pipeline.eval.features import frechet_distance
-
     b = np.load(ode_feats).astype(np.float64)
     a = np.load(pc_feats).astype(np.float64)[: len(b)]
     d = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
@@ -105,8 +95,6 @@ def ode_pc_gap(pc_feats: Path, ode_feats: Path) -> dict:
 
 def g2_weighted(fpe_rec: dict, sde) -> dict:
     """The FPE residual norm's mean over the t-grid weighted by g(t)² (the regularizer's weighting)."""
-    import torch
-
     g2 = sde.diffusion(torch.tensor(fpe_rec["t"], dtype=torch.float64)).pow(2).numpy()
     return {"g2_weighted": float(np.sum(g2 * np.asarray(fpe_rec["norm"])) / np.sum(g2)), "g2": g2.tolist()}
 
@@ -190,15 +178,17 @@ def reading(pairs: dict, detect: dict, gate: dict) -> list[str]:
     for name, d in detect.items():
         if d["verdict"] in ("seen", "ruled out", "inconclusive"):
             size = f"{sig(d['size'] * 100, 3):g}% of (a)'s value" if d["relative"] else f"{sig(d['size']):g}"
-            verdict = (f"an effect of {size} was {d['verdict']}." if d["verdict"] != "inconclusive" else
-                       f"inconclusive: the interval holds both no effect and one of {size}.")
+            verdict = {"seen": f"an effect of at least {size} was seen, and the regularized arm is {d.get('direction')} "
+                               f"(mean {sig(d['mean']):+g}; lower is better).",
+                       "ruled out": f"an effect of {size} was ruled out.",
+                       "inconclusive": f"inconclusive: the interval holds both no effect and one of {size}."}[d["verdict"]]
             out.append(f"- Expected effect, {_diff_label(name.split()[0])} {METRICS[name.split()[1]][0]} "
                        f"(table 'Expected effects'): {verdict}")
     return out
 
 
 # --------------------------------------------------------------------------- plots
-def _plt():
+def _plt():  # pyplot loads only after the Agg backend is chosen, and only the report plots
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -256,8 +246,6 @@ def plot_paired(pairs: dict, path: Path) -> bool:
 
 
 def plot_grids(grids: list[tuple[str, Path]], path: Path) -> bool:
-    from PIL import Image
-
     grids = [(t, p) for t, p in grids if p and p.is_file()]
     if not grids:
         return False
@@ -292,8 +280,6 @@ def progress(proto: dict, arms: dict, metrics: dict, gate_rec: dict, setup: dict
 
 def write_report(out: Path, proto: dict, setup: dict, arms: dict, metrics: dict, gate_metrics: dict, grids: dict,
                  portable, name_of, expected_metrics) -> list[Path]:
-    from pipeline.atomic import atomic_write_text
-
     per_arm = stats.per_arm(proto, arms, metrics, name_of)
     pairs = stats.paired(proto, arms, metrics, name_of)
     detect = stats.detectable(pairs)
@@ -333,7 +319,7 @@ def write_report(out: Path, proto: dict, setup: dict, arms: dict, metrics: dict,
     det_lines = ["| difference, metric | expected effect | verdict | paired mean [95% interval] |", "|---|---|---|---|"]
     for name, d in detect.items():
         iv = f"{sig(d['mean']):+g} [{sig(d['low']):+g}, {sig(d['high']):+g}]" if d.get("low") is not None else "—"
-        det_lines.append(f"| {_diff_label(name.split()[0])}, {METRICS[name.split()[1]][0]} | {sig(d['size']):g}{' (relative to (a))' if d['relative'] else ''} | {d['verdict']} | {iv} |")
+        det_lines.append(f"| {_diff_label(name.split()[0])}, {METRICS[name.split()[1]][0]} | {sig(d['size']):g}{' (relative to (a))' if d['relative'] else ''} | {d['verdict']}{' (' + d['direction'] + ')' if d.get('direction') else ''} | {iv} |")
     md = [f"## FP-Diffusion study on MNIST, paired seeds ({setup['mode']} run)", "", done, "",
           f"`python benchmarks/fpe_study.py --data {setup['data']}` (config `{setup['config']}`; results here are "
           "each written as their step finishes; `results.json` holds every number below).", "",

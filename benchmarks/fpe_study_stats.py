@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from scipy import stats as scipy_stats
 CONFIDENCE = 0.95
 
 # metric key -> (label, METRIC.json, field, better, digits shown)
@@ -40,8 +41,6 @@ def sig(x: float, digits: int = 4) -> float:
 
 def t_interval(values) -> dict:
     """Mean, SD, n and the 95% t-interval of the mean (None bounds below 2 values)."""
-    from scipy import stats
-
     v = np.asarray([float(x) for x in values if x is not None and math.isfinite(float(x))], dtype=np.float64)
     n = len(v)
     if n == 0:
@@ -50,8 +49,8 @@ def t_interval(values) -> dict:
     if n < 2:
         return {"n": 1, "mean": mean, "sd": None, "low": None, "high": None, "p_value": None}
     sd = float(v.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
-    p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1)) if sd > 0 else (0.0 if mean else 1.0)
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
+    p = float(2 * scipy_stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1)) if sd > 0 else (0.0 if mean else 1.0)
     return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "p_value": p}
 
 
@@ -99,7 +98,9 @@ def paired(proto: dict, arms: dict, metrics: dict, name_of) -> dict:
 
 def detectable(pairs: dict) -> dict:
     """Per expected effect: 'seen' (the interval excludes 0 and the mean is at least the size), 'ruled out'
-    (the whole interval is inside ± the size), 'inconclusive' otherwise, 'not measured' without data."""
+    (the whole interval is inside ± the size), 'inconclusive' otherwise, 'not measured' without data.
+    All three metrics are lower-is-better, so a seen effect's direction is 'worse' when the mean is positive:
+    the paper expects 'better', and a harmful effect must not read like a confirmation."""
     out = {}
     for diff, row in pairs.items():
         for key, size in (("bpd", EXPECTED_EFFECT["bpd"]), ("fid_inception", EXPECTED_EFFECT["fid_inception"]),
@@ -114,7 +115,8 @@ def detectable(pairs: dict) -> dict:
                 verdict = "ruled out"
             else:
                 verdict = "inconclusive"
-            out[f"{diff} {key}"] = {"size": size, "relative": key == "residual", "verdict": verdict,
+            direction = ("worse" if iv["mean"] > 0 else "better") if verdict == "seen" else None
+            out[f"{diff} {key}"] = {"size": size, "relative": key == "residual", "verdict": verdict, "direction": direction,
                                     "mean": iv.get("mean"), "low": iv.get("low"), "high": iv.get("high")}
     return out
 

@@ -78,6 +78,11 @@ def test_t_interval_and_paired_differences_by_hand():
     det = stats.detectable(pairs)
     assert det["b-a bpd"]["verdict"] == "inconclusive"  # mean 0.067 >= 0.02 but the interval reaches 0
     assert det["b-a fid_inception"]["verdict"] == "not measured"
+    # a seen effect says which way it went: all three metrics are lower-is-better
+    harm = stats.detectable({"b-a": {"bpd": {"mean": 0.37, "low": 0.28, "high": 0.47}}})["b-a bpd"]
+    help_ = stats.detectable({"b-a": {"bpd": {"mean": -0.05, "low": -0.08, "high": -0.02}}})["b-a bpd"]
+    assert (harm["verdict"], harm["direction"]) == ("seen", "worse")
+    assert (help_["verdict"], help_["direction"]) == ("seen", "better")
 
 
 def test_gate_rule():
@@ -179,11 +184,23 @@ def test_fpe_study_quick(tmp_path):
     assert int(_git(repo, "rev-list", "--count", "HEAD")) > 40
 
     # a rerun computes only what was deleted (everything else is skipped: exactly 2 results written)
+    # ... and the gate's two chains (bits/dim; samples then their legibility) run side by side with --jobs 2
     (out / "metrics" / "a_s1" / "bpd.json").unlink()
     (out / "metrics" / "b_s1" / "fpe.json").unlink()
+    last = json.loads((out / "gate" / "steps.json").read_text())["steps"][-1]
+    gate_dir = out / "gate" / f"step_{last:08d}"
+    before = {m: json.loads((gate_dir / f"{m}.json").read_text()) for m in ("bpd", "legibility")}
+    for m in ("bpd", "fid_pc", "legibility"):
+        (gate_dir / f"{m}.json").unlink()
     out3 = _study(tmp_path, npz, out, "--inception", str(incep), "--jobs", "2")  # a subprocess each, 2 at once
     assert "bpd of OUT/metrics/a_s1" in out3 and "fpe of OUT/metrics/b_s1" in out3, out3[-2000:]
-    assert " 2 results written" in out3, out3[-2000:]
+    assert f"legibility of OUT/gate/step_{last:08d}" in out3, out3[-2000:]
+    assert " 5 results written" in out3, out3[-2000:]
+    after = {m: json.loads((gate_dir / f"{m}.json").read_text()) for m in ("bpd", "legibility")}
+    # same checkpoint, images, probes and sampling seed: re-measured in a subprocess, the gate's figures agree
+    assert after["bpd"]["value"] == pytest.approx(before["bpd"]["value"], rel=1e-4)
+    assert after["legibility"]["n"] == before["legibility"]["n"]
+    assert abs(after["legibility"]["value"] - before["legibility"]["value"]) <= 2 / before["legibility"]["n"]
     # a fresh machine: the base comes back from the committed copy, nothing is trained or measured again
     import shutil
     shutil.rmtree(tmp_path / "work")
