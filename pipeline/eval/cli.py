@@ -260,6 +260,10 @@ def evaluate_main(argv: Optional[list[str]] = None) -> int:
     except (MissingFileError, ConfigError, FileNotFoundError) as e:
         _print_err(state, name_the_flag(str(e).splitlines()[0], args) if str(e) else type(e).__name__)
         return EXIT_BAD_CONFIG
+    finally:
+        # as training's end_training() does: a gloo group left to interpreter shutdown can abort a rank
+        # that already finished (exit -6, "terminate called without an active exception")
+        state.destroy_process_group()
 
 
 def _cmd_ref_stats(args, state) -> int:
