@@ -167,11 +167,10 @@ def reading(pairs: dict, detect: dict, gate: dict) -> list[str]:
             r = row.get(k)
             if not r or r.get("low") is None:
                 continue
-            label, _, _, better, digits = METRICS[k]
+            label, _, _, _, digits = METRICS[k]
             excl = r["low"] > 0 or r["high"] < 0
-            good = (r["mean"] < 0) == (better == "lower")
             what = ("no difference the interval can tell from 0" if not excl else
-                    f"the regularized arm is {'better' if good else 'worse'}")
+                    f"the regularized arm is {stats.direction(k, r['mean'])}")
             out.append(f"- {x}, {label} (table 'Paired differences'): mean {sig(r['mean'], digits):+g} over "
                        f"{r['n']} seeds, 95% interval [{sig(r['low'], digits):+g}, {sig(r['high'], digits):+g}]: "
                        f"{what}.")
@@ -179,7 +178,7 @@ def reading(pairs: dict, detect: dict, gate: dict) -> list[str]:
         if d["verdict"] in ("seen", "ruled out", "inconclusive"):
             size = f"{sig(d['size'] * 100, 3):g}% of (a)'s value" if d["relative"] else f"{sig(d['size']):g}"
             verdict = {"seen": f"an effect of at least {size} was seen, and the regularized arm is {d.get('direction')} "
-                               f"(mean {sig(d['mean']):+g}; lower is better).",
+                               f"(mean {sig(d['mean']):+g}; {METRICS[name.split()[1]][3]} is better).",
                        "ruled out": f"an effect of {size} was ruled out.",
                        "inconclusive": f"inconclusive: the interval holds both no effect and one of {size}."}[d["verdict"]]
             out.append(f"- Expected effect, {_diff_label(name.split()[0])} {METRICS[name.split()[1]][0]} "

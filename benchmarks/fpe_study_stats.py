@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from scipy import stats as scipy_stats
+
 CONFIDENCE = 0.95
 
 # metric key -> (label, METRIC.json, field, better, digits shown)
@@ -96,11 +97,16 @@ def paired(proto: dict, arms: dict, metrics: dict, name_of) -> dict:
     return out
 
 
+def direction(key: str, mean: float) -> str:
+    """'better' or 'worse' for the regularized arm, a difference (regularized − (a)) of METRICS[key]."""
+    return "better" if (mean < 0) == (METRICS[key][3] == "lower") else "worse"
+
+
 def detectable(pairs: dict) -> dict:
     """Per expected effect: 'seen' (the interval excludes 0 and the mean is at least the size), 'ruled out'
     (the whole interval is inside ± the size), 'inconclusive' otherwise, 'not measured' without data.
-    All three metrics are lower-is-better, so a seen effect's direction is 'worse' when the mean is positive:
-    the paper expects 'better', and a harmful effect must not read like a confirmation."""
+    A seen effect also says its direction: the paper expects 'better', and a harmful effect must not read
+    like a confirmation."""
     out = {}
     for diff, row in pairs.items():
         for key, size in (("bpd", EXPECTED_EFFECT["bpd"]), ("fid_inception", EXPECTED_EFFECT["fid_inception"]),
@@ -115,8 +121,8 @@ def detectable(pairs: dict) -> dict:
                 verdict = "ruled out"
             else:
                 verdict = "inconclusive"
-            direction = ("worse" if iv["mean"] > 0 else "better") if verdict == "seen" else None
-            out[f"{diff} {key}"] = {"size": size, "relative": key == "residual", "verdict": verdict, "direction": direction,
+            out[f"{diff} {key}"] = {"size": size, "relative": key == "residual", "verdict": verdict,
+                                    "direction": direction(key, iv["mean"]) if verdict == "seen" else None,
                                     "mean": iv.get("mean"), "low": iv.get("low"), "high": iv.get("high")}
     return out
 
