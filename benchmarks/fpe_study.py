@@ -238,11 +238,26 @@ class Study(StudyFiles):
                      f"training.seed={seed}", f"training.ckpt_every={self.scale['ckpt_every']}",
                      "training.keep_last=1", *self.proto["arms"][arm]["overrides"]]
         if not (run / "export" / "ema.safetensors").is_file():
+            self.set_aside_metrics(name)
             say(f"train {name}: {' '.join(overrides[2:])}")
             self.fpdiff(self.train_args(run, overrides, self.base_config()), f"train_{name}")
         self.write(rec_path, self.train_record(run, {"arm": arm, "seed": seed, "overrides": overrides,
                                                      "finetune_steps": self.proto["finetune_steps"]}),
                    f"arm {name} trained")
+
+    def set_aside_metrics(self, name: str) -> None:
+        """An arm trained again (its weights lost with another machine) is not the arm its committed metrics
+        measured: CPU numerics differ across machines, so the new weights differ. Its earlier metrics move to
+        OUT/replicates/NAME_earlier_weights/ (kept, not tabled) and every metric is measured from the new weights."""
+        old = sorted((self.out / "metrics" / name).glob("*.json"))
+        if not old:
+            return
+        dest = self.out / "replicates" / f"{name}_earlier_weights"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in old:
+            f.replace(dest / f.name)
+        say(f"{name}: {len(old)} metrics of its earlier weights moved to {self.rel(dest)}; all are measured again")
+        self.commit([self.out / "metrics" / name, dest], f"{name}: metrics of its earlier weights set aside")
 
     # ------------------------------------------------------------------ metrics
     def metric_args(self, metric: str, weights: Path, feats: Path, fid_n: int) -> list:
@@ -323,7 +338,8 @@ class Study(StudyFiles):
             done = read_json(self.out / "metrics" / name / f"{m}.json")
             if not (done and "value" in done) and not (weights / "ema.safetensors").is_file():
                 raise SystemExit(f"fpe_study: {m} of {name} needs {weights}, which this machine lacks; "
-                                 f"retrain the arm (delete {self.rel(self.out / 'arms' / (name + '.json'))})")
+                                 f"retrain the arm (delete {self.rel(self.out / 'arms' / (name + '.json'))}; its measured metrics are "
+                                 "then set aside and measured again from the new weights)")
             self.metric(self.out / "metrics" / name / f"{m}.json", m, weights, self.work / "features" / name,
                         self.scale["fid_n"])
 

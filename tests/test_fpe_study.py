@@ -204,11 +204,18 @@ def test_fpe_study_quick(tmp_path):
     # a fresh machine: the base comes back from the committed copy, nothing is trained or measured again
     import shutil
     shutil.rmtree(tmp_path / "work")
-    (out / "arms" / "c_s0.json").unlink()  # ... and one arm continues the restored base again
-    shutil.rmtree(out / "metrics" / "c_s0")
+    # ... and one arm, its weights lost with the old machine, is trained again: its committed metrics measured
+    # other weights, so they are set aside (kept as they were) and every metric is measured again
+    (out / "arms" / "c_s0.json").unlink()
+    earlier = {f.name: f.read_text() for f in (out / "metrics" / "c_s0").glob("*.json")}
+    assert len(earlier) == 7, sorted(earlier)  # (c) has no Inception FID
     out4 = _study(tmp_path, npz, out, "--inception", str(incep))
     assert "base: restored step 6" in out4 and "training to step" not in out4
-    assert "train c_s0" in out4 and " 8 results written" in out4, out4[-2000:]
+    assert "c_s0: 7 metrics of its earlier weights moved" in out4, out4[-2000:]
+    assert "train c_s0" in out4 and " 8 results written" in out4, out4[-2000:]  # the arm record + 7 metrics
+    kept = out / "replicates" / "c_s0_earlier_weights"
+    assert {f.name: f.read_text() for f in kept.glob("*.json")} == earlier
+    assert sorted(f.name for f in (out / "metrics" / "c_s0").glob("*.json")) == sorted(earlier)
 
 
 def test_reading_check_catches_an_unfounded_number():
